@@ -1,0 +1,131 @@
+"""Command line: stllm train | evaluate | predict | demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stllm", description="LLM-based spatiotemporal forecasting")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a run from a YAML config")
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("evaluate", help="metrics of a run next to the baselines")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--data", help="dataset name or path (default: the run's own dataset)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--batch-size", type=int, default=16)
+
+    p = sub.add_parser("predict", help="write forecasts to .npz or .csv")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--data", required=True, help="dataset name or path")
+    p.add_argument("--out", required=True, help="FILE.npz or FILE.csv")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--last", action="store_true", help="only the forecast after the data's last step")
+    p.add_argument("--batch-size", type=int, default=16)
+
+    p = sub.add_parser("demo", help="train briefly on a synthetic city with SmolLM2, evaluate, plot")
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--minutes", type=float, default=4.0, help="training budget per model in minutes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    args = parser.parse_args(argv)
+    try:
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"stllm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def cmd_train(args) -> int:
+    from stllm.config import load_config
+    from stllm.metrics import format_table
+    from stllm.train import train
+    cfg = load_config(args.config, args.set)
+    metrics = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(format_table({"stllm": metrics, **metrics["baselines"]}))
+    print(f"run written to {args.out}")
+    return 0
+
+
+def _load_run(run: str):
+    from stllm.model import STLLM
+    return STLLM.from_pretrained(run)
+
+
+def _load_data(model, meta: dict, data: str | None):
+    from stllm.data import load
+    from stllm.infer import load_city
+    if data is None or data == meta["dataset"]:
+        return load_city(model.cfg.data)
+    return load(data)
+
+
+def cmd_evaluate(args) -> int:
+    from stllm.infer import evaluate_with_baselines, prepare
+    from stllm.metrics import format_table
+    model, meta = _load_run(args.run)
+    city = _load_data(model, meta, args.data)
+    prep = prepare(model, meta, city)
+    metrics = evaluate_with_baselines(model, prep, args.split, batch_size=args.batch_size)
+    zero_shot = city.name != meta["dataset"]
+    metrics.update({"run": str(args.run), "zero_shot": zero_shot, "source_dataset": meta["dataset"]})
+    print(f"{city.name} ({args.split}, {metrics['n_windows']} windows, {city.n_nodes} nodes)"
+          + (f", zero-shot from {meta['dataset']}" if zero_shot else ""))
+    print(format_table({"stllm": metrics, **metrics["baselines"]}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=1))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    model, meta = _load_run(args.run)
+    city = _load_data(model, meta, args.data)
+    result = model.predict(city, meta=meta, split=args.split, last=args.last, batch_size=args.batch_size)
+    write_predictions(result, args.out)
+    print(f"{len(result['starts'])} forecast window(s) for {city.n_nodes} nodes written to {args.out}")
+    return 0
+
+
+def write_predictions(result: dict, path: str) -> None:
+    """.npz with the arrays, or a long .csv: window_start, time, horizon, node, channel, prediction, truth."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npz":
+        np.savez_compressed(path, prediction=result["prediction"], truth=result["truth"],
+                            timestamps=result["timestamps"].astype("datetime64[s]").astype(str),
+                            node_ids=np.array(result["node_ids"]), channels=np.array(result["channels"]))
+    elif path.suffix == ".csv":
+        import pandas as pd
+        pred, truth, times = result["prediction"], result["truth"], result["timestamps"]
+        b, h, n, c = pred.shape
+        wi, hi, ni, ci = np.meshgrid(np.arange(b), np.arange(h), np.arange(n), np.arange(c), indexing="ij")
+        frame = pd.DataFrame({"window_start": times[wi, 0].ravel(), "time": times[wi, hi].ravel(),
+                              "horizon": hi.ravel() + 1, "node": np.array(result["node_ids"])[ni.ravel()],
+                              "channel": np.array(result["channels"])[ci.ravel()],
+                              "prediction": pred.ravel(), "truth": truth.ravel()})
+        frame.to_csv(path, index=False)
+    else:
+        raise ValueError(f"--out must end in .npz or .csv, got {path}")
+
+
+def cmd_demo(args) -> int:
+    from stllm.demo import run_demo
+    run_demo(args.out, minutes=args.minutes, progress=not args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

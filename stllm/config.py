@@ -1,0 +1,181 @@
+"""Dataclasses for every component, YAML in and out, dotted overrides (`--set train.lr=1e-4`)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong. The message names it."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"                  # built-in dataset name or a path (see docs/data_formats.md)
+    options: dict = field(default_factory=dict)  # passed to the loader, e.g. {channels: [PM2.5]}
+    channels: list = field(default_factory=list)  # channels to forecast (names or positions); empty = all
+    t_in: int = 12                           # history steps
+    t_out: int = 12                          # forecast horizon steps
+    split: list = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train/val/test fractions, chronological
+    periods: list = field(default_factory=lambda: ["day", "week"])  # target-aligned period context windows
+    scaler: str = "channel"                  # channel: z-score per channel over all nodes | node: per node and channel
+    max_nodes: int = 0                       # keep only the first k nodes (0 = all); for quick runs
+
+    def __post_init__(self) -> None:
+        if self.t_in < 1 or self.t_out < 1:
+            raise ConfigError(f"data.t_in and data.t_out must be >= 1, got {self.t_in}, {self.t_out}")
+        if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:
+            raise ConfigError(f"data.split must be three non-negative fractions summing to 1, got {self.split}")
+        bad = [p for p in self.periods if p not in ("day", "week")]
+        if bad:
+            raise ConfigError(f"data.periods may contain 'day' and 'week', got {bad}")
+        if self.scaler not in ("channel", "node"):
+            raise ConfigError(f"data.scaler must be 'channel' or 'node', got {self.scaler!r}")
+
+
+@dataclass
+class EncoderConfig:
+    d_enc: int = 64                          # width of ST-tokens
+    patch_len: int = 12                      # steps per patch of the recent window (t_in / patch_len tokens)
+    temporal_layers: int = 3                 # gated dilated conv layers (dilation 1, 2, 4, ...)
+    kernel_sizes: list = field(default_factory=lambda: [2, 3])  # kernel widths per temporal layer
+    static_graph: bool = True                # Gaussian-kernel (or adjacency) graph convolution
+    dynamic_graph: str = "auto"              # auto: wind where wind is known, else data | wind | data | none
+    graph_sigma: float = 0.0                 # kernel width in km; 0 = std of distances
+    graph_threshold: float = 0.1             # kernel weights below this are dropped
+    wind_sigma0: float = 0.0                 # wind graph base width in km; 0 = graph sigma
+    wind_alpha: float = 1.0                  # km of reach per m/s of wind
+    dropout: float = 0.1                     # dropout in the encoder
+
+    def __post_init__(self) -> None:
+        if self.dynamic_graph not in ("auto", "wind", "data", "none"):
+            raise ConfigError(f"encoder.dynamic_graph must be auto|wind|data|none, got {self.dynamic_graph!r}")
+        if self.d_enc < 1 or self.patch_len < 1 or self.temporal_layers < 0:
+            raise ConfigError("encoder.d_enc and encoder.patch_len must be >= 1, encoder.temporal_layers >= 0")
+
+
+@dataclass
+class ModelConfig:
+    use_llm: bool = True                     # false = encoder-only ablation: the same encoder with a linear head
+    prompt: str = "city"                     # template name in prompts/ (prompts/<name>.txt)
+    projector: str = "mlp"                   # linear | mlp
+    head_hidden: int = 256                   # width of W1 and W2 in the regression head
+
+    def __post_init__(self) -> None:
+        if self.projector not in ("linear", "mlp"):
+            raise ConfigError(f"model.projector must be linear|mlp, got {self.projector!r}")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3                         # AdamW learning rate for encoder, projector and head
+    lora_lr: float = 2e-4                    # AdamW learning rate for LoRA weights
+    weight_decay: float = 1e-4               # AdamW weight decay
+    batch_size: int = 16                     # windows per step
+    epochs: int = 20                         # upper bound on passes over the training windows
+    max_minutes: float = 0.0                 # stop training after this wall time (0 = no limit)
+    max_steps: int = 0                       # stop after this many optimizer steps (0 = no limit)
+    train_stride: int = 1                    # use every k-th training window (1 = all)
+    eval_every: int = 0                      # validate every k steps (0 = once per epoch)
+    val_windows: int = 0                     # validate on at most this many evenly spaced windows (0 = all)
+    patience: int = 5                        # early stopping: validations without improvement
+    loss: str = "mae"                        # mae | huber (masked, on scaled values)
+    mask_zeros: bool = True                  # ignore zero targets in the loss, as the evaluation does
+    grad_clip: float = 5.0                   # max gradient norm (0 = off)
+    seed: int = 0                            # seeds python, numpy, torch and the data order
+    num_threads: int = 0                     # torch threads (0 = leave torch's default)
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("mae", "huber"):
+            raise ConfigError(f"train.loss must be mae|huber, got {self.loss!r}")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("train.batch_size must be >= 1 and train.lr > 0")
+
+
+def _backbone_config_cls():
+    from stllm.backbone import BackboneConfig  # the backbone module owns its own config
+    return BackboneConfig
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    backbone: Any = field(default_factory=lambda: _backbone_config_cls()())
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = {"data": DataConfig, "encoder": EncoderConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _section_cls(name: str):
+    return _backbone_config_cls() if name == "backbone" else SECTIONS[name]
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a Config; unknown sections or keys raise ConfigError naming them."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    parts = {}
+    for section, values in raw.items():
+        if section not in (*SECTIONS, "backbone"):
+            raise ConfigError(f"{source}: unknown section {section!r}; sections are {[*SECTIONS, 'backbone']}")
+        cls = _section_cls(section)
+        values = values or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(section + '.' + k for k in unknown)}; "
+                              f"known keys of {section}: {sorted(known)}")
+        try:
+            parts[section] = cls(**values)
+        except TypeError as err:
+            raise ConfigError(f"{source}: section {section}: {err}") from err
+    return Config(**parts)
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """['train.lr=1e-4', 'data.name=nyc-bike'] -> nested dict; values parsed as YAML scalars/lists."""
+    nested: dict = {}
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        nested.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else ""
+    return nested
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = {k: dict(v or {}) for k, v in (base or {}).items()}
+    for section, values in extra.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when path is None) and apply dotted overrides."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        source = str(path)
+    return config_from_dict(merge(raw, parse_overrides(overrides)), source)

@@ -1,0 +1,123 @@
+"""`PreparedCity`: a CityData turned into scaled tensors, graphs and splits, ready to cut batches from."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stllm.data import graphs
+from stllm.data.city import CityData, DataError
+from stllm.data.windows import (WIND_DIR, WIND_SPEED, Scaler, exog_features, period_lags, split_bounds,
+                                split_starts, time_features)
+
+
+class PreparedCity:
+    """Everything a model needs from one city, computed once.
+
+    scaler: pass the run's scaler to reuse it; None fits one on this city's training part
+    (for zero-shot, `fit_on="inputs"` fits on every step before the test split's first target).
+    """
+
+    def __init__(self, city: CityData, data_cfg, enc_cfg, scaler: Scaler | None = None):
+        self.city, self.cfg = city, data_cfg
+        self.t_in, self.t_out = data_cfg.t_in, data_cfg.t_out
+        self.splits = split_starts(city.n_steps, self.t_in, self.t_out, data_cfg.split)
+        self.train_end = split_bounds(city.n_steps, data_cfg.split)[0]
+        if scaler is None:
+            if len(self.splits["train"]) == 0:
+                raise DataError(f"{city.name}: no training windows to fit a scaler on")
+            scaler = Scaler.fit(city.values[: self.train_end], per_node=data_cfg.scaler == "node")
+        elif scaler.mean.shape[0] not in (1, city.n_nodes):
+            raise DataError(f"{city.name}: the run's per-node scaler has {scaler.mean.shape[0]} nodes, this city "
+                            f"{city.n_nodes}; per-node scalers cannot move to another city (use data.scaler=channel)")
+        if scaler.mean.shape[1] != city.n_channels:
+            raise DataError(f"{city.name}: the scaler has {scaler.mean.shape[1]} channels, the data {city.n_channels}")
+        self.scaler = scaler
+        self.lags = period_lags(city, data_cfg.periods)
+
+        # Arrays get t_out extra steps after the data (NaN, unobserved) so that the last window, which
+        # forecasts beyond the end of the data, can be cut like any other: T' = T + t_out.
+        values = np.concatenate([city.values, np.full((self.t_out, *city.values.shape[1:]), np.nan, np.float32)])
+        observed = np.isfinite(values)
+        self.x = torch.from_numpy(np.where(observed, scaler.transform(values), 0.0).astype(np.float32))  # [T', N, C]
+        self.mask = torch.from_numpy(observed.astype(np.float32))                                       # [T', N, C]
+        self.raw = torch.from_numpy(values)                                                              # [T', N, C], NaN kept
+        self.timestamps = city.timestamps[0] + np.arange(len(values)) * np.timedelta64(city.interval.value, "ns")
+        self.tf = torch.from_numpy(time_features(self.timestamps))                                      # [T', 4]
+        exog, self.exog_names = exog_features(city, max(self.train_end, 1))
+        self.exog = torch.from_numpy(exog)                                                               # [T, N|1, E]
+        self.static_adj = self._static_graph(enc_cfg) if enc_cfg.static_graph else None                     # [N, N]
+        self._wind = self._wind_setup(enc_cfg)
+
+    @property
+    def n_nodes(self) -> int:
+        return self.city.n_nodes
+
+    @property
+    def n_exog(self) -> int:
+        return self.exog.shape[-1]
+
+    @property
+    def has_wind(self) -> bool:
+        return self._wind is not None
+
+    def _static_graph(self, enc_cfg) -> torch.Tensor:
+        adj = graphs.static_graph(self.city, sigma=enc_cfg.graph_sigma or None, threshold=enc_cfg.graph_threshold)
+        return torch.from_numpy(graphs.normalize(adj).astype(np.float32))
+
+    def _wind_setup(self, enc_cfg):
+        names = self.city.exog_names
+        if enc_cfg.dynamic_graph in ("data", "none") or WIND_SPEED not in names or WIND_DIR not in names:
+            if enc_cfg.dynamic_graph == "wind":
+                raise DataError(f"{self.city.name}: encoder.dynamic_graph=wind needs exog {WIND_SPEED} and {WIND_DIR}")
+            return None
+        if not self.city.has_coordinates:
+            return None
+        lat, lon = self.city.nodes["lat"].to_numpy(float), self.city.nodes["lon"].to_numpy(float)
+        dist = graphs.node_distances(self.city)
+        sigma0 = enc_cfg.wind_sigma0 or float(np.nanstd(dist[np.isfinite(dist) & (dist > 0)]))
+        speed = self.city.exog[:, :, names.index(WIND_SPEED)]     # [T, N|1]
+        direction = self.city.exog[:, :, names.index(WIND_DIR)]   # [T, N|1]
+        return dict(dist=dist, bearings=graphs.bearings_deg(lat, lon), speed=speed, direction=direction,
+                    sigma0=sigma0, alpha=enc_cfg.wind_alpha)
+
+    def wind_adjacency(self, starts: np.ndarray) -> torch.Tensor:
+        """[b, N, N] row-normalised wind graph from the wind at each window's last history step."""
+        w = self._wind
+        speed, direction = w["speed"][starts - 1], w["direction"][starts - 1]  # [b, N|1]
+        if speed.shape[1] == 1:
+            speed, direction = speed[:, 0], direction[:, 0]
+        adj = graphs.wind_graph(w["dist"], w["bearings"], speed, direction, w["sigma0"], w["alpha"])  # [b, N, N]
+        adj = adj + np.eye(self.n_nodes, dtype=adj.dtype)[None]
+        return torch.from_numpy((adj / adj.sum(-1, keepdims=True)).astype(np.float32))
+
+    def batch(self, starts: np.ndarray, mask_zeros: bool = True) -> dict:
+        """Cut windows starting at `starts` ([b]). Shapes in comments."""
+        starts = np.asarray(starts)
+        hist = torch.from_numpy(starts[:, None] + np.arange(-self.t_in, 0))   # [b, t_in]
+        fut = torch.from_numpy(starts[:, None] + np.arange(self.t_out))       # [b, t_out]
+        if (hist < 0).any() or (starts > self.city.n_steps).any():
+            raise DataError(f"{self.city.name}: window starts must lie in [{self.t_in}, {self.city.n_steps}]")
+        out = {
+            "starts": starts,
+            "x": self.x[hist], "x_mask": self.mask[hist],                     # [b, t_in, N, C]
+            "tf_in": self.tf[hist], "tf_out": self.tf[fut],                   # [b, t, 4]
+            "exog": self.exog[hist],                                          # [b, t_in, N|1, E]
+            "y": self.x[fut], "y_raw": self.raw[fut],                         # [b, t_out, N, C]
+        }
+        y_mask = self.mask[fut]
+        if mask_zeros:
+            y_mask = y_mask * (self.raw[fut].nan_to_num(0.0).abs() > 1e-4)
+        out["y_mask"] = y_mask
+        periods, period_masks = [], []
+        for lag in self.lags:
+            idx = fut - lag                                                   # [b, t_out]
+            valid = (idx >= 0).float()[:, :, None, None]
+            idx = idx.clamp(min=0)
+            periods.append(self.x[idx] * valid)
+            period_masks.append(self.mask[idx] * valid)
+        if periods:
+            out["periods"] = torch.stack(periods, 1)                          # [b, P, t_out, N, C]
+            out["period_mask"] = torch.stack(period_masks, 1)
+        out["static_adj"] = self.static_adj
+        out["dynamic_adj"] = self.wind_adjacency(starts) if self.has_wind else None
+        return out

@@ -1,0 +1,155 @@
+"""STLLM: encoder -> projector -> prompt -> backbone -> head, and saving/loading runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from stllm.config import Config, load_config
+from stllm.nn.encoder import STEncoder
+from stllm.nn.heads import LinearHead, Projector, RegressionHead
+from stllm.prompts import PromptTemplate, city_layout
+
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+PROMPT = "prompt.txt"
+
+
+class STLLM(nn.Module):
+    """The forecaster. The backbone (or None for the encoder-only ablation) is built elsewhere and injected.
+
+    forward(batch) -> [b, t_out, N, C] forecasts on the scaled axis.
+    """
+
+    def __init__(self, cfg: Config, n_channels: int, n_exog: int, backbone=None, tokenizer=None,
+                 prompt: PromptTemplate | None = None):
+        super().__init__()
+        self.cfg, self.n_channels, self.n_exog = cfg, n_channels, n_exog
+        self.encoder = STEncoder(cfg.encoder, cfg.data, n_channels, n_exog)
+        k, d_enc, t_out = self.encoder.n_tokens, cfg.encoder.d_enc, cfg.data.t_out
+        if not cfg.model.use_llm:
+            self.backbone = None
+            self.head = LinearHead(d_enc, k, t_out, n_channels)
+            return
+        if backbone is None or tokenizer is None:
+            raise ValueError("model.use_llm=true needs a backbone and its tokenizer (see stllm.backbone.build_backbone)")
+        from stllm.backbone import hidden_size
+        d_llm = hidden_size(backbone)
+        self.backbone, self.tokenizer = backbone, tokenizer
+        self.prompt = prompt or PromptTemplate.load(cfg.model.prompt)
+        self.projector = Projector(d_enc, d_llm, cfg.model.projector)
+        self.pre_query = nn.Parameter(torch.zeros(d_llm))   # the learned <ST_PRE> query
+        self.pre_proj = nn.Linear(d_enc, d_llm)              # plus the node's own summary, so slots differ by node
+        self.head = RegressionHead(d_llm, k, t_out, n_channels, cfg.model.head_hidden)
+        self._layouts: dict = {}
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def forward(self, batch: dict, context: dict | None = None) -> torch.Tensor:
+        tokens = self.encoder(batch)                                    # [b, N, k, d_enc]
+        if self.backbone is None:
+            return self.head(tokens)
+        b, n, k, _ = tokens.shape
+        layout = self.layout(n, context or {})
+        decoder = _decoder(self.backbone)
+        base = decoder.get_input_embeddings()(layout.ids.to(tokens.device))  # [L, d_llm]
+        emb = base.unsqueeze(0).expand(b, -1, -1).clone()                     # [b, L, d_llm]
+        emb[:, layout.his_pos.reshape(-1)] = self.projector(tokens).reshape(b, n * k, -1).to(emb.dtype)
+        emb[:, layout.pre_pos] = (self.pre_query + self.pre_proj(tokens.mean(2))).to(emb.dtype)
+        hidden = decoder(inputs_embeds=emb, use_cache=False).last_hidden_state  # [b, L, d_llm]
+        h_his = hidden[:, layout.his_pos].float()                       # [b, N, k, d_llm]
+        h_pre = hidden[:, layout.pre_pos].float()                       # [b, N, d_llm]
+        return self.head(h_his, h_pre)
+
+    def layout(self, n_nodes: int, context: dict):
+        """Token layout for a city of n_nodes, tokenized once per (text, n_nodes)."""
+        fields = {**default_context(self.cfg), **context, "n_nodes": n_nodes}
+        text = self.prompt.render(**{f: fields.get(f, "") for f in self.prompt.fields})
+        key = (text, n_nodes)
+        if key not in self._layouts:
+            self._layouts[key] = city_layout(text, self.tokenizer, n_nodes, self.encoder.n_tokens)
+        return self._layouts[key]
+
+    # ---- parameters and saving ------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that training changes: encoder, projector, head, LoRA. The frozen backbone is not saved."""
+        return {name: p.detach().cpu().contiguous() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        own = dict(self.named_parameters())
+        unknown = sorted(set(state) - set(own))
+        missing = sorted(name for name, p in own.items() if p.requires_grad and name not in state)
+        if unknown or missing:
+            raise ValueError(f"{source}: weights do not fit this model; unknown: {unknown[:5]}, missing: {missing[:5]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                if own[name].shape != value.shape:
+                    raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, model expects {tuple(own[name].shape)}")
+                own[name].copy_(value.to(own[name].dtype))
+
+    def save_pretrained(self, directory: str | Path, meta: dict) -> None:
+        """Write config.yaml, model.safetensors (trainable weights), the peft adapter, meta.json, prompt.txt."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(directory / "config.yaml")
+        save_file(self.trainable_state_dict(), str(directory / WEIGHTS))
+        (directory / META).write_text(json.dumps(meta, indent=1))
+        if self.backbone is not None:
+            (directory / PROMPT).write_text(self.prompt.text)
+            if hasattr(self.backbone, "peft_config"):
+                self.backbone.save_pretrained(str(directory / "adapter"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, backbone_overrides: dict | None = None) -> tuple["STLLM", dict]:
+        """Rebuild a run from its folder alone (no training data needed). Returns (model, meta)."""
+        directory = Path(directory)
+        for name in ("config.yaml", WEIGHTS, META):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory} is not a stllm run: {name} is missing")
+        cfg = load_config(directory / "config.yaml")
+        for key, value in (backbone_overrides or {}).items():
+            setattr(cfg.backbone, key, value)
+        meta = json.loads((directory / META).read_text())
+        backbone = tokenizer = prompt = None
+        if cfg.model.use_llm:
+            from stllm.backbone import build_backbone
+            backbone, tokenizer = build_backbone(cfg.backbone)
+            prompt = PromptTemplate(cfg.model.prompt, (directory / PROMPT).read_text())
+        model = cls(cfg, meta["n_channels"], meta["n_exog"], backbone, tokenizer, prompt)
+        model.load_trainable_state_dict(load_file(str(directory / WEIGHTS)), str(directory / WEIGHTS))
+        model.eval()
+        return model, meta
+
+    def predict(self, city, **kwargs):
+        """Forecasts for a CityData on the original scale; see stllm.infer.predict."""
+        from stllm.infer import predict
+        return predict(self, city, **kwargs)
+
+
+def default_context(cfg: Config) -> dict:
+    return {"city": "an unnamed city", "domain": "sensor data", "channels": "value", "interval": "step",
+            "t_in": cfg.data.t_in, "t_out": cfg.data.t_out}
+
+
+def city_context(city) -> dict:
+    """Prompt fields that describe a city."""
+    return {"city": city.city or city.name, "domain": city.domain or "sensor data",
+            "channels": ", ".join(f"{c} ({u})" if u else c for c, u in zip(city.channels, city.units)),
+            "interval": _interval_text(city.interval)}
+
+
+def _interval_text(interval) -> str:
+    minutes = int(interval.total_seconds() // 60)
+    if minutes % 1440 == 0:
+        return f"{minutes // 1440} day" + ("s" if minutes > 1440 else "")
+    if minutes % 60 == 0:
+        return f"{minutes // 60} hour" + ("s" if minutes > 60 else "")
+    return f"{minutes} minutes"
+
+
+def _decoder(backbone):
+    """The transformer body (no LM head) of a causal LM, through a peft wrapper if there is one."""
+    model = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    return model.base_model

@@ -1,0 +1,64 @@
+"""STEncoder: a window of city data -> ST-tokens [b, N, k, d_enc]. No node-indexed parameters."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stllm.nn.graph import SpatialBlock
+from stllm.nn.temporal import TemporalEncoder
+
+N_TIME_FEATURES = 4  # sin/cos time of day, sin/cos day of week
+
+
+class STEncoder(nn.Module):
+    """Patching of the recent window, one token per period window (day, week), graph convolution on all tokens.
+
+    Sizes that come from the data are passed explicitly: n_channels (C) and n_exog (E).
+    tokens per node: k = ceil(t_in / patch_len) + len(periods)
+    """
+
+    def __init__(self, enc_cfg, data_cfg, n_channels: int, n_exog: int):
+        super().__init__()
+        d, self.patch_len = enc_cfg.d_enc, enc_cfg.patch_len
+        self.t_in, self.t_out = data_cfg.t_in, data_cfg.t_out
+        self.n_channels, self.n_exog = n_channels, n_exog
+        self.n_patches = math.ceil(self.t_in / self.patch_len)
+        self.n_periods = len(data_cfg.periods)
+        self.n_tokens = self.n_patches + self.n_periods
+        n_features = 2 * n_channels + N_TIME_FEATURES + n_exog      # values, masks, calendar, weather
+        self.input = nn.Linear(n_features, d)
+        self.temporal = TemporalEncoder(d, enc_cfg.temporal_layers, enc_cfg.kernel_sizes, enc_cfg.dropout)
+        self.patch = nn.Linear(self.patch_len * d, d)
+        self.period = nn.Linear(self.t_out * d, d)
+        self.token_type = nn.Parameter(torch.randn(self.n_tokens, d) * 0.02)  # closeness patches, day, week
+        self.spatial = SpatialBlock(d, enc_cfg.static_graph, enc_cfg.dynamic_graph, enc_cfg.dropout)
+
+    def _features(self, x, mask, tf, exog, n_nodes: int) -> torch.Tensor:
+        """[b, t, N, C] values and masks, [b, t, 4] calendar, [b, t, N|1, E] weather -> [b*N, t, d]."""
+        b, t = x.shape[:2]
+        parts = [x, mask, tf[:, :, None, :].expand(b, t, n_nodes, N_TIME_FEATURES)]
+        if self.n_exog:
+            parts.append(exog.expand(b, t, n_nodes, self.n_exog))
+        h = self.input(torch.cat(parts, dim=-1))                      # [b, t, N, d]
+        return h.permute(0, 2, 1, 3).reshape(b * n_nodes, t, -1)       # [b*N, t, d]
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        x = batch["x"]                                                # [b, t_in, N, C]
+        b, _, n_nodes, _ = x.shape
+        h = self.temporal(self._features(x, batch["x_mask"], batch["tf_in"], batch["exog"], n_nodes))  # [b*N, t_in, d]
+        pad = self.n_patches * self.patch_len - self.t_in
+        h = F.pad(h, (0, 0, pad, 0))                                   # left-pad to whole patches
+        h = h.reshape(b * n_nodes, self.n_patches, -1)                 # [b*N, k_close, patch_len*d]
+        tokens = [self.patch(h)]                                       # [b*N, k_close, d]
+        if self.n_periods:
+            periods, pmask = batch["periods"], batch["period_mask"]   # [b, P, t_out, N, C]
+            no_exog = torch.zeros(b, self.t_out, 1, self.n_exog, device=x.device, dtype=x.dtype)
+            for p in range(self.n_periods):
+                hp = self.temporal(self._features(periods[:, p], pmask[:, p], batch["tf_out"], no_exog, n_nodes))
+                tokens.append(self.period(hp.reshape(b * n_nodes, 1, -1)))  # [b*N, 1, d]
+        z = torch.cat(tokens, dim=1) + self.token_type                 # [b*N, k, d]
+        z = z.reshape(b, n_nodes, self.n_tokens, -1)                   # [b, N, k, d]
+        return self.spatial(z, batch.get("static_adj"), batch.get("dynamic_adj"))

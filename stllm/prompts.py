@@ -1,0 +1,108 @@
+"""Prompt templates: files in prompts/, rendered by one small class, turned into token layouts."""
+from __future__ import annotations
+
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ST_HIS, ST_PRE = "<ST_HIS>", "<ST_PRE>"
+NODES_OPEN, NODES_CLOSE = "<NODES>", "</NODES>"
+PROMPTS_DIR = Path(os.environ.get("STLLM_PROMPTS", Path(__file__).resolve().parent.parent / "prompts"))
+
+
+class PromptError(ValueError):
+    """A template is missing, malformed, or a field is not given."""
+
+
+@dataclass
+class PromptTemplate:
+    name: str
+    text: str
+
+    @classmethod
+    def load(cls, name: str, directory: str | Path | None = None) -> "PromptTemplate":
+        path = Path(directory or PROMPTS_DIR) / f"{name}.txt"
+        if not path.is_file():
+            known = sorted(p.stem for p in Path(directory or PROMPTS_DIR).glob("*.txt"))
+            raise PromptError(f"prompt template {name!r} not found at {path}; known templates: {known}")
+        return cls(name, path.read_text())
+
+    @property
+    def fields(self) -> list[str]:
+        return sorted({f for _, f, _, _ in string.Formatter().parse(self.text) if f})
+
+    def render(self, **fields) -> str:
+        missing = [f for f in self.fields if f not in fields]
+        if missing:
+            raise PromptError(f"prompt {self.name!r}: missing field(s) {missing}")
+        return self.text.format(**fields)
+
+
+@dataclass
+class CityLayout:
+    """Token layout of a city-layout prompt for N nodes with k ST-tokens each.
+
+    ids:     [L] token ids; slot positions hold the pad id and are overwritten with vectors
+    his_pos: [N, k] positions of each node's <ST_HIS> tokens
+    pre_pos: [N] positions of each node's <ST_PRE> token
+    """
+
+    ids: torch.Tensor
+    his_pos: torch.Tensor
+    pre_pos: torch.Tensor
+
+
+def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int) -> CityLayout:
+    """Tokenize a rendered city prompt once; the <NODES> block is repeated n_nodes times."""
+    if text.count(NODES_OPEN) != 1 or text.count(NODES_CLOSE) != 1:
+        raise PromptError(f"a city-layout prompt needs exactly one {NODES_OPEN}...{NODES_CLOSE} block")
+    head, rest = text.split(NODES_OPEN)
+    block, tail = rest.split(NODES_CLOSE)
+    if block.count(ST_HIS) != 1 or block.count(ST_PRE) != 1:
+        raise PromptError(f"the {NODES_OPEN} block must hold exactly one {ST_HIS} and one {ST_PRE}, got {block!r}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encode = lambda s, special=False: tokenizer(s, add_special_tokens=special)["input_ids"] if s else []
+
+    # The block as segments: ("text", ids) or ("his"|"pre", n)
+    segments = []
+    for piece in _split_slots(block):
+        if piece == ST_HIS:
+            segments.append(("his", n_tokens))
+        elif piece == ST_PRE:
+            segments.append(("pre", 1))
+        else:
+            segments.append(("text", encode(piece)))
+
+    ids = list(encode(head, special=True))
+    his_pos, pre_pos = [], []
+    for _ in range(n_nodes):
+        for kind, value in segments:
+            if kind == "text":
+                ids += value
+            elif kind == "his":
+                his_pos.append(list(range(len(ids), len(ids) + value)))
+                ids += [pad] * value
+            else:
+                pre_pos.append(len(ids))
+                ids.append(pad)
+    ids += encode(tail)
+    return CityLayout(torch.tensor(ids), torch.tensor(his_pos), torch.tensor(pre_pos))
+
+
+def _split_slots(text: str) -> list[str]:
+    """'a<ST_HIS>b<ST_PRE>' -> ['a', '<ST_HIS>', 'b', '<ST_PRE>'] (empty pieces dropped)."""
+    out, buf = [], text
+    while buf:
+        cut = min((buf.find(s), s) for s in (ST_HIS, ST_PRE) if s in buf) if any(s in buf for s in (ST_HIS, ST_PRE)) else None
+        if cut is None:
+            out.append(buf)
+            break
+        pos, slot = cut
+        if pos:
+            out.append(buf[:pos])
+        out.append(slot)
+        buf = buf[pos + len(slot):]
+    return out

@@ -1,0 +1,177 @@
+"""One explicit training loop (accelerate): AdamW, masked loss, clipping, early stopping, atomic checkpoints, resume."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from stllm import checkpoint
+from stllm.config import Config
+from stllm.data.city import CityData
+from stllm.data.prepared import PreparedCity
+from stllm.infer import evaluate, load_city, run_meta
+from stllm.model import STLLM, city_context
+
+LAST, BEST = "checkpoints/last.safetensors", "checkpoints/best.safetensors"
+
+
+def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "mae") -> torch.Tensor:
+    """Mean over observed (mask = 1) entries; pred/target/mask [b, t_out, N, C] on the scaled axis."""
+    err = pred - target
+    per = err.abs() if kind == "mae" else torch.nn.functional.huber_loss(pred, target, reduction="none", delta=1.0)
+    return (per * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def build_model(cfg: Config, prep: PreparedCity) -> STLLM:
+    backbone = tokenizer = None
+    if cfg.model.use_llm:
+        from stllm.backbone import build_backbone
+        backbone, tokenizer = build_backbone(cfg.backbone)
+    return STLLM(cfg, prep.city.n_channels, prep.n_exog, backbone, tokenizer)
+
+
+def make_optimizer(model: STLLM, cfg: Config) -> torch.optim.AdamW:
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    groups = [{"params": rest, "lr": cfg.train.lr}]
+    if lora:
+        groups.append({"params": lora, "lr": cfg.train.lora_lr})
+    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData | None = None,
+          progress: bool = True, on_step=None) -> dict:
+    """Train a run into out_dir and evaluate it on the test split. Returns metrics.json's content.
+
+    on_step(step) is called after each optimizer step (tests use it to interrupt a run).
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not resume:
+        if (out / LAST).exists():
+            raise FileExistsError(f"{out} holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    set_seed(cfg.train.seed)
+    city = city if city is not None else load_city(cfg.data)
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    context = city_context(city)
+    model = build_model(cfg, prep)
+    optimizer = make_optimizer(model, cfg)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    cfg.save(out / "config.yaml")
+    meta = run_meta(prep, cfg)
+
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "best_val": math.inf, "bad_evals": 0, "elapsed_s": 0.0,
+             "windows": 0, "done": False}
+    if resume and (out / LAST).exists():
+        tensors, state = checkpoint.load(out / LAST)
+        checkpoint.restore_training_state(tensors, raw_model, optimizer)
+        accelerator.print(f"resumed {out} at step {state['step']} (epoch {state['epoch']})")
+
+    train_starts = prep.splits["train"][:: cfg.train.train_stride]
+    if len(train_starts) == 0:
+        raise ValueError(f"{city.name}: no training windows (T={city.n_steps}, split {cfg.data.split})")
+    val_starts = _spread(prep.splits["val"], cfg.train.val_windows)
+    bs = cfg.train.batch_size
+    steps_per_epoch = math.ceil(len(train_starts) / bs)
+    eval_every = cfg.train.eval_every or steps_per_epoch
+    log = (out / "log.jsonl").open("a")
+    t_start, loss_sum, loss_n = time.time() - state["elapsed_s"], 0.0, 0
+
+    def validate_and_checkpoint() -> None:
+        nonlocal loss_sum, loss_n
+        val = evaluate(raw_model, prep, val_starts, context=context, batch_size=bs)["mae"] if len(val_starts) else loss_sum / max(loss_n, 1)
+        state["elapsed_s"] = time.time() - t_start
+        improved = val < state["best_val"]
+        if improved:
+            state["best_val"], state["bad_evals"] = val, 0
+            checkpoint.atomic_save(raw_model.trainable_state_dict(), out / BEST, {"step": state["step"], "val_mae": val})
+        else:
+            state["bad_evals"] += 1
+        record = {"step": state["step"], "epoch": state["epoch"], "train_loss": loss_sum / max(loss_n, 1),
+                  "val_mae": val, "best_val_mae": state["best_val"], "elapsed_s": round(state["elapsed_s"], 2),
+                  "windows_per_s": round(state["windows"] / max(state["elapsed_s"], 1e-9), 2)}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
+        loss_sum, loss_n = 0.0, 0
+
+    while not state["done"] and state["epoch"] < cfg.train.epochs:
+        order = np.random.default_rng(cfg.train.seed + state["epoch"]).permutation(train_starts)
+        bar = tqdm(range(state["epoch_step"], steps_per_epoch), disable=not progress, leave=False,
+                   desc=f"epoch {state['epoch'] + 1}/{cfg.train.epochs}")
+        model.train()
+        for i in bar:
+            starts = order[i * bs:(i + 1) * bs]
+            batch = _to(prep.batch(starts, cfg.train.mask_zeros), accelerator.device)
+            pred = model(batch, context)
+            loss = masked_loss(pred, batch["y"], batch["y_mask"], cfg.train.loss)
+            accelerator.backward(loss)
+            if cfg.train.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["epoch_step"] = i + 1
+            state["windows"] += len(starts)
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            bar.set_postfix(loss=f"{loss.item():.4f}", best_val=f"{state['best_val']:.3f}")
+            if on_step is not None:
+                on_step(state["step"])
+            out_of_time = cfg.train.max_minutes and time.time() - t_start > 60 * cfg.train.max_minutes
+            out_of_steps = cfg.train.max_steps and state["step"] >= cfg.train.max_steps
+            if state["step"] % eval_every == 0 or out_of_time or out_of_steps or i + 1 == steps_per_epoch:
+                if i + 1 == steps_per_epoch:
+                    state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
+                model.eval()
+                validate_and_checkpoint()
+                model.train()
+                if state["bad_evals"] >= cfg.train.patience or out_of_time or out_of_steps:
+                    state["done"] = True
+                    checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
+                    break
+        bar.close()
+    log.close()
+    return finish(raw_model, prep, cfg, out, meta, state, context)
+
+
+def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict, state: dict, context: dict) -> dict:
+    """Load the best weights, save the run, evaluate on the test split with the baselines, write metrics.json."""
+    if (out / BEST).exists():
+        model.load_trainable_state_dict(checkpoint.load(out / BEST)[0], str(out / BEST))
+    model.eval()
+    model.save_pretrained(out, meta)
+    from stllm.infer import evaluate_with_baselines
+    metrics = evaluate_with_baselines(model, prep, "test", context=context, batch_size=cfg.train.batch_size)
+    metrics["training"] = {"steps": state["step"], "epochs": state["epoch"], "wall_s": round(state["elapsed_s"], 2),
+                           "windows_per_s": round(state["windows"] / max(state["elapsed_s"], 1e-9), 2),
+                           "best_val_mae": state["best_val"], "peak_rss_mb": peak_rss_mb()}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _spread(starts: np.ndarray, limit: int) -> np.ndarray:
+    """At most `limit` evenly spaced windows (all when limit is 0)."""
+    if not limit or len(starts) <= limit:
+        return starts
+    return starts[np.linspace(0, len(starts) - 1, limit).round().astype(int)]
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,0 +1,29 @@
+"""Shared test fixtures."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def real_data(*parts: str) -> Path:
+    """A path under $STLLM_DATA_ROOT; skips the test when the root or the path is missing (fails when CI=true)."""
+    def missing(reason: str) -> None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"real data required on CI: {reason}")
+        pytest.skip(reason)
+
+    root = os.environ.get("STLLM_DATA_ROOT")
+    if not root:
+        missing("STLLM_DATA_ROOT is not set (point it at the shared data folder to run real-data tests)")
+    path = Path(root, *parts)
+    if not path.exists():
+        missing(f"{path} does not exist (STLLM_DATA_ROOT={root})")
+    return path
+
+
+@pytest.fixture
+def data_root() -> Path:
+    """The real-data folder from $STLLM_DATA_ROOT (skip, or fail on CI, when it is missing)."""
+    return real_data()
