@@ -4,7 +4,11 @@ One step = a batch of `--batch` sequences of `--seq-len` positions fed as inputs
 does), hidden states of the last layer read by a dummy head, backward into the LoRA weights and the inputs.
 The LM head is skipped (`logits_to_keep=1`), as the regression path does; `--lm-head` includes it.
 
-    python benchmarks/backbone_layers.py --out benchmarks/backbone_layers.json
+    python benchmarks/backbone_layers.py --out /tmp/backbone_layers.json
+    python benchmarks/backbone_layers.py --threads 1 --out /tmp/backbone_layers_1thread.json
+
+On cores shared with other jobs, two torch threads wait on each other and wall times swing by 10x; one
+thread (and the "cpu ms" column) gives stable numbers.
 """
 
 from __future__ import annotations
@@ -21,16 +25,17 @@ import torch
 from stllm.backbone import BackboneConfig, build_backbone, describe, hidden_size
 
 
-def time_step(model: torch.nn.Module, x: torch.Tensor, lm_head: bool) -> float:
-    """Seconds for one forward+backward on inputs_embeds x [b, L, d_llm]."""
+def time_step(model: torch.nn.Module, x: torch.Tensor, lm_head: bool) -> tuple[float, float]:
+    """(wall, CPU) seconds for one forward+backward on inputs_embeds x [b, L, d_llm]. CPU time is the sum
+    over this process's threads; on a machine shared with other jobs it tracks the work better than wall."""
     x = x.detach().requires_grad_(True)  # the projector upstream is trained, so gradients reach the inputs
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = model(inputs_embeds=x, output_hidden_states=True, logits_to_keep=0 if lm_head else 1)
     loss = out.hidden_states[-1].pow(2).mean()  # (b, L, d_llm) -> scalar, stands in for the head's loss
     if lm_head:
         loss = loss + out.logits.float().logsumexp(-1).mean()
     loss.backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def measure(k: int, args: argparse.Namespace) -> dict:
@@ -40,9 +45,9 @@ def measure(k: int, args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, args.seq_len, hidden_size(model), generator=gen) * 0.05  # (b, L, d_llm)
     time_step(model, x, args.lm_head)  # warmup
-    times = [time_step(model, x, args.lm_head) for _ in range(args.repeats)]
-    ms = statistics.median(times) * 1e3
-    ms_min = min(times) * 1e3  # less sensitive to other processes sharing the cores
+    walls, cpus = zip(*[time_step(model, x, args.lm_head) for _ in range(args.repeats)])
+    ms = statistics.median(walls) * 1e3
+    ms_min = min(walls) * 1e3  # less sensitive to other processes sharing the cores
     tokens = args.batch * args.seq_len
     return {
         "k": k,
@@ -50,7 +55,8 @@ def measure(k: int, args: argparse.Namespace) -> dict:
         "ms_min": round(ms_min, 1),
         "tokens_per_s": round(tokens / (ms / 1e3), 1),
         "min_per_10k_windows": round(10_000 / args.batch * ms / 1e3 / 60, 1),
-        "ms_all": [round(t * 1e3, 1) for t in times],
+        "cpu_ms_per_step": round(statistics.median(cpus) * 1e3, 1),
+        "ms_all": [round(t * 1e3, 1) for t in walls],
         "load_avg_1min": round(os.getloadavg()[0], 2),  # > cores means the timing was shared
         "params_trainable": describe(model)["params_trainable"],
     }
@@ -65,18 +71,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"])
     parser.add_argument("--lm-head", action="store_true", help="also compute full-vocabulary logits")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    columns = ["k", "ms_per_step", "ms_min", "cpu_ms_per_step", "tokens_per_s", "min_per_10k_windows", "load_avg_1min"]
+    print(" ".join(f"{c:>12}" for c in ["k", "ms/step", "ms min", "cpu ms", "tokens/s", "min/10k win", "load"]))
     results = []
-    print(f"{'k':>3} {'ms/step':>9} {'ms min':>8} {'tokens/s':>9} {'min/10k windows':>16} {'load':>5}")
     for k in args.layers:
-        r = measure(k, args)
-        results.append(r)
-        print(
-            f"{r['k']:>3} {r['ms_per_step']:>9.1f} {r['ms_min']:>8.1f} {r['tokens_per_s']:>9.1f}"
-            f" {r['min_per_10k_windows']:>16.1f} {r['load_avg_1min']:>5.1f}"
-        )
+        results.append(measure(k, args))
+        print(" ".join(f"{results[-1][c]:>12}" for c in columns))
     report = {
         "model": "smollm2-135m",
         "batch": args.batch,

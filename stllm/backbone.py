@@ -101,7 +101,8 @@ class BackboneConfig:
             not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets)
         ):
             raise ValueError(
-                f"backbone.lora_targets must be 'auto' or a non-empty list of module names, got {self.lora_targets!r}"
+                "backbone.lora_targets must be 'auto' or a non-empty list of module names, "
+                f"got {self.lora_targets!r}"
             )
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"backbone.quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")

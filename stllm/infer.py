@@ -59,7 +59,7 @@ def _align_exog(prep: PreparedCity, names: list[str]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def forecast(model, prep: PreparedCity, starts: np.ndarray, context: dict | None = None, batch_size: int = 16):
+def forecast(model, prep: PreparedCity, starts: np.ndarray, batch_size: int = 16):
     """Yield (starts, prediction [b, t_out, N, C] original scale, truth [b, t_out, N, C]) batch by batch."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -67,30 +67,28 @@ def forecast(model, prep: PreparedCity, starts: np.ndarray, context: dict | None
     for i in range(0, len(starts), batch_size):
         chunk = starts[i:i + batch_size]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prep.batch(chunk).items()}
-        pred = prep.scaler.inverse(model(batch, context).float().cpu())
+        pred = prep.scaler.inverse(model(batch).float().cpu())
         yield chunk, pred.numpy(), batch["y_raw"].cpu().numpy()
     model.train(was_training)
 
 
-def evaluate(model, prep: PreparedCity, starts: np.ndarray, context: dict | None = None, batch_size: int = 16) -> dict:
+def evaluate(model, prep: PreparedCity, starts: np.ndarray, batch_size: int = 16) -> dict:
     """Masked and unmasked metrics on the original scale over the given windows."""
     acc = MetricAccumulator()
-    for _, pred, true in forecast(model, prep, starts, context, batch_size):
+    for _, pred, true in forecast(model, prep, starts, batch_size):
         acc.update(pred, true)
     return acc.compute()
 
 
-def evaluate_with_baselines(model, prep: PreparedCity, split: str = "test", context: dict | None = None,
-                            batch_size: int = 16) -> dict:
+def evaluate_with_baselines(model, prep: PreparedCity, split: str = "test", batch_size: int = 16) -> dict:
     """The metrics JSON of `stllm evaluate`: the model and the four baselines on one split."""
     from stllm.baselines import run_baselines
-    from stllm.model import city_context
     if split not in prep.splits:
         raise ValueError(f"--split must be one of {list(prep.splits)}, got {split!r}")
     starts = prep.splits[split]
     if len(starts) == 0:
         raise DataError(f"{prep.city.name}: the {split} split has no windows")
-    result = evaluate(model, prep, starts, context or city_context(prep.city), batch_size)
+    result = evaluate(model, prep, starts, batch_size)
     return {"dataset": prep.city.name, "split": split, "n_windows": int(len(starts)), "n_nodes": prep.city.n_nodes,
             **result, "baselines": run_baselines(prep.city, starts, prep.t_out, prep.train_end)}
 
@@ -101,11 +99,10 @@ def predict(model, city: CityData, meta: dict, split: str = "test", last: bool =
     Returns {"starts": [b], "timestamps": [b, t_out] datetime64, "prediction": [b, t_out, N, C],
              "truth": [b, t_out, N, C] (NaN where unknown), "node_ids", "channels"}.
     """
-    from stllm.model import city_context
     prep = prepare(model, meta, city)
     starts = np.array([city.n_steps]) if last else prep.splits[split]
     preds, truths = [], []
-    for _, pred, true in forecast(model, prep, starts, city_context(city), batch_size):
+    for _, pred, true in forecast(model, prep, starts, batch_size):
         preds.append(pred)
         truths.append(true)
     times = prep.timestamps[starts[:, None] + np.arange(prep.t_out)]

@@ -47,12 +47,12 @@ class STLLM(nn.Module):
         self._layouts: dict = {}
 
     # ---- forward -----------------------------------------------------------------------------------------------
-    def forward(self, batch: dict, context: dict | None = None) -> torch.Tensor:
+    def forward(self, batch: dict) -> torch.Tensor:
         tokens = self.encoder(batch)                                    # [b, N, k, d_enc]
         if self.backbone is None:
             return self.head(tokens)
         b, n, k, _ = tokens.shape
-        layout = self.layout(n, context or {})
+        layout = self.layout(n, batch.get("context") or {})
         decoder = _decoder(self.backbone)
         base = decoder.get_input_embeddings()(layout.ids.to(tokens.device))  # [L, d_llm]
         emb = base.unsqueeze(0).expand(b, -1, -1).clone()                     # [b, L, d_llm]
@@ -131,22 +131,6 @@ class STLLM(nn.Module):
 def default_context(cfg: Config) -> dict:
     return {"city": "an unnamed city", "domain": "sensor data", "channels": "value", "interval": "step",
             "t_in": cfg.data.t_in, "t_out": cfg.data.t_out}
-
-
-def city_context(city) -> dict:
-    """Prompt fields that describe a city."""
-    return {"city": city.city or city.name, "domain": city.domain or "sensor data",
-            "channels": ", ".join(f"{c} ({u})" if u else c for c, u in zip(city.channels, city.units)),
-            "interval": _interval_text(city.interval)}
-
-
-def _interval_text(interval) -> str:
-    minutes = int(interval.total_seconds() // 60)
-    if minutes % 1440 == 0:
-        return f"{minutes // 1440} day" + ("s" if minutes > 1440 else "")
-    if minutes % 60 == 0:
-        return f"{minutes // 60} hour" + ("s" if minutes > 60 else "")
-    return f"{minutes} minutes"
 
 
 def _decoder(backbone):

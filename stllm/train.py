@@ -18,7 +18,7 @@ from stllm.config import Config
 from stllm.data.city import CityData
 from stllm.data.prepared import PreparedCity
 from stllm.infer import evaluate, load_city, run_meta
-from stllm.model import STLLM, city_context
+from stllm.model import STLLM
 
 LAST, BEST = "checkpoints/last.safetensors", "checkpoints/best.safetensors"
 
@@ -63,7 +63,6 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     set_seed(cfg.train.seed)
     city = city if city is not None else load_city(cfg.data)
     prep = PreparedCity(city, cfg.data, cfg.encoder)
-    context = city_context(city)
     model = build_model(cfg, prep)
     optimizer = make_optimizer(model, cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -91,7 +90,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
 
     def validate_and_checkpoint() -> None:
         nonlocal loss_sum, loss_n
-        val = evaluate(raw_model, prep, val_starts, context=context, batch_size=bs)["mae"] if len(val_starts) else loss_sum / max(loss_n, 1)
+        val = evaluate(raw_model, prep, val_starts, batch_size=bs)["mae"] if len(val_starts) else loss_sum / max(loss_n, 1)
         state["elapsed_s"] = time.time() - t_start
         improved = val < state["best_val"]
         if improved:
@@ -115,7 +114,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         for i in bar:
             starts = order[i * bs:(i + 1) * bs]
             batch = _to(prep.batch(starts, cfg.train.mask_zeros), accelerator.device)
-            pred = model(batch, context)
+            pred = model(batch)
             loss = masked_loss(pred, batch["y"], batch["y_mask"], cfg.train.loss)
             accelerator.backward(loss)
             if cfg.train.grad_clip:
@@ -143,17 +142,17 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                     break
         bar.close()
     log.close()
-    return finish(raw_model, prep, cfg, out, meta, state, context)
+    return finish(raw_model, prep, cfg, out, meta, state)
 
 
-def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict, state: dict, context: dict) -> dict:
+def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict, state: dict) -> dict:
     """Load the best weights, save the run, evaluate on the test split with the baselines, write metrics.json."""
     if (out / BEST).exists():
         model.load_trainable_state_dict(checkpoint.load(out / BEST)[0], str(out / BEST))
     model.eval()
     model.save_pretrained(out, meta)
     from stllm.infer import evaluate_with_baselines
-    metrics = evaluate_with_baselines(model, prep, "test", context=context, batch_size=cfg.train.batch_size)
+    metrics = evaluate_with_baselines(model, prep, "test", batch_size=cfg.train.batch_size)
     metrics["training"] = {"steps": state["step"], "epochs": state["epoch"], "wall_s": round(state["elapsed_s"], 2),
                            "windows_per_s": round(state["windows"] / max(state["elapsed_s"], 1e-9), 2),
                            "best_val_mae": state["best_val"], "peak_rss_mb": peak_rss_mb()}

@@ -27,3 +27,18 @@ def real_data(*parts: str) -> Path:
 def data_root() -> Path:
     """The real-data folder from $STLLM_DATA_ROOT (skip, or fail on CI, when it is missing)."""
     return real_data()
+
+
+@pytest.fixture(scope="session")
+def tiny_city():
+    """A 6-sensor, 21-day synthetic city with weather (wind), deterministic."""
+    from stllm.data.synthetic import make_city
+    return make_city(n_nodes=6, n_days=21, seed=0)
+
+
+@pytest.fixture
+def tiny_config():
+    """configs/tiny.yaml, with overrides: tiny_config(["backbone.name=tiny-llama"])."""
+    from stllm.config import load_config
+    root = Path(__file__).resolve().parent.parent
+    return lambda overrides=(): load_config(root / "configs" / "tiny.yaml", list(overrides))

@@ -33,6 +33,7 @@ class PreparedCity:
             raise DataError(f"{city.name}: the scaler has {scaler.mean.shape[1]} channels, the data {city.n_channels}")
         self.scaler = scaler
         self.lags = period_lags(city, data_cfg.periods)
+        self.context = prompt_fields(city)
 
         # Arrays get t_out extra steps after the data (NaN, unobserved) so that the last window, which
         # forecasts beyond the end of the data, can be cut like any other: T' = T + t_out.
@@ -118,6 +119,23 @@ class PreparedCity:
         if periods:
             out["periods"] = torch.stack(periods, 1)                          # [b, P, t_out, N, C]
             out["period_mask"] = torch.stack(period_masks, 1)
+        out["context"] = self.context                                        # prompt fields for this city
         out["static_adj"] = self.static_adj
         out["dynamic_adj"] = self.wind_adjacency(starts) if self.has_wind else None
         return out
+
+
+def prompt_fields(city: CityData) -> dict:
+    """Prompt fields that describe a city (see prompts/README.md)."""
+    return {"city": city.city or city.name, "domain": city.domain or "sensor data",
+            "channels": ", ".join(f"{c} ({u})" if u else c for c, u in zip(city.channels, city.units)),
+            "interval": _interval_text(city.interval)}
+
+
+def _interval_text(interval) -> str:
+    minutes = int(interval.total_seconds() // 60)
+    if minutes % 1440 == 0:
+        return f"{minutes // 1440} day" + ("s" if minutes > 1440 else "")
+    if minutes % 60 == 0:
+        return f"{minutes // 60} hour" + ("s" if minutes > 60 else "")
+    return f"{minutes} minutes"

@@ -12,9 +12,11 @@ short outages. The neighbourhood is the symmetrised k-nearest-neighbour graph of
 generation stays sparse and vectorised over nodes: 2000 sensors x 60 days of hourly data take a few seconds.
 
 What a model can learn here and a per-node naive baseline cannot: the latent `z` drifts away from last
-week's pattern but persists for hours (recent history helps); incidents start at one sensor and reach its
-neighbours one step later and theirs one step after that, more strongly downwind (the graph and the wind
-help); rain and temperature move every sensor at once (the exogenous series help).
+week's pattern but persists for hours (recent history helps) and moves the way the neighbours moved an hour
+earlier; incidents start at one sensor and reach its neighbours an hour or two later and theirs after as
+long again, more strongly downwind (the graph and the wind help); rain and temperature move every sensor at
+once (the exogenous series help). Rates are calibrated for hourly data; other intervals keep the daily and
+weekly rhythm, the weather and the incident delays in hours.
 """
 from __future__ import annotations
 
@@ -66,13 +68,13 @@ def make_city(n_nodes: int = 24, n_days: int = 56, interval: str = "1h", n_chann
     n_steps = n_days * int(pd.Timedelta("1D") / interval)
     timestamps = pd.date_range(start, periods=n_steps, freq=interval)
     hour = np.asarray(timestamps.hour + timestamps.minute / 60, dtype=np.float32)          # [T]
-    weekend = np.asarray(timestamps.dayofweek >= 5)                          # [T]
+    weekend = np.asarray(timestamps.day_of_week >= 5)                          # [T]
 
     x, y = rng.uniform(-BOX_KM / 2, BOX_KM / 2, size=(2, n_nodes))
     graph = _knn_graph(x, y, k=min(4, n_nodes - 1))
     weather = _weather(rng, hour, dt)
     log_profile, kinds = _daily_profiles(rng, n_nodes, hour, weekend)             # [T, N]
-    base = np.exp(rng.normal(np.log(40.0), 0.7, size=n_nodes)).astype(np.float32)  # node scales differ ~10x
+    base = np.exp(rng.normal(np.log(50.0), 0.7, size=n_nodes)).astype(np.float32)  # node scales differ ~10x
     log_mean = log_profile + np.log(base)[None]
     log_mean += _weather_effect(rng, weather, n_nodes)
     log_mean += _latent(rng, graph["W"], n_steps, dt)
@@ -137,11 +139,12 @@ def _weather(rng: np.random.Generator, hour: np.ndarray, dt: float) -> dict[str,
     return {"temperature": temperature, "rain": rain, "wind_speed": wind_speed, "wind_dir_deg": direction % 360}
 
 
-def _ar1(rng: np.random.Generator, t: int, persistence: float, std: float) -> np.ndarray:
-    """Stationary AR(1) path [T] with the given marginal std."""
-    shocks = rng.normal(0, std * np.sqrt(1 - persistence**2), size=t)
-    shocks[0] = rng.normal(0, std)
-    return lfilter([1.0], [1.0, -persistence], shocks)
+def _ar1(rng: np.random.Generator, t: int, persistence: float, std: float, n: int | None = None) -> np.ndarray:
+    """Stationary AR(1) paths along time with the given marginal std: [T], or [T, n] independent ones."""
+    shape = (t,) if n is None else (t, n)
+    shocks = rng.standard_normal(size=shape) * (std * np.sqrt(1 - persistence**2))
+    shocks[0] = rng.standard_normal(size=shape[1:]) * std
+    return lfilter([1.0], [1.0, -persistence], shocks, axis=0)
 
 
 def _daily_profiles(rng: np.random.Generator, n: int, hour: np.ndarray, weekend: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -165,51 +168,55 @@ def _weather_effect(rng: np.random.Generator, weather: dict, n: int) -> np.ndarr
 
 
 def _latent(rng: np.random.Generator, w: sparse.csr_matrix, t: int, dt: float, slow_std: float = 0.2,
-            slow_hours: float = 36.0, wave_std: float = 0.35, reversion: float = 0.3, pull: float = 0.05,
+            slow_hours: float = 36.0, wave_std: float = 0.3, reversion: float = 0.3, pull: float = 0.05,
             follow: float = 0.8) -> np.ndarray:
     """Latent log-multiplier [T, N]: a slow AR(1) per node plus a spatial process u that spills along the graph,
 
         u_t = u_{t-1} + follow * W (u_{t-1} - u_{t-2}) + pull * (W u_{t-1} - u_{t-1}) - reversion * u_{t-1} + shock,
 
     i.e. each node moves the way its neighbours moved one step earlier and is pulled toward their recent values
-    (W row-normalised; rates per step, defined for hourly steps). Each part is rescaled to its marginal std.
+    (W row-normalised; reversion and pull are per hour, follow per step). Each part is rescaled to its std.
     """
     n = w.shape[0]
-    slow = np.stack([_ar1(rng, t, persistence=np.exp(-dt / slow_hours), std=slow_std) for _ in range(n)], 1)
+    reversion, pull = reversion * min(dt, 1.0), pull * min(dt, 1.0)
+    slow = _ar1(rng, t, persistence=np.exp(-dt / slow_hours), std=slow_std, n=n)
     shocks = rng.standard_normal(size=(t, n), dtype=np.float32)
     u = np.zeros((t, n), dtype=np.float32)
     u[0] = shocks[0]
     step = np.zeros(n, dtype=np.float32)                       # u_{t-1} - u_{t-2}
     for i in range(1, t):
         prev = u[i - 1]
-        step = follow * (w @ step) + pull * (w @ prev - prev) - reversion * prev + shocks[i]
+        step = w @ (follow * step + pull * prev) - (pull + reversion) * prev + shocks[i]
         u[i] = prev + step
     return (slow + u * (wave_std / (u.std() + 1e-12))).astype(np.float32)
 
 
 def _incidents(rng: np.random.Generator, graph: dict, t: int, dt: float, wind_from: np.ndarray,
-               rate_per_node_day: float = 0.1, decay_per_hour: float = 0.8, spread: float = 0.7) -> np.ndarray:
-    """Incidents [T, N] (log-multiplier): each starts at one node, reaches its neighbours one step later and
-    theirs two steps later, weaker with each hop and strongest downwind, then fades out."""
+               rate_per_node_day: float = 0.15, decay_per_hour: float = 0.85, spread: float = 0.8,
+               max_delay: int = 2) -> np.ndarray:
+    """Incidents [T, N] (log-multiplier): each starts at one node and reaches its neighbours 1..max_delay hours
+    later, and theirs after as long again, weaker with each hop and strongest downwind; each then fades out."""
     n = len(graph["indptr"]) - 1
+    steps_per_hour = max(1, int(round(1 / dt)))
     n_events = rng.poisson(rate_per_node_day * n * t * dt / 24)
     node = rng.integers(0, n, size=n_events)
     start = rng.integers(0, t, size=n_events)
     size = np.where(rng.random(n_events) < 0.6, -1.0, 1.0) * rng.uniform(0.3, 1.0, size=n_events)
     toward = (wind_from[start] + 180.0) % 360
     impulses = np.zeros((t, n), dtype=np.float32)
-    ev, at, amp = np.arange(n_events), node, size
+    ev, at, amp, when = np.arange(n_events), node, size, start
     for hop in range(3):
-        keep = start[ev] + hop < t
-        np.add.at(impulses, (start[ev[keep]] + hop, at[keep]), amp[keep])
+        keep = when < t
+        np.add.at(impulses, (when[keep], at[keep]), amp[keep])
         if hop == 2:
             break
         ev, nxt, edge = _edges_from(graph, ev, at)
         align = np.maximum(np.cos(np.radians(toward[ev] - graph["bearing"][edge])), 0.0)
         amp = amp[nxt] * spread * (0.2 + 0.8 * align)
+        when = when[nxt] + rng.integers(1, max_delay + 1, size=len(edge)) * steps_per_hour
         at = graph["dst"][edge]
         back = at == node[ev]                                  # do not spread back to the epicentre
-        ev, at, amp = ev[~back], at[~back], amp[~back]
+        ev, at, amp, when = ev[~back], at[~back], amp[~back], when[~back]
     return lfilter([1.0], [1.0, -decay_per_hour ** dt], impulses, axis=0).astype(np.float32)
 
 
@@ -228,7 +235,7 @@ def _observe(rng: np.random.Generator, log_mean: np.ndarray, n_channels: int, no
     for k in range(n_channels):
         lagged = np.concatenate([np.repeat(log_mean[:1], k, axis=0), log_mean[:t - k]]) if k else log_mean
         ratio = rng.uniform(0.8, 1.2, size=n).astype(np.float32) if k else np.ones(n, np.float32)
-        lam = np.exp(lagged + np.log(ratio)[None] + rng.normal(-noise**2 / 2, noise, size=(t, n)).astype(np.float32))
+        lam = np.exp(lagged + np.log(ratio)[None] + noise * rng.standard_normal(size=(t, n), dtype=np.float32) - noise**2 / 2)
         out[:, :, k] = rng.poisson(lam)
     return out
 

@@ -23,7 +23,8 @@ def window_starts(n_steps: int, t_in: int, t_out: int) -> np.ndarray:
 
 def split_bounds(n_steps: int, fractions=(0.7, 0.1, 0.2)) -> tuple[int, int]:
     """(train_end, test_start): the time axis is cut at floor(0.7 T) and floor(0.8 T) for 7:1:2."""
-    return int(fractions[0] * n_steps), int((fractions[0] + fractions[1]) * n_steps)
+    floor = lambda x: int(round(x, 6))  if abs(x - round(x)) < 1e-6 else int(x)  # 0.7 + 0.1 is 0.7999...
+    return floor(fractions[0] * n_steps), floor((fractions[0] + fractions[1]) * n_steps)
 
 
 def split_starts(n_steps: int, t_in: int, t_out: int, fractions=(0.7, 0.1, 0.2)) -> dict[str, np.ndarray]:
@@ -94,7 +95,7 @@ def time_features(timestamps: np.ndarray) -> np.ndarray:
     """[T, 4]: sin/cos of time of day and of day of week."""
     ts = pd.DatetimeIndex(timestamps)
     day_frac = (ts.hour * 3600 + ts.minute * 60 + ts.second).to_numpy() / 86400.0
-    week_frac = (ts.dayofweek.to_numpy() + day_frac) / 7.0
+    week_frac = (ts.day_of_week.to_numpy() + day_frac) / 7.0
     return np.stack([np.sin(2 * np.pi * day_frac), np.cos(2 * np.pi * day_frac),
                      np.sin(2 * np.pi * week_frac), np.cos(2 * np.pi * week_frac)], axis=1).astype(np.float32)
 

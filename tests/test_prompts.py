@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from stllm.backbone import build_tiny_tokenizer
+from stllm.prompts import PromptError, PromptTemplate, city_layout
+
+CITY_FIELDS = dict(n_nodes=3, city="Synthetic City", domain="synthetic mobility", channels="flow (count)",
+                   interval="1 hour", t_in=12, t_out=12)
+
+GOLDEN_CITY = (
+    "Below are encoded readings from 3 sensors in Synthetic City (synthetic mobility). Channels: flow (count). "
+    "One reading every 1 hour.\n"
+    "For each sensor there are tokens for its last 12 readings and for the same hours one day and one week before "
+    "the forecast, then a forecast slot.\n"
+    "Forecast the next 12 readings of every sensor.\n"
+    "Sensors: <NODES><ST_HIS><ST_PRE></NODES>\n"
+)
+
+
+def test_city_template_renders_golden_string():
+    assert PromptTemplate.load("city").render(**CITY_FIELDS) == GOLDEN_CITY
+
+
+def test_missing_field_and_unknown_template():
+    with pytest.raises(PromptError, match="missing field"):
+        PromptTemplate.load("city").render(city="x")
+    with pytest.raises(PromptError, match="not found"):
+        PromptTemplate.load("no-such-template")
+
+
+def test_city_layout_positions():
+    tok = build_tiny_tokenizer()
+    text = "Head text. Sensors: <NODES><ST_HIS> then <ST_PRE>;</NODES> end."
+    layout = city_layout(text, tok, n_nodes=3, n_tokens=2)
+    head = tok("Head text. Sensors: ")["input_ids"]
+    between = tok(" then ", add_special_tokens=False)["input_ids"]
+    semi = tok(";", add_special_tokens=False)["input_ids"]
+    block = 2 + len(between) + 1 + len(semi)
+    assert layout.his_pos.shape == (3, 2) and layout.pre_pos.shape == (3,)
+    assert layout.his_pos[0, 0] == len(head)
+    assert layout.pre_pos[0] == len(head) + 2 + len(between)
+    assert torch.equal(layout.his_pos[2] - layout.his_pos[1], torch.tensor([block, block]))
+    assert len(layout.ids) == len(head) + 3 * block + len(tok(" end.", add_special_tokens=False)["input_ids"])
+
+
+def test_city_layout_needs_one_block_with_both_slots():
+    tok = build_tiny_tokenizer()
+    with pytest.raises(PromptError, match="exactly one"):
+        city_layout("no block here <ST_HIS>", tok, 2, 1)
+    with pytest.raises(PromptError, match="must hold exactly one"):
+        city_layout("<NODES><ST_HIS></NODES>", tok, 2, 1)
