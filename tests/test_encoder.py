@@ -40,24 +40,28 @@ def test_no_parameter_depends_on_the_number_of_nodes():
 def test_gated_conv_is_causal():
     torch.manual_seed(0)
     layer = GatedTemporalConv(4, [2, 3], dilation=2).eval()
-    x = torch.randn(1, 4, 10)
+    x = torch.randn(1, 10, 4)                                 # [B, t, d]
     y = layer(x)[0]
     x2 = x.clone()
-    x2[:, :, 7:] += 5.0                                       # change only the future of step 6
+    x2[:, 7:] += 5.0                                          # change only the future of step 6
     y2 = layer(x2)[0]
-    assert torch.allclose(y[:, :, :7], y2[:, :, :7])
-    assert not torch.allclose(y[:, :, 7:], y2[:, :, 7:])
+    assert torch.allclose(y[:, :7], y2[:, :7])
+    assert not torch.allclose(y[:, 7:], y2[:, 7:])
 
 
-def test_gated_conv_formula_single_kernel():
+def test_gated_conv_equals_a_dilated_conv1d():
+    """The taps-and-matmul form is exactly torch's causal dilated conv1d with the same weights."""
     torch.manual_seed(0)
-    layer = GatedTemporalConv(3, [2], dilation=1).eval()
-    x = torch.randn(2, 3, 5)
-    xp = F.pad(x, (1, 0))
-    h = torch.tanh(layer.filters[0](xp)) * torch.sigmoid(layer.gates[0](xp))
+    d, k, dil = 3, 3, 2
+    layer = GatedTemporalConv(d, [k], dilation=dil).eval()
+    x = torch.randn(2, 9, d)                                  # [B, t, d]
+    w = layer.convs[0].weight.reshape(2 * d, k, d).permute(0, 2, 1)   # [out, in, k]
+    conv = F.conv1d(F.pad(x.transpose(1, 2), ((k - 1) * dil, 0)), w, layer.convs[0].bias, dilation=dil)
+    f, g = conv.transpose(1, 2).chunk(2, dim=-1)
+    h = torch.tanh(f) * torch.sigmoid(g)
     out, skip = layer(x)
-    assert torch.allclose(out, x + layer.out(h), atol=1e-6)
-    assert torch.allclose(skip, layer.skip(h), atol=1e-6)
+    assert torch.allclose(out, x + layer.out(h), atol=1e-5)
+    assert torch.allclose(skip, layer.skip(h), atol=1e-5)
 
 
 def test_graph_conv_and_fusion_formulas():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from stllm.data.city import CityData, DataError
-from stllm.data.graphs import haversine_km, static_graph
+from stllm.data.graphs import bearings_deg, haversine_km, static_graph, wind_from_exog, wind_graph
 from stllm.data.synthetic import EXOG_NAMES, make_city
 
 
@@ -80,7 +80,7 @@ def test_shapes_and_metadata(city):
 
 
 def test_deterministic_given_seed():
-    a, b, c = make_city(n_nodes=6, n_days=14, seed=3), make_city(n_nodes=6, n_days=14, seed=3), make_city(n_nodes=6, n_days=14, seed=4)
+    a, b, c = (make_city(n_nodes=6, n_days=14, seed=seed) for seed in (3, 3, 4))
     np.testing.assert_array_equal(a.values, b.values)
     np.testing.assert_array_equal(a.exog, b.exog)
     assert a.nodes.equals(b.nodes)
@@ -99,8 +99,12 @@ def test_missing_rate(rate):
     nan = np.isnan(c.values).mean()
     assert nan == pytest.approx(rate, abs=0.3 * rate + 1e-9)
     if rate:
-        runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], np.isnan(c.values[:, :, 0]).T.ravel(), [0]])))).max()
-        assert runs >= 6                                   # at least one outage, not only isolated gaps
+        assert max(_longest_nan_run(c.values[:, i, 0]) for i in range(c.n_nodes)) >= 6   # an outage, not only gaps
+
+
+def _longest_nan_run(x: np.ndarray) -> int:
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.isnan(x).astype(int), [0]])))   # run starts and ends
+    return int((edges[1::2] - edges[::2]).max(initial=0))
 
 
 def test_two_channels_are_correlated():
@@ -116,7 +120,7 @@ def test_other_interval_and_no_weather():
     assert c.values.shape == (7 * 96, 5, 1) and c.steps_per_day == 96
     dry = make_city(n_nodes=5, n_days=7, with_weather=False)
     assert dry.exog is None and dry.exog_names == []
-    np.testing.assert_array_equal(dry.values, make_city(n_nodes=5, n_days=7).values)   # same city, weather unrecorded
+    np.testing.assert_array_equal(dry.values, make_city(n_nodes=5, n_days=7).values)   # weather acts, unrecorded
 
 
 def test_bad_arguments():
@@ -126,9 +130,13 @@ def test_bad_arguments():
         make_city(n_days=2, missing_rate=0.7)
 
 
-def test_graph_builds_from_the_synthetic_city(city):
+def test_graphs_build_from_the_synthetic_city(city):
     a = static_graph(city)
     assert a.shape == (24, 24) and (a > 0).any() and np.all(np.diag(a) == 0)
+    lat, lon = city.nodes["lat"], city.nodes["lon"]
+    speed, direction = wind_from_exog(city)
+    g = wind_graph(haversine_km(lat, lon), bearings_deg(lat, lon), speed[:5], direction[:5])
+    assert g.shape == (5, 24, 24) and g.min() >= 0 and (g > 0).any()
 
 
 def test_scales_to_thousands_of_nodes():
@@ -145,7 +153,7 @@ def test_daily_periodicity(city):
     x = (x - x.mean(0)) / x.std(0)
     acf = lambda lag: float(np.mean(x[lag:] * x[:-lag]))
     assert acf(24) > 0.5 and acf(24) > acf(12) + 0.5
-    assert acf(168) > acf(24)                              # weekends differ: last week matches better than yesterday on average
+    assert acf(168) > acf(24)                              # weekends differ: a week back matches better than a day
 
 
 def test_spatial_spill_over(city):
@@ -162,7 +170,7 @@ def test_spatial_spill_over(city):
         ok = np.isfinite(a) & np.isfinite(b)
         return np.corrcoef(a[ok], b[ok])[0, 1]
     c_near, c_far = corr(change[1:].ravel(), near.ravel()), corr(change[1:].ravel(), far.ravel())
-    assert c_near > 0.06 and c_near > c_far + 0.06, (c_near, c_far)
+    assert c_near > 0.05 and c_near > c_far + 0.05, (c_near, c_far)
 
 
 def test_rain_lowers_values(city):

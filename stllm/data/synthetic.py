@@ -9,7 +9,7 @@ The values are counts (think bike or pedestrian flows) built in log space as
 
 and observed through multiplicative log-normal noise and Poisson counting noise, with missing values and
 short outages. The neighbourhood is the symmetrised k-nearest-neighbour graph of the sensors' positions, so
-generation stays sparse and vectorised over nodes: 2000 sensors x 60 days of hourly data take a few seconds.
+generation stays sparse and vectorised over nodes: 2000 sensors x 60 days of hourly data take about a second.
 
 What a model can learn here and a per-node naive baseline cannot: the latent `z` drifts away from last
 week's pattern but persists for hours (recent history helps) and moves the way the neighbours moved an hour
@@ -38,14 +38,14 @@ PLACES = ["Riverside", "Old Town", "Central Station", "University", "Market Squa
           "Theatre District", "Airport Road"]
 # Daily rhythm components: (peak hour, width in hours, weekend multiplier, weekend peak shift in hours)
 COMPONENTS = {"morning": (8.0, 1.2, 0.25, 1.5), "evening": (17.5, 1.6, 0.45, 0.5), "midday": (13.5, 3.0, 1.6, 1.0)}
-KINDS = {"morning": ("residential area", "busiest on weekday mornings"),
-         "evening": ("office district", "busiest on weekday evenings"),
-         "midday": ("leisure and shopping area", "busiest around midday and at weekends")}
+KINDS = {"morning": ("a residential area", "busiest on weekday mornings"),
+         "evening": ("an office district", "busiest on weekday evenings"),
+         "midday": ("a leisure and shopping area", "busiest around midday and at weekends")}
 EXOG_NAMES = ["temperature", "rain", "wind_speed", "wind_dir_deg"]
 
 
 def make_city(n_nodes: int = 24, n_days: int = 56, interval: str = "1h", n_channels: int = 1, seed: int = 0,
-              missing_rate: float = 0.02, noise: float = 0.1, start: str = "2024-01-01", name: str = "synthetic",
+              missing_rate: float = 0.02, noise: float = 0.05, start: str = "2024-01-01", name: str = "synthetic",
               with_weather: bool = True) -> CityData:
     """A synthetic city of `n_nodes` sensors over `n_days` days, deterministic given `seed`.
 
@@ -74,7 +74,7 @@ def make_city(n_nodes: int = 24, n_days: int = 56, interval: str = "1h", n_chann
     graph = _knn_graph(x, y, k=min(4, n_nodes - 1))
     weather = _weather(rng, hour, dt)
     log_profile, kinds = _daily_profiles(rng, n_nodes, hour, weekend)             # [T, N]
-    base = np.exp(rng.normal(np.log(50.0), 0.7, size=n_nodes)).astype(np.float32)  # node scales differ ~10x
+    base = np.exp(rng.normal(np.log(80.0), 0.7, size=n_nodes)).astype(np.float32)  # node scales differ ~10x
     log_mean = log_profile + np.log(base)[None]
     log_mean += _weather_effect(rng, weather, n_nodes)
     log_mean += _latent(rng, graph["W"], n_steps, dt)
@@ -129,7 +129,8 @@ def _weather(rng: np.random.Generator, hour: np.ndarray, dt: float) -> dict[str,
     for s in np.flatnonzero(starts):
         episode[s:s + length[s]] = scale[s]
     rain = episode * np.exp(_ar1(rng, t, persistence=0.8 ** dt, std=0.5))
-    wind_speed = 3.5 * np.exp(_ar1(rng, t, persistence=0.97 ** dt, std=0.4)) * (1 + 0.2 * np.cos(2 * np.pi * (hour - 14) / 24))
+    gusty = 1 + 0.2 * np.cos(2 * np.pi * (hour - 14) / 24)                       # windiest in the afternoon
+    wind_speed = 3.5 * np.exp(_ar1(rng, t, persistence=0.97 ** dt, std=0.4)) * gusty
     direction = np.empty(t)
     direction[0] = rng.uniform(0, 360)
     kicks = rng.normal(0, 12.0 * np.sqrt(dt), size=t)
@@ -147,7 +148,8 @@ def _ar1(rng: np.random.Generator, t: int, persistence: float, std: float, n: in
     return lfilter([1.0], [1.0, -persistence], shocks, axis=0)
 
 
-def _daily_profiles(rng: np.random.Generator, n: int, hour: np.ndarray, weekend: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def _daily_profiles(rng: np.random.Generator, n: int, hour: np.ndarray,
+                    weekend: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Log of each node's daily rhythm [T, N] (a node-specific mix of morning, evening and midday peaks)."""
     mix = rng.dirichlet([0.7, 0.7, 0.7], size=n).astype(np.float32)   # [N, 3]
     jitter = rng.normal(0, 0.4, size=(n, 3)).astype(np.float32)       # node-specific peak times
@@ -161,15 +163,15 @@ def _daily_profiles(rng: np.random.Generator, n: int, hour: np.ndarray, weekend:
 
 
 def _weather_effect(rng: np.random.Generator, weather: dict, n: int) -> np.ndarray:
-    """Log-multiplier [T, N]: rain lowers values (node-specific sensitivity), mild weather raises them, gales lower them."""
+    """Log-multiplier [T, N]: rain lowers values (node-specific sensitivity), warmth raises them, gales lower them."""
     rain_sens = rng.uniform(0.4, 0.9, size=n).astype(np.float32)
     city = 0.03 * (weather["temperature"] - 11.0) - 0.06 * np.maximum(weather["wind_speed"] - 6.0, 0.0)
     return (city[:, None] - np.log1p(weather["rain"])[:, None] * rain_sens[None]).astype(np.float32)
 
 
-def _latent(rng: np.random.Generator, w: sparse.csr_matrix, t: int, dt: float, slow_std: float = 0.2,
-            slow_hours: float = 36.0, wave_std: float = 0.3, reversion: float = 0.3, pull: float = 0.05,
-            follow: float = 0.8) -> np.ndarray:
+def _latent(rng: np.random.Generator, w: sparse.csr_matrix, t: int, dt: float, slow_std: float = 0.12,
+            slow_hours: float = 36.0, wave_std: float = 0.2, reversion: float = 0.3, pull: float = 0.05,
+            follow: float = 0.9) -> np.ndarray:
     """Latent log-multiplier [T, N]: a slow AR(1) per node plus a spatial process u that spills along the graph,
 
         u_t = u_{t-1} + follow * W (u_{t-1} - u_{t-2}) + pull * (W u_{t-1} - u_{t-1}) - reversion * u_{t-1} + shock,
@@ -201,7 +203,7 @@ def _incidents(rng: np.random.Generator, graph: dict, t: int, dt: float, wind_fr
     n_events = rng.poisson(rate_per_node_day * n * t * dt / 24)
     node = rng.integers(0, n, size=n_events)
     start = rng.integers(0, t, size=n_events)
-    size = np.where(rng.random(n_events) < 0.6, -1.0, 1.0) * rng.uniform(0.3, 1.0, size=n_events)
+    size = np.where(rng.random(n_events) < 0.6, -1.0, 1.0) * rng.uniform(0.2, 0.8, size=n_events)
     toward = (wind_from[start] + 180.0) % 360
     impulses = np.zeros((t, n), dtype=np.float32)
     ev, at, amp, when = np.arange(n_events), node, size, start
@@ -235,13 +237,14 @@ def _observe(rng: np.random.Generator, log_mean: np.ndarray, n_channels: int, no
     for k in range(n_channels):
         lagged = np.concatenate([np.repeat(log_mean[:1], k, axis=0), log_mean[:t - k]]) if k else log_mean
         ratio = rng.uniform(0.8, 1.2, size=n).astype(np.float32) if k else np.ones(n, np.float32)
-        lam = np.exp(lagged + np.log(ratio)[None] + noise * rng.standard_normal(size=(t, n), dtype=np.float32) - noise**2 / 2)
+        jitter = noise * rng.standard_normal(size=(t, n), dtype=np.float32) - noise**2 / 2
+        lam = np.exp(lagged + np.log(ratio)[None] + jitter)
         out[:, :, k] = rng.poisson(lam)
     return out
 
 
 def _knock_out(rng: np.random.Generator, values: np.ndarray, rate: float) -> None:
-    """Set about `rate` of (step, sensor) pairs to NaN, in place: a quarter as outages of 6-36 steps, the rest at random."""
+    """NaN about `rate` of the (step, sensor) pairs, in place: a quarter in outages of 6-36 steps, the rest at random."""
     t, n, _ = values.shape
     if rate <= 0:
         return
@@ -261,6 +264,6 @@ def _node_table(lat: np.ndarray, lon: np.ndarray, kinds: list[str]) -> pd.DataFr
     width = max(2, len(str(n - 1)))
     ids = [f"S{i:0{width}d}" for i in range(n)]
     places = [PLACES[i % len(PLACES)] + (f" {i // len(PLACES) + 1}" if i >= len(PLACES) else "") for i in range(n)]
-    desc = [f"Counter in a {KINDS[k][0]} near {p}; {KINDS[k][1]}." for k, p in zip(kinds, places)]
+    desc = [f"Counter in {KINDS[k][0]} near {p}; {KINDS[k][1]}." for k, p in zip(kinds, places)]
     return pd.DataFrame({"id": ids, "name": [f"{i} {p}" for i, p in zip(ids, places)], "lat": lat, "lon": lon,
                          "description": desc})

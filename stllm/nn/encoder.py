@@ -32,7 +32,9 @@ class STEncoder(nn.Module):
         self.input = nn.Linear(n_features, d)
         self.temporal = TemporalEncoder(d, enc_cfg.temporal_layers, enc_cfg.kernel_sizes, enc_cfg.dropout)
         self.patch = nn.Linear(self.patch_len * d, d)
-        self.period = nn.Linear(self.t_out * d, d)
+        # A period window (the target-aligned hours a day or a week earlier) is embedded directly by an MLP:
+        # it is already aligned with the targets, so it needs no temporal convolution (and this is 3x cheaper).
+        self.period = nn.Sequential(nn.Linear(self.t_out * 2 * n_channels + N_TIME_FEATURES, d), nn.GELU(), nn.Linear(d, d))
         self.token_type = nn.Parameter(torch.randn(self.n_tokens, d) * 0.02)  # closeness patches, day, week
         self.spatial = SpatialBlock(d, enc_cfg.static_graph, enc_cfg.dynamic_graph, enc_cfg.dropout)
 
@@ -55,10 +57,12 @@ class STEncoder(nn.Module):
         tokens = [self.patch(h)]                                       # [b*N, k_close, d]
         if self.n_periods:
             periods, pmask = batch["periods"], batch["period_mask"]   # [b, P, t_out, N, C]
-            no_exog = torch.zeros(b, self.t_out, 1, self.n_exog, device=x.device, dtype=x.dtype)
+            when = batch["tf_out"][:, 0, None, :].expand(b, n_nodes, N_TIME_FEATURES)  # [b, N, 4] first target step
             for p in range(self.n_periods):
-                hp = self.temporal(self._features(periods[:, p], pmask[:, p], batch["tf_out"], no_exog, n_nodes))
-                tokens.append(self.period(hp.reshape(b * n_nodes, 1, -1)))  # [b*N, 1, d]
+                flat = torch.cat([periods[:, p], pmask[:, p]], -1)    # [b, t_out, N, 2C]
+                flat = flat.permute(0, 2, 1, 3).reshape(b, n_nodes, -1)  # [b, N, t_out*2C]
+                hp = self.period(torch.cat([flat, when], -1))          # [b, N, d]
+                tokens.append(hp.reshape(b * n_nodes, 1, -1))          # [b*N, 1, d]
         z = torch.cat(tokens, dim=1) + self.token_type                 # [b*N, k, d]
         z = z.reshape(b, n_nodes, self.n_tokens, -1)                   # [b, N, k, d]
         return self.spatial(z, batch.get("static_adj"), batch.get("dynamic_adj"))
