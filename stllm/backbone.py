@@ -69,9 +69,9 @@ def default_cache_dir() -> str:
 class BackboneConfig:
     name: str = SMOLLM2  # "smollm2-135m" (offline), "tiny-gpt2"/"tiny-llama" (tests), a hub name or a folder
     # Keep the first k transformer blocks; 0/None = all (k beyond the model's depth also keeps all).
-    # 2: on the 2-core CPU a LoRA step on 4 x 180 tokens costs ~0.22 s per block
-    # (benchmarks/backbone_layers.py), so 2 blocks leave time for ~10k windows in 40 minutes with the encoder
-    # and head; early blocks are also the ones truncation studies (GPT4TS/OFA, ST-LLM) find most transferable.
+    # 2 because speed decides on 2 CPU cores: a LoRA step on 4 x 180 tokens costs ~40 ms + ~145 ms of CPU per
+    # block (benchmarks/backbone_layers.py), so 10k windows take ~14 min of backbone time at k=2 and ~26 at
+    # k=4, and only k <= 2 leaves room in 40 minutes for the encoder, evaluation and a busy machine.
     n_layers: int | None = 2
     lora_r: int = 8  # LoRA rank; 0 = no LoRA, the backbone stays fully frozen
     lora_alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)

@@ -63,11 +63,15 @@ class ModelConfig:
     use_llm: bool = True                     # false = encoder-only ablation: the same encoder with a linear head
     prompt: str = "city"                     # template name in prompts/ (prompts/<name>.txt)
     projector: str = "mlp"                   # linear | mlp
+    tokens_per_node: int = 1                 # <ST_HIS> tokens per node in the prompt (the k encoder tokens are
+                                             # projected into this many; fewer tokens = shorter sequences)
     head_hidden: int = 256                   # width of W1 and W2 in the regression head
 
     def __post_init__(self) -> None:
         if self.projector not in ("linear", "mlp"):
             raise ConfigError(f"model.projector must be linear|mlp, got {self.projector!r}")
+        if self.tokens_per_node < 1:
+            raise ConfigError(f"model.tokens_per_node must be >= 1, got {self.tokens_per_node}")
 
 
 @dataclass

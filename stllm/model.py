@@ -40,10 +40,11 @@ class STLLM(nn.Module):
         d_llm = hidden_size(backbone)
         self.backbone, self.tokenizer = backbone, tokenizer
         self.prompt = prompt or PromptTemplate.load(cfg.model.prompt)
-        self.projector = Projector(d_enc, d_llm, cfg.model.projector)
+        m = cfg.model.tokens_per_node
+        self.projector = Projector(d_enc, d_llm, cfg.model.projector, n_in=k, n_out=m)
         self.pre_query = nn.Parameter(torch.zeros(d_llm))   # the learned <ST_PRE> query
         self.pre_proj = nn.Linear(d_enc, d_llm)              # plus the node's own summary, so slots differ by node
-        self.head = RegressionHead(d_llm, k, t_out, n_channels, cfg.model.head_hidden)
+        self.head = RegressionHead(d_llm, m, t_out, n_channels, cfg.model.head_hidden)
         self._layouts: dict = {}
 
     # ---- forward -----------------------------------------------------------------------------------------------
@@ -51,12 +52,13 @@ class STLLM(nn.Module):
         tokens = self.encoder(batch)                                    # [b, N, k, d_enc]
         if self.backbone is None:
             return self.head(tokens)
-        b, n, k, _ = tokens.shape
+        b, n = tokens.shape[:2]
+        m = self.cfg.model.tokens_per_node
         layout = self.layout(n, batch.get("context") or {})
         decoder = _decoder(self.backbone)
         base = decoder.get_input_embeddings()(layout.ids.to(tokens.device))  # [L, d_llm]
         emb = base.unsqueeze(0).expand(b, -1, -1).clone()                     # [b, L, d_llm]
-        emb[:, layout.his_pos.reshape(-1)] = self.projector(tokens).reshape(b, n * k, -1).to(emb.dtype)
+        emb[:, layout.his_pos.reshape(-1)] = self.projector(tokens).reshape(b, n * m, -1).to(emb.dtype)
         emb[:, layout.pre_pos] = (self.pre_query + self.pre_proj(tokens.mean(2))).to(emb.dtype)
         hidden = decoder(inputs_embeds=emb, use_cache=False).last_hidden_state  # [b, L, d_llm]
         h_his = hidden[:, layout.his_pos].float()                       # [b, N, k, d_llm]
@@ -69,7 +71,7 @@ class STLLM(nn.Module):
         text = self.prompt.render(**{f: fields.get(f, "") for f in self.prompt.fields})
         key = (text, n_nodes)
         if key not in self._layouts:
-            self._layouts[key] = city_layout(text, self.tokenizer, n_nodes, self.encoder.n_tokens)
+            self._layouts[key] = city_layout(text, self.tokenizer, n_nodes, self.cfg.model.tokens_per_node)
         return self._layouts[key]
 
     # ---- parameters and saving ------------------------------------------------------------------------------

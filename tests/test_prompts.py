@@ -8,11 +8,8 @@ CITY_FIELDS = dict(n_nodes=3, city="Synthetic City", domain="synthetic mobility"
                    interval="1 hour", t_in=12, t_out=12)
 
 GOLDEN_CITY = (
-    "Below are encoded readings from 3 sensors in Synthetic City (synthetic mobility). Channels: flow (count). "
-    "One reading every 1 hour.\n"
-    "For each sensor there are tokens for its last 12 readings and for the same hours one day and one week before "
-    "the forecast, then a forecast slot.\n"
-    "Forecast the next 12 readings of every sensor.\n"
+    "Synthetic City, synthetic mobility: flow (count), one reading every 1 hour. Each sensor below has tokens for "
+    "its last 12 readings and the same hours one day and one week earlier, then a slot for its next 12 readings.\n"
     "Sensors: <NODES><ST_HIS><ST_PRE></NODES>\n"
 )
 

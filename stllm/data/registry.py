@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from stllm.data.city import CityData, DataError
 from stllm.data.loaders import load_bayarea, load_beijing, load_byo, load_dcrnn, load_losloop, load_nyc, load_pems
+from stllm.data.loaders.crime import load_crime
 
 ENV_ROOT = "STLLM_DATA_ROOT"
 
@@ -33,6 +34,9 @@ BUILTINS: dict[str, Builtin] = {
     "bayarea-bike": Builtin(_BAY, load_bayarea),
     "bayarea-bike-sf": Builtin(_BAY, load_bayarea, {"sf_only": True}),
     "los-loop": Builtin("LosLoop", load_losloop),
+    # Daily crime counts per 3 km grid cell (ST-SHN / STHSL); their own split: loaders.crime.crime_split_bounds
+    "nyc-crime": Builtin("NYC_CHI_Crime", load_crime, {"city": "nyc"}),
+    "chicago-crime": Builtin("NYC_CHI_Crime", load_crime, {"city": "chicago"}),
     # Standard benchmarks whose tensors are not in the shared data folder; they load once the file is placed.
     "metr-la": Builtin("METR-LA/metr-la.h5", load_dcrnn),
     "pems-bay": Builtin("PEMS-BAY/pems-bay.h5", load_dcrnn),

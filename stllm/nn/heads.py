@@ -7,17 +7,23 @@ from torch import nn
 
 
 class Projector(nn.Module):
-    """d_enc -> d_llm, a linear layer or a 2-layer MLP. [..., d_enc] -> [..., d_llm]"""
+    """A node's k encoder tokens -> m language-model tokens, a linear layer or a 2-layer MLP.
 
-    def __init__(self, d_enc: int, d_llm: int, kind: str = "mlp"):
+    [b, N, k, d_enc] -> [b, N, m, d_llm]
+    """
+
+    def __init__(self, d_enc: int, d_llm: int, kind: str = "mlp", n_in: int = 1, n_out: int = 1):
         super().__init__()
+        self.n_out, self.d_llm = n_out, d_llm
+        d_in, d_out = n_in * d_enc, n_out * d_llm
         if kind == "linear":
-            self.net = nn.Linear(d_enc, d_llm)
+            self.net = nn.Linear(d_in, d_out)
         else:
-            self.net = nn.Sequential(nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
+            self.net = nn.Sequential(nn.Linear(d_in, d_llm), nn.GELU(), nn.Linear(d_llm, d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        b, n = x.shape[:2]
+        return self.net(x.reshape(b, n, -1)).reshape(b, n, self.n_out, self.d_llm)
 
 
 class RegressionHead(nn.Module):

@@ -1,0 +1,74 @@
+"""Fine-tune benchmark: stllm (SmolLM2, truncated, LoRA) vs the encoder-only ablation vs four baselines.
+
+    python benchmarks/fine_tune.py --datasets nyc-bike-60min beijing-pm25 nyc-taxi-60min
+
+Each model trains in its own process (`stllm train`), so peak memory is per model. Both models of a dataset get
+the same budget: the config's epochs and the same `train.max_minutes`. Writes the JSON and a markdown table
+under benchmarks/results/ and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"stllm (SmolLM2 + LoRA)": [], "encoder only (ablation)": ["model.use_llm=false"]}
+
+
+def run(config: str, out: Path, overrides: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "stllm.cli", "train", "--config", str(ROOT / "configs" / f"{config}.yaml"),
+           "--out", str(out), "--quiet", "--set", *overrides]
+    if (out / "checkpoints" / "last.safetensors").exists():
+        cmd.append("--resume")
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["process_wall_s"] = round(time.time() - t0, 1)
+    return metrics
+
+
+def table(results: dict) -> str:
+    lines = ["| dataset | model | MAE | RMSE | MAPE % | train min | windows/s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for dataset, rows in results.items():
+        for name, m in rows.items():
+            t = m.get("training")
+            extra = (f"{t['wall_s'] / 60:.1f} | {t['windows_per_s']:.1f} | {t['peak_rss_mb']:.0f}" if t else "- | - | -")
+            lines.append(f"| {dataset} | {name} | {m['mae']:.2f} | {m['rmse']:.2f} | {m['mape']:.1f} | {extra} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["nyc-bike-60min", "beijing-pm25", "nyc-taxi-60min"],
+                        help="config names in configs/")
+    parser.add_argument("--minutes", type=float, help="override train.max_minutes for both models")
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "bench"), help="where the runs go")
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides for both models")
+    args = parser.parse_args()
+
+    results_path = ROOT / "benchmarks" / "results" / "fine_tune.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for dataset in args.datasets:
+        rows = {}
+        for name, extra in MODELS.items():
+            overrides = list(args.set) + extra + ([f"train.max_minutes={args.minutes}"] if args.minutes else [])
+            out = Path(args.runs) / dataset / ("encoder_only" if extra else "stllm")
+            metrics = run(dataset, out, overrides)
+            rows[name] = metrics
+        rows.update(metrics["baselines"])
+        results[dataset] = rows
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1))
+        (results_path.with_suffix(".md")).write_text(table(results) + "\n")
+        print(table({dataset: rows}), flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
