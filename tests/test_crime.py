@@ -13,7 +13,8 @@ import pytest
 
 from conftest import real_data
 from stllm.data import DataError, load
-from stllm.data.loaders.crime import CITIES, LAT_CELL_DEG, LON_CELL_DEG, crime_grid_origin, crime_split_bounds, load_crime
+from stllm.data.loaders.crime import (CITIES, LAT_CELL_DEG, LON_CELL_DEG, crime_grid_origin, crime_split_bounds,
+                                      load_crime)
 
 ROWS, COLS, DAYS = 3, 2, (5, 2, 3)  # fixture grid and trn / val / tst lengths
 

@@ -1,0 +1,400 @@
+"""Rationales: the node-layout prompt, the five-stage rationale, and the teachers that write them.
+
+A rationale has five stages: (1) the question; (2) how the drivers evolve (weather, calendar); (3) the key facts
+of the recent data; (4) each factor's push up or down; (5) the conclusion, ending with the forecast numbers.
+The numbers of the forecast are never written by a language model: every rationale holds the placeholder
+FORECAST_SLOT ("{forecast}"), which the program fills (the true future for distillation targets, the regression
+head's numbers at inference; see `fill_forecast`).
+
+The sentences written here are the phrasings `stllm.distill.checker` knows how to find and test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from stllm.data.city import CityData
+from stllm.distill.facts import (Effect, Facts, FutureFacts, compute_facts, forecast_direction, future_facts,
+                                 interval_text)
+from stllm.prompts import PromptTemplate
+
+FORECAST_SLOT = "{forecast}"
+QUESTION = "What will {channel} be at {node} over the next {horizon} (from {start} to {end}), and why?"
+PUSH_WORDS = {"up": "Pushing up", "down": "Pushing down"}
+
+
+@dataclass
+class Rationale:
+    """A teacher's rationale for one window. `text` holds FORECAST_SLOT where the forecast numbers go;
+    `target` [t_out] is the true future (None where missing); `prompt` is the student's node-layout prompt."""
+    text: str
+    teacher_name: str
+    facts: dict
+    prompt: str
+    target: list = field(default_factory=list)
+
+    def filled(self, values=None) -> str:
+        """The text with FORECAST_SLOT replaced by `values` (default: the true future)."""
+        return fill_forecast(self.text, self.target if values is None else values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+
+
+def fmt(x: float) -> str:
+    """One decimal, no negative zero: the precision every number of a rationale is written with."""
+    out = f"{x:.1f}"
+    return "0.0" if out == "-0.0" else out
+
+
+def fmt_pct(p: float) -> str:
+    out = f"{p:+.0f}%"
+    return "0%" if out in ("+0%", "-0%") else out
+
+
+def format_forecast(values) -> str:
+    """[t_out] numbers -> "[45.1, 47.3, NA, ...]" (the form the checker reads back)."""
+    return "[" + ", ".join("NA" if v is None or v != v else fmt(float(v)) for v in values) + "]"
+
+
+def fill_forecast(text: str, values) -> str:
+    return text.replace(FORECAST_SLOT, format_forecast(values))
+
+
+def _unit(facts: Facts) -> str:
+    """Unit suffix for the target's numbers; bare counts go without."""
+    return "" if facts.unit in ("", "count") else f" {facts.unit}"
+
+
+def _hm(ts: str) -> str:
+    return ts[-5:]
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+
+
+# ------------------------------------------------------------------------------------------- prompt side
+
+
+def question(facts: Facts) -> str:
+    return QUESTION.format(channel=facts.channel, node=facts.node_name, horizon=horizon_text(facts),
+                           start=facts.calendar.target_start, end=facts.calendar.target_end)
+
+
+def horizon_text(facts: Facts) -> str:
+    """The forecast horizon in words, e.g. "12 hours"."""
+    return interval_text(pd.Timedelta(facts.interval), facts.t_out)
+
+
+def history_text(facts: Facts) -> str:
+    """The history window in words, e.g. "12 hours"."""
+    return interval_text(pd.Timedelta(facts.interval), facts.t_in)
+
+
+def render_node_prompt(facts: Facts, template: str = "node") -> str:
+    """The node-layout instruction (prompts/node.txt) for one window: context, recent numbers, <ST_HIS>,
+    neighbours, weather, <ST_PRE> and the question. Uses only facts from before the window start."""
+    cal = facts.calendar
+    nb = facts.neighbours
+    if nb is None:
+        neighbours = "none"
+    else:
+        where = [f"{n} ({fmt(d)} km)" if nb.distance_unit == "km" else n for n, d in zip(nb.names, nb.distances)]
+        change = "unknown" if nb.mean_change is None else f"{'+' if nb.mean_change >= 0 else ''}{fmt(nb.mean_change)}"
+        neighbours = f"{', '.join(where)}; mean change over these hours {change}"
+    weather = [f"{w.label} {fmt(w.first)} to {fmt(w.last)} {w.unit}".rstrip() for w in facts.weather]
+    if facts.wind is not None:
+        weather.append(f"wind from {facts.wind.first} to {facts.wind.last}")
+    return PromptTemplate.load(template).render(
+        city=facts.city, domain=facts.domain or "sensor data", node_name=facts.node_name,
+        description=_sentence(facts.description) if facts.description else "No description.",
+        channel=facts.channel, unit=facts.unit or "no unit", interval=facts.interval, t_in=facts.t_in,
+        history_start=cal.history_start, history_end=cal.history_end,
+        calendar=f"{cal.weekday}, {'weekend' if cal.is_weekend else 'weekday'}",
+        history=", ".join("NA" if v is None else fmt(v) for v in facts.history),
+        neighbours=neighbours, weather="; ".join(weather) if weather else "not recorded", question=question(facts))
+
+
+# ---------------------------------------------------------------------------------------- rationale side
+
+
+def _change_clause(direction: str, change: float, first: float, last: float, unit: str, pct: float | None) -> str:
+    """"rose by 12.3 ug/m3 (+41%), from 30.2 to 42.5 ug/m3" / "fell by ..." / "held steady, from ... (+2%)"."""
+    pct_text = "" if pct is None else f" ({fmt_pct(pct)})"
+    span = f"from {fmt(first)} to {fmt(last)}{unit}"
+    if direction == "flat":
+        return f"held steady, {span}{pct_text}"
+    verb = "rose" if direction == "up" else "fell"
+    return f"{verb} by {fmt(abs(change))}{unit}{pct_text}, {span}"
+
+
+def drivers_text(facts: Facts) -> str:
+    """Stage 2: calendar, then the change of each weather variable and of the wind direction."""
+    cal = facts.calendar
+    parts = [f"The forecast starts on a {cal.weekday} ({'weekend' if cal.is_weekend else 'weekday'}) "
+             f"at {_hm(cal.target_start)}."]
+    clauses = [f"{w.label} {_change_clause(w.direction, w.change, w.first, w.last, ' ' + w.unit if w.unit else '', None)}"
+               for w in facts.weather]
+    if facts.wind is not None:
+        clauses.append(f"the wind kept blowing from the {facts.wind.last}" if facts.wind.steady
+                       else f"the wind turned from {facts.wind.first} to {facts.wind.last}")
+    parts.append(f"Over the last {history_text(facts)}: {'; '.join(clauses)}." if clauses
+                 else "No weather data is recorded.")
+    return " ".join(parts)
+
+
+def recent_text(facts: Facts) -> str:
+    """Stage 3: trend, latest reading, same hour yesterday / last week, neighbours."""
+    u, out = _unit(facts), []
+    span = history_text(facts)
+    tr = facts.trend
+    if tr is None:
+        out.append(f"There are too few readings in the last {span} to describe a trend.")
+    else:
+        out.append(f"Over the last {span}, {facts.channel} "
+                   f"{_change_clause(tr.direction, tr.change, tr.first, tr.last, u, tr.percent)}.")
+    if facts.last_value is not None:
+        out.append(f"The latest reading is {fmt(facts.last_value)}{u} at {_hm(facts.last_time)}.")
+    comparisons = []
+    for p in (facts.yesterday, facts.last_week):
+        if p is None or p.reference is None:
+            continue
+        when = f"at the same hour {p.label} ({fmt(p.reference)})"
+        if p.relation == "same":
+            comparisons.append(f"about the same as {when}")
+        else:
+            pct = "" if p.percent is None else f" ({fmt_pct(p.percent)})"
+            comparisons.append(f"{fmt(abs(p.diff))}{u}{pct} {p.relation} than {when}")
+    if comparisons:
+        out.append(f"It is {' and '.join(comparisons)}.")
+    nb = facts.neighbours
+    if nb is not None and nb.mean_change is not None:
+        pct = "" if nb.mean_percent is None else f" ({fmt_pct(nb.mean_percent)})"
+        if nb.direction == "flat":
+            move = f"held steady on average ({'+' if nb.mean_change >= 0 else ''}{fmt(nb.mean_change)})"
+        else:
+            move = f"{'rose' if nb.direction == 'up' else 'fell'} by {fmt(abs(nb.mean_change))}{u} on average{pct}"
+        out.append(f"The {len(nb.names)} nearest sensors ({', '.join(nb.names)}) {move}.")
+    return " ".join(out)
+
+
+def _factor_phrase(facts: Facts, kind: str, push: str, name: str) -> str:
+    u = _unit(facts)
+    if kind == "trend":
+        return "the recent rise" if push == "up" else "the recent fall"
+    if kind in ("yesterday", "last_week"):
+        p = facts.yesterday if kind == "yesterday" else facts.last_week
+        return (f"the same hours {p.label} averaged {fmt(p.ahead_mean)}{u}, "
+                f"{'above' if push == 'up' else 'below'} the latest reading")
+    if kind == "neighbours":
+        return f"the {'rise' if facts.neighbours.direction == 'up' else 'fall'} at the nearest sensors"
+    w = next(w for w in facts.weather if w.label == name)
+    unit = f" {w.unit}" if w.unit else ""
+    return (f"the {'rise' if w.change > 0 else 'fall'} in {w.label} (a change of {fmt_signed(w.change)}{unit} "
+            f"usually moves {facts.channel} by {fmt_signed(w.effect)} over the next {horizon_text(facts)})")
+
+
+def fmt_signed(x: float) -> str:
+    out = fmt(x)
+    return out if out.startswith("-") or out == "0.0" else f"+{out}"
+
+
+def factors_text(facts: Facts, direction: str | None) -> str:
+    """Stage 4: the factors grouped by push, those agreeing with `direction` first, then how they balance."""
+    groups = {"up": [], "down": []}
+    for f in facts.factors:
+        groups[f.push].append(_factor_phrase(facts, f.kind, f.push, f.name))
+    if not groups["up"] and not groups["down"]:
+        return "No factor in the data pushes clearly up or down."
+    order = ["down", "up"] if direction == "down" else ["up", "down"]
+    parts = [f"{PUSH_WORDS[d]}: {'; '.join(groups[d])}." if groups[d] else f"Nothing pushes {d}." for d in order]
+    if direction in ("up", "down"):
+        other = "down" if direction == "up" else "up"
+        parts.append(f"The {direction}ward pushes outweigh the {other}ward ones." if groups[direction]
+                     else f"The move {direction} comes from influences outside these facts.")
+    elif direction == "flat":
+        parts.append("These pushes roughly cancel out.")
+    return " ".join(parts)
+
+
+def conclusion_text(facts: Facts, direction: str | None) -> str:
+    verb = {"up": "rise", "down": "fall", "flat": "stay about level"}.get(direction)
+    if verb is None:
+        return f"The forecast for {facts.channel} at {facts.node_name} follows."
+    return f"{facts.channel} at {facts.node_name} is expected to {verb} over the next {horizon_text(facts)}."
+
+
+def render_rationale(facts: Facts, forecast_values=None, template: str = "rationale", fill: bool = True) -> str:
+    """The five-stage rationale (prompts/rationale.txt) for `facts`, concluding in the direction of
+    `forecast_values` [t_out] (mean against the last observed value). With fill=False, or without values, the
+    FORECAST_SLOT stays in the text for the program to fill."""
+    direction = None if forecast_values is None else forecast_direction(facts.last_value, forecast_values)
+    slot = format_forecast(forecast_values) if fill and forecast_values is not None else FORECAST_SLOT
+    return PromptTemplate.load(template).render(
+        question=question(facts), drivers=drivers_text(facts), recent=recent_text(facts),
+        factors=factors_text(facts, direction), conclusion=_sentence(conclusion_text(facts, direction)),
+        horizon=horizon_text(facts), unit=facts.unit or "no unit", forecast=slot)
+
+
+# ------------------------------------------------------------------------------------------------ teachers
+
+
+class TeacherError(RuntimeError):
+    """A teacher could not produce a rationale (endpoint unreachable, missing key, bad reply)."""
+
+
+class Teacher:
+    """Writes a rationale for a window knowing its true future (label-constrained). Subclasses implement `write`."""
+
+    name = "teacher"
+
+    def explain(self, city: CityData, node, start, t_in: int = 12, t_out: int = 12, channel: str | int = 0,
+                effects: dict[str, dict[str, Effect]] | None = None) -> Rationale:
+        facts = compute_facts(city, node, start, t_in=t_in, t_out=t_out, effects=effects, channel=channel)
+        future = future_facts(city, node, start, t_out=t_out, t_in=t_in, channel=channel)
+        text = self.write(facts, future).strip()
+        if FORECAST_SLOT not in text:                  # the numbers must come from the program, always
+            text += f"\nForecast for the next {horizon_text(facts)} ({facts.unit or 'no unit'}): {FORECAST_SLOT}"
+        return Rationale(text=text, teacher_name=self.name, facts=facts.to_dict(), prompt=render_node_prompt(facts),
+                         target=list(future.values))
+
+    def write(self, facts: Facts, future: FutureFacts) -> str:
+        raise NotImplementedError
+
+
+class AnalyticTeacher(Teacher):
+    """Deterministic: states only facts computed from the data, and concludes in the true future's direction."""
+
+    name = "analytic"
+
+    def write(self, facts: Facts, future: FutureFacts) -> str:
+        return render_rationale(facts, future.values, fill=False)
+
+
+TEACHER_SYSTEM = (
+    "You explain a forecast to a city analyst. Write exactly five short numbered stages:\n"
+    "1. Question: restate the question.\n"
+    "2. Drivers: how the weather and the calendar evolve.\n"
+    "3. Recent data: the key facts of the recent readings, the same hour yesterday and last week, and the nearest "
+    "sensors.\n"
+    "4. Factors: for each factor, whether it pushes the value up or down.\n"
+    "5. Conclusion: the expected direction, then the placeholder {forecast}.\n"
+    "Use only the facts given, with their numbers exactly as written. Never write forecast numbers: the program "
+    "puts them where you write {forecast}. You are told what really happened next; make the explanation "
+    "consistent with it without revealing its numbers."
+)
+
+
+def teacher_messages(facts: Facts, future: FutureFacts) -> list[dict[str, str]]:
+    """Chat messages for a language-model teacher: the prompt (without the vector slots), the facts, the truth."""
+    prompt = "\n".join(line for line in render_node_prompt(facts).splitlines() if "<ST_" not in line)
+    factors = [f"{f.name} pushes {f.push}" for f in facts.factors] or ["no factor pushes clearly up or down"]
+    truth = {"up": "rose", "down": "fell", "flat": "stayed about level"}.get(future.direction, "is unknown")
+    u = _unit(facts)
+    future_line = f"Over the next {horizon_text(facts)}, {facts.channel} {truth}"
+    if future.mean is not None and facts.last_value is not None:
+        future_line += f" (mean {fmt(future.mean)}{u} against the latest reading {fmt(facts.last_value)}{u})"
+    user = (f"{prompt}\n\nFacts computed from the data:\n- {drivers_text(facts)}\n- {recent_text(facts)}\n"
+            f"- Factors: {'; '.join(factors)}.\n\nWhat really happened (do not write these numbers): {future_line}.")
+    return [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": user}]
+
+
+class HFChatTeacher(Teacher):
+    """Any local Hugging Face causal LM with a chat template (greedy unless do_sample=True)."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 400, do_sample: bool = False,
+                 temperature: float = 0.7, name: str | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.do_sample, self.temperature = max_new_tokens, do_sample, temperature
+        self.name = name or f"hf:{getattr(getattr(model, 'config', None), '_name_or_path', '') or type(model).__name__}"
+
+    def write(self, facts: Facts, future: FutureFacts) -> str:
+        import torch
+
+        messages = teacher_messages(facts, future)
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:                                          # plain causal LM: a simple transcript
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        device = next(self.model.parameters()).device
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.do_sample else {"do_sample": False}
+        with torch.no_grad():
+            out = self.model.generate(input_ids=enc["input_ids"].to(device),
+                                      attention_mask=enc["attention_mask"].to(device),
+                                      max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                      **sampling)
+        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
+
+
+class OpenAITeacher(Teacher):
+    """An OpenAI-compatible `/v1/chat/completions` endpoint, through urllib (no extra dependency).
+
+    url: the server ("http://host:8000"), its "/v1", or the full ".../chat/completions" address. The API key is
+    read from the environment variable `api_key_env`; it may be unset only for a local server.
+    """
+
+    def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
+                 max_tokens: int = 600, temperature: float = 0.0, name: str | None = None):
+        self.endpoint = chat_endpoint(url)
+        self.model, self.timeout, self.max_tokens, self.temperature = model, timeout, max_tokens, temperature
+        self.name = name or f"openai:{model}"
+        host = urllib.parse.urlsplit(self.endpoint).hostname or ""
+        self.local = host in LOCAL_HOSTS
+        self.api_key = os.environ.get(api_key_env) or None
+        if self.api_key is None and not self.local:
+            raise TeacherError(f"OpenAITeacher: the environment variable {api_key_env} is not set; it must hold the "
+                               f"API key for {self.endpoint} (only a localhost server may go without one)")
+
+    def write(self, facts: Facts, future: FutureFacts) -> str:
+        return self.complete(teacher_messages(facts, future))
+
+    def complete(self, messages: list[dict[str, str]]) -> str:
+        """POST the chat messages; the reply's first choice."""
+        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                           "temperature": self.temperature}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
+        # a local server is reached directly, whatever proxy the environment names
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if self.local else \
+            urllib.request.build_opener()
+        try:
+            with opener.open(request, timeout=self.timeout) as response:
+                reply = json.loads(response.read().decode("utf-8"))
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode("utf-8", "replace")[:300]
+            raise TeacherError(f"OpenAITeacher: {self.endpoint} answered HTTP {err.code}: {detail}") from err
+        except (urllib.error.URLError, TimeoutError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TeacherError(f"OpenAITeacher: cannot reach {self.endpoint} ({reason}); is the server running "
+                               "and the URL right?") from err
+        except json.JSONDecodeError as err:
+            raise TeacherError(f"OpenAITeacher: {self.endpoint} did not answer with JSON ({err})") from err
+        try:
+            return reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as err:
+            raise TeacherError(f"OpenAITeacher: unexpected reply from {self.endpoint}: {str(reply)[:300]}") from err
+
+
+def chat_endpoint(url: str) -> str:
+    url = url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
