@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--batch-size", type=int, default=16)
+    _add_inference_options(p)
 
     p = sub.add_parser("predict", help="write forecasts to .npz or .csv")
     p.add_argument("--run", required=True, help="run folder")
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--last", action="store_true", help="only the forecast after the data's last step")
     p.add_argument("--batch-size", type=int, default=16)
+    _add_inference_options(p)
 
     p = sub.add_parser("demo", help="train briefly on a synthetic city with SmolLM2, evaluate, plot")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
@@ -43,9 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as err:
         print(f"stllm {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _add_inference_options(p) -> None:
+    p.add_argument("--quantize", choices=["none", "int8", "nf4"], help="load the backbone in 8 or 4 bits (bitsandbytes)")
+    p.add_argument("--merge-lora", action="store_true", help="fold LoRA into the backbone weights (not with --quantize)")
+    p.add_argument("--channels", nargs="*", default=[], metavar="TARGET=RUN",
+                   help="map the data's channels onto the run's, e.g. departures=0 (names or positions)")
+    p.add_argument("--resample", choices=["sum", "mean"], help="resample the data to the run's interval")
 
 
 def cmd_train(args) -> int:
@@ -54,32 +64,41 @@ def cmd_train(args) -> int:
     from stllm.train import train
     cfg = load_config(args.config, args.set)
     metrics = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if not metrics:  # not the main process of a multi-process run
+        return 0
     print(format_table({"stllm": metrics, **metrics["baselines"]}))
     print(f"run written to {args.out}")
     return 0
 
 
-def _load_run(run: str):
+def _load_run(args):
     from stllm.model import STLLM
-    return STLLM.from_pretrained(run)
+    overrides = {"quantize": args.quantize} if args.quantize else None
+    model, meta = STLLM.from_pretrained(args.run, backbone_overrides=overrides)
+    if args.merge_lora:
+        model.merge_lora()
+    return model, meta
 
 
-def _load_data(model, meta: dict, data: str | None):
+def _load_data(model, meta: dict, args):
+    """The run's own dataset (with its config's options) or another one, fitted to the run's channels/interval."""
     from stllm.data import load
-    from stllm.infer import load_city
-    if data is None or data == meta["dataset"]:
-        return load_city(model.cfg.data)
-    return load(data)
+    from stllm.infer import fit_to_run, load_city
+    if args.data is None or args.data == meta["dataset"]:
+        city = load_city(model.cfg.data)
+    else:
+        city = load(args.data)
+    return fit_to_run(city, meta, args.channels, args.resample)
 
 
 def cmd_evaluate(args) -> int:
     from stllm.infer import evaluate_with_baselines, prepare
     from stllm.metrics import format_table
-    model, meta = _load_run(args.run)
-    city = _load_data(model, meta, args.data)
+    model, meta = _load_run(args)
+    city = _load_data(model, meta, args)
     prep = prepare(model, meta, city)
     metrics = evaluate_with_baselines(model, prep, args.split, batch_size=args.batch_size)
-    zero_shot = city.name != meta["dataset"]
+    zero_shot = city.name != meta["dataset"] or city.n_nodes != meta["n_nodes"]
     metrics.update({"run": str(args.run), "zero_shot": zero_shot, "source_dataset": meta["dataset"]})
     print(f"{city.name} ({args.split}, {metrics['n_windows']} windows, {city.n_nodes} nodes)"
           + (f", zero-shot from {meta['dataset']}" if zero_shot else ""))
@@ -91,8 +110,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    model, meta = _load_run(args.run)
-    city = _load_data(model, meta, args.data)
+    model, meta = _load_run(args)
+    city = _load_data(model, meta, args)
     result = model.predict(city, meta=meta, split=args.split, last=args.last, batch_size=args.batch_size)
     write_predictions(result, args.out)
     print(f"{len(result['starts'])} forecast window(s) for {city.n_nodes} nodes written to {args.out}")

@@ -21,6 +21,41 @@ def load_city(data_cfg) -> CityData:
     return city
 
 
+def fit_to_run(city: CityData, meta: dict, channels: list[str] | None = None, resample: str | None = None) -> CityData:
+    """Make another city's data fit a run: same interval (or resampled on request) and the run's channels.
+
+    channels: ["TARGET=RUN", ...]: the data's channel TARGET feeds the run's channel RUN (names or positions);
+    every run channel must be fed. Without a mapping, channel names must match the run's (in any order).
+    """
+    import pandas as pd
+    run_interval = pd.Timedelta(meta["interval"])
+    if city.interval != run_interval:
+        if not resample:
+            raise DataError(f"{city.name}: one step is {city.interval}, the run was trained on {run_interval}; "
+                            f"pass --resample sum (counts) or mean (levels) to aggregate, or use matching data")
+        city = city.resample(run_interval, resample)
+    run_channels = list(meta["channels"])
+    if channels:
+        feed: dict[int, str] = {}
+        for item in channels:
+            if "=" not in item:
+                raise DataError(f"--channels {item!r}: expected TARGET=RUN, e.g. departures=0")
+            target, run = item.split("=", 1)
+            i = int(run) if run.isdigit() else (run_channels.index(run) if run in run_channels else -1)
+            if not 0 <= i < len(run_channels):
+                raise DataError(f"--channels {item!r}: the run has no channel {run!r}; its channels are {run_channels}")
+            city.channel_index(target)  # raises naming the data's channels
+            feed[i] = target
+        missing = [run_channels[i] for i in range(len(run_channels)) if i not in feed]
+        if missing:
+            raise DataError(f"--channels leaves the run's channel(s) {missing} without data; map every run channel")
+        return city.select_channels([feed[i] for i in range(len(run_channels))])
+    if sorted(city.channels) == sorted(run_channels):
+        return city.select_channels(run_channels)
+    raise DataError(f"{city.name}: channels {city.channels} do not match the run's {run_channels}; map them, "
+                    f"e.g. --channels {city.channels[0]}=0")
+
+
 def run_meta(prep: PreparedCity, cfg) -> dict:
     """What a run must remember about its training data to be used without it."""
     city = prep.city

@@ -1,6 +1,7 @@
 """STLLM: encoder -> projector -> prompt -> backbone -> head, and saving/loading runs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -111,8 +112,8 @@ class STLLM(nn.Module):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not a stllm run: {name} is missing")
         cfg = load_config(directory / "config.yaml")
-        for key, value in (backbone_overrides or {}).items():
-            setattr(cfg.backbone, key, value)
+        if backbone_overrides:  # e.g. {"quantize": "int8"}: the adapter trained unquantized loads onto it
+            cfg.backbone = dataclasses.replace(cfg.backbone, **backbone_overrides)
         meta = json.loads((directory / META).read_text())
         backbone = tokenizer = prompt = None
         if cfg.model.use_llm:
@@ -123,6 +124,16 @@ class STLLM(nn.Module):
         model.load_trainable_state_dict(load_file(str(directory / WEIGHTS)), str(directory / WEIGHTS))
         model.eval()
         return model, meta
+
+    def merge_lora(self) -> "STLLM":
+        """Fold the LoRA weights into the backbone (faster inference, same outputs). Not for quantized backbones."""
+        if self.backbone is None or not hasattr(self.backbone, "merge_and_unload"):
+            raise ValueError("this model has no LoRA adapter to merge")
+        if self.cfg.backbone.quantize != "none":
+            raise ValueError(f"cannot merge LoRA into a {self.cfg.backbone.quantize} backbone; "
+                             "load the run with quantize=none to merge")
+        self.backbone = self.backbone.merge_and_unload()
+        return self
 
     def predict(self, city, **kwargs):
         """Forecasts for a CityData on the original scale; see stllm.infer.predict."""

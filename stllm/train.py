@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from stllm import checkpoint
@@ -52,12 +52,18 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     """Train a run into out_dir and evaluate it on the test split. Returns metrics.json's content.
 
     on_step(step) is called after each optimizer step (tests use it to interrupt a run).
+    Under `accelerate launch` with several processes, each process takes its share of every batch
+    (train.batch_size is the global batch) and only the main process writes files.
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not resume:
-        if (out / LAST).exists():
-            raise FileExistsError(f"{out} holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / LAST).exists() and not resume:
+        raise FileExistsError(f"{out} holds a run; pass --resume to continue it or choose another --out")
+    # The data-driven graph idles when a city has wind, so DDP must allow unused parameters.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.train.seed)
@@ -65,10 +71,14 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     prep = PreparedCity(city, cfg.data, cfg.encoder)
     model = build_model(cfg, prep)
     optimizer = make_optimizer(model, cfg)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    cfg.save(out / "config.yaml")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if world > 1:
+        accelerator.print(f"training on {world} processes ({accelerator.distributed_type}), "
+                          f"{cfg.train.batch_size // world}+ windows per process per step")
+    if main:
+        cfg.save(out / "config.yaml")
     meta = run_meta(prep, cfg)
 
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "best_val": math.inf, "bad_evals": 0, "elapsed_s": 0.0,
@@ -85,7 +95,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     bs = cfg.train.batch_size
     steps_per_epoch = math.ceil(len(train_starts) / bs)
     eval_every = cfg.train.eval_every or steps_per_epoch
-    log = (out / "log.jsonl").open("a")
+    log = (out / "log.jsonl").open("a") if main else None
     t_start, loss_sum, loss_n = time.time() - state["elapsed_s"], 0.0, 0
 
     def validate_and_checkpoint() -> None:
@@ -95,9 +105,13 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         improved = val < state["best_val"]
         if improved:
             state["best_val"], state["bad_evals"] = val, 0
-            checkpoint.atomic_save(raw_model.trainable_state_dict(), out / BEST, {"step": state["step"], "val_mae": val})
+            if main:
+                checkpoint.atomic_save(raw_model.trainable_state_dict(), out / BEST, {"step": state["step"], "val_mae": val})
         else:
             state["bad_evals"] += 1
+        if not main:   # every process validates (same windows, same weights) so all stop together
+            loss_sum, loss_n = 0.0, 0
+            return
         record = {"step": state["step"], "epoch": state["epoch"], "train_loss": loss_sum / max(loss_n, 1),
                   "val_mae": val, "best_val_mae": state["best_val"], "elapsed_s": round(state["elapsed_s"], 2),
                   "windows_per_s": round(state["windows"] / max(state["elapsed_s"], 1e-9), 2)}
@@ -108,11 +122,13 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
 
     while not state["done"] and state["epoch"] < cfg.train.epochs:
         order = np.random.default_rng(cfg.train.seed + state["epoch"]).permutation(train_starts)
-        bar = tqdm(range(state["epoch_step"], steps_per_epoch), disable=not progress, leave=False,
+        bar = tqdm(range(state["epoch_step"], steps_per_epoch), disable=not (progress and main), leave=False,
                    desc=f"epoch {state['epoch'] + 1}/{cfg.train.epochs}")
         model.train()
         for i in bar:
             starts = order[i * bs:(i + 1) * bs]
+            if world > 1:  # this process's share; every process needs at least one window to step together
+                starts = np.resize(starts, max(len(starts), world))[rank::world]
             batch = _to(prep.batch(starts, cfg.train.mask_zeros), accelerator.device)
             pred = model(batch)
             loss = masked_loss(pred, batch["y"], batch["y_mask"], cfg.train.loss)
@@ -128,7 +144,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
             bar.set_postfix(loss=f"{loss.item():.4f}", best_val=f"{state['best_val']:.3f}")
             if on_step is not None:
                 on_step(state["step"])
-            out_of_time = cfg.train.max_minutes and time.time() - t_start > 60 * cfg.train.max_minutes
+            out_of_time = _agree(accelerator, bool(cfg.train.max_minutes) and time.time() - t_start > 60 * cfg.train.max_minutes)
             out_of_steps = cfg.train.max_steps and state["step"] >= cfg.train.max_steps
             if state["step"] % eval_every == 0 or out_of_time or out_of_steps or i + 1 == steps_per_epoch:
                 if i + 1 == steps_per_epoch:
@@ -138,9 +154,13 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                 model.train()
                 if state["bad_evals"] >= cfg.train.patience or out_of_time or out_of_steps:
                     state["done"] = True
-                    checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
+                    if main:
+                        checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
                     break
         bar.close()
+    accelerator.wait_for_everyone()
+    if not main:
+        return {}
     log.close()
     return finish(raw_model, prep, cfg, out, meta, state)
 
@@ -163,6 +183,13 @@ def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict,
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (Linux reports KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _agree(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when it is true on any (clocks differ; processes must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item())
 
 
 def _spread(starts: np.ndarray, limit: int) -> np.ndarray:

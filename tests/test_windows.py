@@ -84,3 +84,16 @@ def test_last_window_forecasts_beyond_the_data(tiny_city):
     assert batch["y_raw"].isnan().all() and batch["x_mask"].sum() > 0
     with pytest.raises(DataError, match="window starts"):
         prep.batch(np.array([tiny_city.n_steps + 1]))
+
+
+def test_resample_sums_counts_and_averages_wind_on_the_circle(tiny_city):
+    half = tiny_city.resample("2h", "sum")
+    assert half.n_steps == tiny_city.n_steps // 2 and str(half.interval) == "0 days 02:00:00"
+    v = tiny_city.values
+    np.testing.assert_allclose(half.values[3], np.nansum(v[6:8], axis=0), rtol=1e-6)
+    wd = tiny_city.exog_names.index("wind_dir_deg")
+    city = CityData(**{**tiny_city.__dict__, "exog": tiny_city.exog.copy()})
+    city.exog[0, 0, wd], city.exog[1, 0, wd] = 350.0, 10.0
+    assert min(abs(city.resample("2h", "mean").exog[0, 0, wd] - 0.0), 360 - city.resample("2h", "mean").exog[0, 0, wd]) < 1e-3
+    with pytest.raises(DataError, match="whole multiple"):
+        tiny_city.resample("90min")

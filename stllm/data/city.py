@@ -124,6 +124,35 @@ class CityData:
         return replace(self, values=self.values[:, :, idx], channels=[self.channels[i] for i in idx],
                        units=[self.units[i] for i in idx])
 
+    def resample(self, interval, how: str = "sum") -> "CityData":
+        """Aggregate to a coarser interval that is a whole multiple of this one; how = sum (counts) or mean (levels).
+
+        A coarse step is NaN only when all its fine steps are missing (sum then adds the observed ones).
+        """
+        interval = pd.Timedelta(interval)
+        factor = interval / self.interval
+        if how not in ("sum", "mean"):
+            raise DataError(f"{self.name}: resample how must be 'sum' or 'mean', got {how!r}")
+        if factor < 1 or factor != int(factor):
+            raise DataError(f"{self.name}: can only aggregate {self.interval} steps to a whole multiple, not {interval}")
+        k, t = int(factor), (self.n_steps // int(factor)) * int(factor)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            agg = lambda a: None if a is None else (np.nansum if how == "sum" else np.nanmean)(
+                a[:t].reshape(t // k, k, *a.shape[1:]), axis=1).astype(np.float32)
+            values = agg(self.values)
+            values[np.isnan(self.values[:t].reshape(t // k, k, *self.values.shape[1:])).all(1)] = np.nan
+            exog = None
+            if self.exog is not None:
+                blocks = self.exog[:t].reshape(t // k, k, *self.exog.shape[1:])        # [T', k, N|1, E]
+                exog = np.nanmean(blocks, axis=1)
+                if "wind_dir_deg" in self.exog_names:                               # directions: circular mean
+                    rad = np.deg2rad(blocks[..., self.exog_names.index("wind_dir_deg")])
+                    mean = np.rad2deg(np.arctan2(np.nanmean(np.sin(rad), 1), np.nanmean(np.cos(rad), 1))) % 360
+                    exog[..., self.exog_names.index("wind_dir_deg")] = mean
+        return replace(self, values=values, timestamps=self.timestamps[:t:k], interval=interval, exog=exog)
+
     def channel_index(self, channel: str | int) -> int:
         if isinstance(channel, (int, np.integer)) or (isinstance(channel, str) and channel.isdigit()):
             i = int(channel)

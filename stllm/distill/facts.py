@@ -449,7 +449,7 @@ def _calendar(city: CityData, s: int, t_in: int, t_out: int) -> Calendar:
     first = step_time(city, s)
     return Calendar(history_start=time_text(step_time(city, s - t_in)), history_end=time_text(step_time(city, s - 1)),
                     target_start=time_text(first), target_end=time_text(step_time(city, s + t_out - 1)),
-                    weekday=WEEKDAYS[first.dayofweek], is_weekend=bool(first.dayofweek >= 5), hour=int(first.hour))
+                    weekday=WEEKDAYS[first.day_of_week], is_weekend=bool(first.day_of_week >= 5), hour=int(first.hour))
 
 
 def _factors(f: Facts) -> list[Factor]:
@@ -463,8 +463,9 @@ def _factors(f: Facts) -> list[Factor]:
                               period.ahead_mean - f.last_value))
     if f.neighbours is not None and f.neighbours.direction in ("up", "down"):
         out.append(Factor("neighbours", "neighbours", f.neighbours.direction, f.neighbours.mean_change))
-    for w in f.weather:
-        if w.effect is not None and w.effect != 0:
+    level = abs(f.last_value) if f.last_value is not None else 0.0
+    for w in f.weather:                                # an effect below the "flat" tolerance moves nothing
+        if w.effect is not None and abs(w.effect) > FLAT_TOL * level:
             out.append(Factor(w.label, "weather", "up" if w.effect > 0 else "down", w.effect))
     return out
 

@@ -1,0 +1,576 @@
+"""Check an explanation against the data: find its checkable claims in free text and test each one.
+
+`check_explanation` splits the text into sentences and clauses and finds claims with regular expressions tied to
+the phrasings of `stllm.distill.teachers` and to common free-form ones. Each claim is tested against facts
+recomputed from the data (`compute_facts`), never against numbers the text or a teacher supplied; stated
+forecast numbers are tested against the forecast given (the regression head's numbers).
+
+Claim kinds (Claim.kind, with Claim.quantity naming what is tested):
+  trend               the node's change over the history window: direction | change | percent | from | to | level
+                      ("PM2.5 rose by 12.3 (+41%), from 30.2 to 42.5", "fell 20%", "held steady", "the recent rise")
+  last_value          "the latest reading is 42.5"
+  vs_yesterday,       the last observed value against the same hour one day / one week earlier:
+  vs_last_week        relation | diff | percent | reference ("10.1 higher than at the same hour yesterday (32.4)")
+  period_mean         mean of the target hours one day / week earlier: mean | relation
+                      ("the same hours yesterday averaged 46.9, above the latest reading")
+  neighbours          mean change of the nearest nodes: direction | change | percent ("the nearest sensors rose by 4.2")
+  weather             "<variable>.<quantity>" with the trend quantities ("wind speed rose from 1.2 to 3.4 m/s",
+                      "the fall in temperature")
+  wind_direction      from | to | steady (compass names or words: "the wind turned northerly", "from SW to NW")
+  calendar            weekday | day_type ("on a Tuesday", "(weekend)")
+  effect              typical effect of a weather change, needs `effects` ("a change of +1.2 m/s usually moves
+                      PM2.5 by -3.4"; "a 2 m/s rise in wind speed usually lowers PM2.5 by about 5")
+  forecast_numbers    a bracketed list or a single number stated as the forecast: values | value
+  forecast_direction  "is expected to rise": the forecast's mean against the last observed value
+
+Numbers hold when |stated - actual| <= half a unit of the stated last digit + tolerance * |actual|; forecast
+numbers get no relative tolerance (they must equal the head's numbers up to rounding). Directions hold by sign
+("rose" needs a positive change), "held steady" by the FLAT_TOL rule of `stllm.distill.facts`, compass names
+within WIND_TOL_DEG. Claims about things the data cannot settle (a missing value, no forecast or effects given)
+are reported as unchecked and left out of `faithfulness`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from stllm.data.city import CityData
+from stllm.distill.facts import (COMPASS16, WEEKDAYS, WIND_STEADY_DEG, Effect, Facts, angle_diff, compute_facts,
+                                 forecast_direction, percent, resolve_window, step_time)
+
+WIND_TOL_DEG = 33.75          # a compass name holds within half a 16-point sector plus one more sector
+DEFAULT_TOLERANCE = 0.05      # relative slack on stated data numbers (beyond rounding)
+
+# ---------------------------------------------------------------------------------------------- patterns
+
+_NUM = r"(?<![\w.:/])(?<!\d-)[+\-−]?\d+(?:,\d{3})*(?:\.\d+)?(?![\w:/]|\.\d|-\d)"
+
+
+def _num(name: str) -> str:
+    return rf"(?P<{name}>{_NUM})"
+
+
+_UNITS = r"(?:µg/m³|μg/m³|µg/m3|μg/m3|ug/m3|ug/m³|mg/m3|km/h|m/s|mph|hPa|mm/h|mm|°C|deg\s?C|degrees\s?C|°|" \
+         r"degrees|veh/h|vehicles|trips|counts?|km|%)"
+_UNIT = rf"(?:\s*{_UNITS}(?![\w/]))?"
+_ABOUT = r"(?:(?:about|around|roughly|approximately|nearly|some|almost)\s+|~\s*)?"
+_SENT = re.compile(r"(?<=[.!?])\s+|\n+")
+_BOUNDARY = re.compile(r"[;:](?=\s)|\s(?:while|whereas|but|although|though|and|as|which|because|so)\s|\s-\s|\s—\s")
+
+_UP = r"rose|risen|increased|climbed|grew|grown|jumped|went\s+up|gone\s+up|picked\s+up|strengthened|warmed|" \
+      r"rising|increasing|climbing|growing|jumping|picking\s+up|strengthening|warming"
+_DOWN = r"fell|fallen|dropped|decreased|declined|eased|sank|sunk|dipped|went\s+down|gone\s+down|weakened|cooled|" \
+        r"slowed|falling|dropping|decreasing|declining|easing|sinking|dipping|weakening|cooling|slowing"
+_STEADY = r"(?:flat|stable|steady|level|unchanged|constant|(?:about|roughly|much)\s+the\s+same)"
+_FLAT = rf"held\s+(?:steady|flat|level|stable)|(?:stayed|remained|was|were|kept|been)\s+{_STEADY}|" \
+        r"barely\s+changed|hardly\s+changed|changed\s+little|little\s+changed|did\s+not\s+change|didn't\s+change"
+_BUP = r"rise|increase|climb|grow|go\s+up|pick\s+up"
+_BDOWN = r"fall|drop|decrease|decline|ease|go\s+down"
+_BFLAT = rf"(?:stay|remain|hold)\s+{_ABOUT}{_STEADY}|hold\s+steady|level\s+off"
+_VERB = re.compile(rf"\b(?:(?P<up>{_UP})|(?P<down>{_DOWN})|(?P<flat>{_FLAT})|(?P<bup>{_BUP})|(?P<bdown>{_BDOWN})|"
+                   rf"(?P<bflat>{_BFLAT}))\b", re.I)
+_FUTURE = re.compile(r"(?:\b(?:will|would|should|could|may|might|shall)\b|\b(?:expected|likely|set|going|forecast|"
+                     r"predicted|projected|poised|bound|about)\s+to\b)(?:\s+\w+){0,2}\s*$", re.I)
+_FORECAST_SUBJECT = re.compile(r"\b(?:forecast|prediction|outlook|projection)s?\b", re.I)
+_GENERIC = re.compile(r"\b(?:usually|typically|normally|generally|often|tends?\s+to)\b", re.I)
+_PERIOD_WORDS = re.compile(r"\b(?:yesterday|last\s+week|(?:a|one)\s+(?:day|week)\s+(?:earlier|before|ago)|"
+                           r"previous\s+(?:day|week))\b", re.I)
+_NEIGHBOUR = re.compile(r"\b(?:neighbou?r(?:s|ing|hood)?|nearby|nearest|surrounding|adjacent|other\s+(?:sensors|"
+                        r"stations))\b", re.I)
+_TARGET_WORDS = r"values?|readings?|levels?|concentrations?|counts?|it|this\s+sensor|the\s+sensor|the\s+station"
+_WEATHER_WORDS = {"temperature": r"(?:air\s+)?temperatures?|temps?", "dew_point": r"dew[\s-]?points?",
+                  "pressure": r"(?:air\s+|barometric\s+|atmospheric\s+)?pressure", "rain": r"rain(?:fall)?|precipitation",
+                  "wind_speed": r"wind\s+speeds?|winds?", "humidity": r"(?:relative\s+)?humidity"}
+_WIND_DIRECTION_SUBJECT = re.compile(r"\bwind\s+direction\b", re.I)
+
+_PERIODS = r"yesterday|(?:a|one)\s+day\s+(?:earlier|before|ago)|the\s+previous\s+day|the\s+day\s+before|" \
+           r"last\s+week|(?:a|one)\s+week\s+(?:earlier|before|ago)|the\s+previous\s+week"
+_WHEN = rf"(?:(?:at|on|in|for|with)\s+)?(?:the\s+)?(?:(?:same\s+(?:hour|time)|value|reading|level)\s+)?" \
+        rf"(?:(?:of|on|at)\s+)?(?P<per>{_PERIODS})(?:'s)?(?:\s+\w+)?(?:\s*\((?P<ref>{_NUM})[^)]*\))?"
+_COMPARE = re.compile(
+    rf"(?:{_num('diff')}(?P<dpct>\s*%)?{_UNIT}\s*(?:\(\s*{_num('pct')}\s*%\s*\)\s*)?)?"
+    rf"(?:(?P<cmp>higher|lower|greater|smaller)\s+than|(?P<cmp3>above|below)|(?P<cmp2>up|down)\s+(?:on|from)|"
+    rf"(?P<same>(?:about|roughly|nearly|almost|much)\s+the\s+same\s+as|similar\s+to|in\s+line\s+with|close\s+to))"
+    rf"\s+{_WHEN}", re.I)
+_AHEAD = re.compile(rf"\baverag(?:ed|es|e\s+of|ing)\s+{_ABOUT}{_num('mean')}{_UNIT}"
+                    rf"(?:,?\s+(?P<rel>above|below|higher\s+than|lower\s+than|close\s+to|about\s+the\s+same\s+as|"
+                    rf"in\s+line\s+with)\s+the\s+(?:latest|last|current|most\s+recent)\s+(?:reading|value|level))?",
+                    re.I)
+_AHEAD_CONTEXT = re.compile(r"\bsame\s+(?:\d+\s+)?(?:hours?|period|time\s+window|window)\b|"
+                            r"\b(?:following|next)\s+\d+\s+\w+", re.I)
+_LAST = re.compile(rf"\b(?:latest|last|most\s+recent|current)\s+(?:reading|value|observation|measurement|level)\s+"
+                   rf"(?:(?:is|was|of|at|stands\s+at|stood\s+at|=|:)\s*)?{_ABOUT}{_num('v')}", re.I)
+_WEEKDAY = re.compile(r"\b(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)\b")
+_DAYTYPE = re.compile(r"(?:\b(?:a|the|this)\s+|\()(?P<t>weekend|weekday)\b", re.I)
+_RECENT = re.compile(r"\brecent\s+(?P<noun>rise|increase|climb|jump|upturn|fall|drop|decline|decrease|dip|downturn)"
+                     r"\b(?!\s+(?:in|of|at)\b)", re.I)
+_NOUN_UP = {"rise", "increase", "climb", "jump", "upturn"}
+_FORECAST_CONTEXT = re.compile(r"\b(?:forecast|predict\w*|expect\w*|outlook|projection|next\s+\d+)", re.I)
+_LIST = re.compile(r"\[(?P<body>[^\]]*)\]")
+_SINGLE = re.compile(rf"\b(?:forecast|expected|predicted|projected|will|should)\b[^.;:\[\]]{{0,40}}?\b(?:be|reach|"
+                     rf"average|peak\s+at|stay\s+(?:at|near|around)|hover\s+(?:around|near)|rise\s+to|fall\s+to|"
+                     rf"drop\s+to|climb\s+to|ease\s+to|of|at|around|about|near)\s+{_ABOUT}{_num('v')}", re.I)
+_EFFECT = re.compile(
+    rf"(?:(?:a|an)\s+{_num('amt')}{_UNIT}\s+(?P<adir>rise|increase|fall|drop|decrease|change)\s+in\s+"
+    rf"(?:the\s+)?(?P<var1>[a-z][a-z ]*?)\s+|(?:a|an)\s+(?P<adir2>rise|increase|fall|drop|decrease|change)\s+of\s+"
+    rf"{_num('amt2')}{_UNIT}\s+(?:in\s+(?:the\s+)?(?P<var2>[a-z][a-z ]*?)\s+)?)?"
+    rf"(?:usually|typically|normally|generally|often|tends\s+to)\s+(?P<verb>moves?|shifts?|changes?|lowers?|"
+    rf"raises?|reduces?|increases?|decreases?|cuts?|lifts?|pushes|brings?)\s+(?:\S+\s+){{0,4}}?by\s+{_ABOUT}"
+    rf"{_num('eff')}", re.I)
+_EFFECT_NEG = {"lower", "reduce", "decrease", "cut"}
+_EFFECT_POS = {"raise", "increase", "lift"}
+
+# compass: 16-point abbreviations (upper case only) and words (north-easterly, west, ...)
+_DIR_NAMES = {"N": "north", "E": "east", "S": "south", "W": "west"}
+_DIR_DEG = {"".join(_DIR_NAMES[ch] for ch in name): 22.5 * k for k, name in enumerate(COMPASS16)}
+_DIR = r"(?:(?i:(?:north|south|east|west)(?:[\s-]?(?:north|south|east|west)){0,2}(?:erly|ern)?)|" \
+       r"(?:NNE|NE|ENE|ESE|SE|SSE|SSW|SW|WSW|WNW|NW|NNW|N|E|S|W))"
+_WIND_FROM_TO = re.compile(rf"\b(?i:from)\s+(?:the\s+)?(?P<a>{_DIR})\s+to\s+(?:the\s+)?(?P<b>{_DIR})\b")
+_WIND_STATE = re.compile(
+    rf"(?i:\b(?:turned|shifted|veered|backed|swung|switched|moved|changed|came\s+round|became|is\s+now|was\s+now|"
+    rf"blowing\s+from|blew\s+from|blows\s+from|comes?\s+from|came\s+from|coming\s+from|"
+    rf"(?:winds?\s+)(?:was|were|is|are|stayed|remained|kept))\s+(?:round\s+)?(?:to\s+)?(?:(?:the|a|an)\s+)?)"
+    rf"(?P<b>{_DIR})\b|\b(?P<adj>{_DIR})\s+(?i:winds?)\b")
+
+
+def _float(text: str) -> float:
+    return float(text.replace("−", "-").replace(",", ""))
+
+
+def _half_unit(text: str) -> float:
+    """Half a unit of the last written digit: "12.3" -> 0.05, "12" -> 0.5."""
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return 0.5 * 10.0 ** -decimals + 1e-9
+
+
+def _close(stated: float, stated_text: str, actual: float | None, tolerance: float) -> bool | None:
+    if actual is None or not np.isfinite(actual):
+        return None
+    return abs(stated - actual) <= _half_unit(stated_text) + tolerance * abs(actual)
+
+
+def _direction_holds(direction: str, change: float | None, is_flat: bool | None) -> bool | None:
+    if change is None:
+        return None
+    if direction == "up":
+        return change > 0
+    if direction == "down":
+        return change < 0
+    return bool(is_flat)
+
+
+def _dir_degrees(text: str) -> float | None:
+    if text.isupper():
+        return _DIR_DEG.get("".join(_DIR_NAMES[ch] for ch in text))
+    word = re.sub(r"[\s-]", "", text.lower())
+    word = re.sub(r"(?:erly|ern)$", "", word)
+    return _DIR_DEG.get(word)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+@dataclass
+class Claim:
+    kind: str                    # see the module docstring
+    quantity: str                # what is tested: direction, change, from, to, ...
+    text: str                    # the text span the claim was read from
+    span: tuple[int, int]        # its (start, end) offsets in the explanation
+    stated: float | str
+    actual: float | str | None
+    holds: bool | None           # None: found but not checkable here
+
+
+@dataclass
+class Report:
+    claims: list[Claim] = field(default_factory=list)       # checked claims
+    unchecked: list[Claim] = field(default_factory=list)    # found, but the data (or inputs) cannot settle them
+    faithfulness: float | None = None                       # fraction of checked data claims that hold
+    numbers_consistent: bool | None = None                  # stated forecast numbers == forecast (None: no forecast)
+    forecast_consistent: bool | None = None                 # ... and the stated forecast direction matches too
+
+    @property
+    def failed(self) -> list[Claim]:
+        return [c for c in self.claims if not c.holds]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        data = [c for c in self.claims if not c.kind.startswith("forecast")]
+        head = f"{sum(c.holds for c in data)}/{len(data)} data claims hold"
+        if self.faithfulness is not None:
+            head += f" (faithfulness {self.faithfulness:.2f})"
+        lines = [head + f"; forecast numbers consistent: {self.numbers_consistent}"]
+        lines += [f"  FAILS {c.kind}.{c.quantity}: {c.text!r} states {c.stated}, data {c.actual}" for c in self.failed]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ checker
+
+
+def check_explanation(text: str, city: CityData, node, start, forecast=None, tolerance: float = DEFAULT_TOLERANCE,
+                      t_in: int = 12, t_out: int = 12, channel: str | int = 0,
+                      effects: dict[str, dict[str, Effect]] | None = None) -> Report:
+    """Find and test the checkable claims of `text`, an explanation of node `node` (id, name or position) for
+    the window starting at `start` (index or timestamp of the first target step). `forecast` [t_out]: the
+    numbers the explanation must state (the regression head's); `effects`: from `estimate_effects`, to test
+    effect claims."""
+    truth = compute_facts(city, node, start, t_in=t_in, t_out=t_out, effects=effects, channel=channel)
+    _, s = resolve_window(city, node, start, t_in, t_out)
+    fc = None if forecast is None else np.asarray([np.nan if v is None else v for v in forecast], dtype=np.float64)
+    ctx = _Context(text, city, truth, s, fc, tolerance, effects)
+    for m_start, sentence in _sentences(text):
+        ctx.sentence(m_start, sentence)
+    checked = [c for c in ctx.found if c.holds is not None]
+    data = [c for c in checked if not c.kind.startswith("forecast")]
+    numbers = [c for c in checked if c.kind == "forecast_numbers"]
+    report = Report(claims=checked, unchecked=[c for c in ctx.found if c.holds is None])
+    report.faithfulness = sum(c.holds for c in data) / len(data) if data else None
+    if fc is not None:
+        report.numbers_consistent = all(c.holds for c in numbers)
+        report.forecast_consistent = all(c.holds for c in checked if c.kind.startswith("forecast"))
+    return report
+
+
+def _sentences(text: str):
+    pos = 0
+    for m in _SENT.finditer(text):
+        if m.start() > pos:
+            yield pos, text[pos:m.start()]
+        pos = m.end()
+    if pos < len(text):
+        yield pos, text[pos:]
+
+
+class _Context:
+    """The recomputed truth for one window plus the vocabulary to find claims about it; collects claims."""
+
+    def __init__(self, text: str, city: CityData, truth: Facts, s: int, forecast: np.ndarray | None,
+                 tolerance: float, effects):
+        self.text, self.city, self.truth, self.s, self.forecast = text, city, truth, s, forecast
+        self.tol, self.effects = tolerance, effects
+        self.found: list[Claim] = []
+        self.weather = {w.name: w for w in truth.weather}
+        names = sorted(set(_WEATHER_WORDS) | set(city.exog_names) - {"wind_dir_deg"})
+        self.weather_re = {n: re.compile(rf"\b(?:{_WEATHER_WORDS.get(n, re.escape(n).replace('_', r'[_ ]'))})\b",
+                                         re.I) for n in names}
+        target = [re.escape(truth.channel), re.escape(truth.node_name), re.escape(truth.node_id), _TARGET_WORDS]
+        self.target_re = re.compile(r"(?<![\w.])(?:" + "|".join(target) + r")(?![\w])", re.I)
+
+    # ---- helpers
+    def add(self, kind: str, quantity: str, offset: int, span: tuple[int, int], stated, actual, holds) -> None:
+        a, b = offset + span[0], offset + span[1]
+        self.found.append(Claim(kind, quantity, self.text[a:b], (a, b), stated, actual, holds))
+
+    def number(self, kind: str, quantity: str, offset: int, span, text: str, stated: float, actual) -> None:
+        actual = None if actual is None or not np.isfinite(actual) else float(actual)
+        self.add(kind, quantity, offset, span, stated, actual, _close(stated, text, actual, self.tol))
+
+    def weather_var(self, text: str) -> tuple[str | None, int]:
+        """The weather variable mentioned last in `text`, and where."""
+        best, where = None, -1
+        for name, rx in self.weather_re.items():
+            for m in rx.finditer(text):
+                if m.start() > where or (m.start() == where and m.end() - m.start() > 4):
+                    best, where = name, m.start()
+        return best, where
+
+    # ---- one sentence
+    def sentence(self, off: int, sent: str) -> None:
+        self.forecast_numbers(off, sent)
+        self.comparisons(off, sent)
+        self.last_value(off, sent)
+        self.calendar(off, sent)
+        if re.search(r"\bwinds?\b", sent, re.I):
+            self.wind(off, sent)
+        clauses = _clauses(sent)
+        for c_off, clause in clauses:
+            self.ahead(off + c_off, clause)
+            self.effect(off + c_off, clause)
+            self.nouns(off + c_off, clause)
+        self.verbs(off, sent, clauses)
+
+    def forecast_numbers(self, off: int, sent: str) -> None:
+        if not _FORECAST_CONTEXT.search(sent):
+            return
+        for m in _LIST.finditer(sent):
+            items = [x.strip() for x in m.group("body").split(",")]
+            nums = [re.fullmatch(_NUM, x) for x in items]
+            if len(items) < 2 or not all(n or x.upper() in ("NA", "N/A", "") for n, x in zip(nums, items)):
+                continue
+            holds, actual = None, None
+            if self.forecast is not None:
+                actual = "[" + ", ".join("NA" if not np.isfinite(v) else f"{v:g}" for v in self.forecast) + "]"
+                holds = len(items) == len(self.forecast) and all(
+                    n is None or (np.isfinite(v) and abs(_float(x) - v) <= _half_unit(x))
+                    for n, x, v in zip(nums, items, self.forecast))
+            self.add("forecast_numbers", "values", off, m.span(), m.group(0), actual, holds)
+        for m in _SINGLE.finditer(sent):
+            v, holds, actual = _float(m.group("v")), None, None
+            if self.forecast is not None and np.isfinite(self.forecast).any():
+                f = self.forecast[np.isfinite(self.forecast)]
+                pool = [*f, f.mean(), f.min(), f.max()]
+                actual = f"one of the forecast values, mean {f.mean():.2f}, min {f.min():g}, max {f.max():g}"
+                holds = any(abs(v - p) <= _half_unit(m.group("v")) for p in pool)
+            self.add("forecast_numbers", "value", off, m.span(), v, actual, holds)
+
+    def comparisons(self, off: int, sent: str) -> None:
+        for m in _COMPARE.finditer(sent):
+            per = m.group("per").lower()
+            week = "week" in per
+            period = self.truth.last_week if week else self.truth.yesterday
+            kind = "vs_last_week" if week else "vs_yesterday"
+            ok = period is not None and period.reference is not None
+            cmp = (m.group("cmp") or m.group("cmp2") or m.group("cmp3") or "").lower()
+            rel = "same" if m.group("same") else ("higher" if cmp in ("higher", "above", "greater", "up") else "lower")
+            diff = period.diff if ok else None
+            flat = period.relation == "same" if ok else None
+            self.add(kind, "relation", off, m.span(), rel, period.relation if ok else None,
+                     _direction_holds({"higher": "up", "lower": "down", "same": "flat"}[rel], diff, flat))
+            sign = -1.0 if rel == "lower" else 1.0
+            if m.group("diff"):
+                x = m.group("diff")
+                stated = _float(x) if x[0] in "+-−" else sign * abs(_float(x))
+                q, actual = ("percent", period.percent if ok else None) if m.group("dpct") else \
+                    ("diff", diff)
+                self.number(kind, q, off, m.span(), x, stated, actual)
+            if m.group("pct"):
+                x = m.group("pct")
+                stated = _float(x) if x[0] in "+-−" else sign * abs(_float(x))
+                self.number(kind, "percent", off, m.span(), x, stated, period.percent if ok else None)
+            if m.group("ref"):
+                self.number(kind, "reference", off, m.span(), m.group("ref"), _float(m.group("ref")),
+                            period.reference if ok else None)
+
+    def last_value(self, off: int, sent: str) -> None:
+        for m in _LAST.finditer(sent):
+            self.number("last_value", "value", off, m.span(), m.group("v"), _float(m.group("v")),
+                        self.truth.last_value)
+
+    def calendar(self, off: int, sent: str) -> None:
+        if _PERIOD_WORDS.search(sent):
+            return                                     # days named here are the past ones compared with
+        steps = [step_time(self.city, k) for k in range(self.s - 1, self.s + self.truth.t_out)]
+        days = {WEEKDAYS[t.day_of_week] for t in steps}
+        for m in _WEEKDAY.finditer(sent):
+            self.add("calendar", "weekday", off, m.span(), m.group(1), self.truth.calendar.weekday,
+                     m.group(1) in days)
+        for m in _DAYTYPE.finditer(sent):
+            kind = m.group("t").lower()
+            types = {"weekend" if t.day_of_week >= 5 else "weekday" for t in steps[1:]}
+            actual = "weekend" if self.truth.calendar.is_weekend else "weekday"
+            self.add("calendar", "day_type", off, m.span(), kind, actual, kind in types)
+
+    def wind(self, off: int, sent: str) -> None:
+        w = self.truth.wind
+        taken: list[tuple[int, int]] = []
+
+        def test(which: str, name: str, span) -> None:
+            deg = _dir_degrees(name)
+            if deg is None:
+                return
+            actual = None if w is None else (w.first_deg if which == "from" else w.last_deg)
+            holds = None if actual is None else abs(angle_diff(deg, actual)) <= WIND_TOL_DEG
+            self.add("wind_direction", which, off, span, name,
+                     None if w is None else (w.first if which == "from" else w.last), holds)
+
+        for m in _WIND_FROM_TO.finditer(sent):
+            test("from", m.group("a"), m.span())
+            test("to", m.group("b"), m.span())
+            taken.append(m.span())
+        for m in _WIND_STATE.finditer(sent):
+            if any(a <= m.start() < b for a, b in taken):
+                continue
+            test("to", m.group("b") or m.group("adj"), m.span())
+
+    def ahead(self, off: int, clause: str) -> None:
+        if not _AHEAD_CONTEXT.search(clause):
+            return
+        for m in _AHEAD.finditer(clause):
+            pers = list(_PERIOD_WORDS.finditer(clause))
+            if not pers:
+                return
+            per = min(pers, key=lambda p: abs(p.start() - m.start())).group(0).lower()
+            period = self.truth.last_week if "week" in per else self.truth.yesterday
+            label = "last_week" if "week" in per else "yesterday"
+            mean = None if period is None else period.ahead_mean
+            self.number("period_mean", f"{label}.mean", off, m.span(), m.group("mean"), _float(m.group("mean")), mean)
+            if m.group("rel"):
+                rel = m.group("rel").lower()
+                stated = "above" if rel in ("above", "higher than") else "below" if rel in ("below", "lower than") \
+                    else "same"
+                actual = None if mean is None else period.ahead_relation
+                holds = None if actual is None else _direction_holds(
+                    {"above": "up", "below": "down", "same": "flat"}[stated], mean - self.truth.last_value,
+                    actual == "same")
+                self.add("period_mean", f"{label}.relation", off, m.span(), stated, actual, holds)
+
+    def effect(self, off: int, clause: str) -> None:
+        for m in _EFFECT.finditer(clause):
+            named = m.group("var1") or m.group("var2")
+            var, _ = self.weather_var(named) if named else self.weather_var(clause[:m.start()])
+            eff = None if self.effects is None or var is None else \
+                self.effects.get(self.truth.channel, {}).get(var)
+            amount_text = m.group("amt") or m.group("amt2")
+            word = (m.group("adir") or m.group("adir2") or "change").lower()
+            w = self.weather.get(var)
+            if amount_text:
+                amount = _float(amount_text)
+                if word != "change" or amount_text[0] not in "+-−":
+                    amount = abs(amount) * (-1.0 if word in ("fall", "drop", "decrease") else 1.0)
+                if w is not None and abs(amount - w.change) <= _half_unit(amount_text):
+                    amount = w.change                  # the observed change, written rounded
+            else:
+                amount = None if w is None else w.change
+            verb = m.group("verb").lower().rstrip("s")
+            stated = _float(m.group("eff"))
+            if verb in _EFFECT_NEG:
+                stated = -abs(stated)
+            elif verb in _EFFECT_POS:
+                stated = abs(stated)
+            actual = None if eff is None or amount is None else eff.slope * amount
+            self.number("effect", var or "unknown", off, m.span(), m.group("eff"), stated, actual)
+
+    def nouns(self, off: int, clause: str) -> None:
+        tr = self.truth.trend
+        for m in _RECENT.finditer(clause):
+            d = "up" if m.group("noun").lower() in _NOUN_UP else "down"
+            self.add("trend", "direction", off, m.span(), d, None if tr is None else tr.direction,
+                     None if tr is None else _direction_holds(d, tr.change, tr.direction == "flat"))
+        noun = re.compile(r"\b(?P<noun>rise|increase|climb|jump|upturn|fall|drop|decline|decrease|dip|downturn)\s+"
+                          r"(?:in|of|at)\s+(?:the\s+)?(?P<what>[\w .-]{1,40})", re.I)
+        for m in noun.finditer(clause):
+            d = "up" if m.group("noun").lower() in _NOUN_UP else "down"
+            what = m.group("what")
+            span = (m.start(), m.start("what") + len(what[:25].rstrip()))
+            if _NEIGHBOUR.match(what):
+                self.subject_claims(off, "neighbours", d, span, [])
+                continue
+            var, where = self.weather_var(what)
+            if var is not None and where == 0:
+                self.subject_claims(off, var, d, span, [])
+            elif self.target_re.match(what):
+                self.subject_claims(off, "target", d, span, [])
+
+    # ---- verbs: "<subject> rose by X (+Y%), from A to B"
+    def verbs(self, off: int, sent: str, clauses) -> None:
+        bounds = [c_off for c_off, _ in clauses] + [len(sent)]
+        matches = list(_VERB.finditer(sent))
+        for k, m in enumerate(matches):
+            lo = max([b for b in bounds if b <= m.start()] + [matches[k - 1].end() if k else 0])
+            hi = min([b for b in bounds if b > m.end()] + [matches[k + 1].start() if k + 1 < len(matches) else len(sent)])
+            subject, tail = sent[lo:m.start()], sent[m.end():hi]
+            kind = m.lastgroup
+            d = {"up": "up", "bup": "up", "down": "down", "bdown": "down"}.get(kind, "flat")
+            if _FUTURE.search(subject) or _FORECAST_SUBJECT.search(subject):
+                self.forecast_direction(off, m.span(), d)
+                continue
+            if kind.startswith("b") or _GENERIC.search(subject):
+                continue
+            who = self.subject(subject)
+            if who is None:
+                continue
+            pieces = [(q, (m.start(), m.end() + e), x) for q, e, x in _parse_tail(tail)]
+            self.subject_claims(off, who, d, m.span(), pieces)
+
+    def subject(self, text: str) -> str | None:
+        """"target", "neighbours", "wind_dir", a weather variable, or None (past periods: not checkable)."""
+        if _WIND_DIRECTION_SUBJECT.search(text):
+            return "wind_dir"
+        if _NEIGHBOUR.search(text):
+            return "neighbours"
+        if _PERIOD_WORDS.search(text):
+            return None
+        var, where = self.weather_var(text)
+        last_target = max((m.start() for m in self.target_re.finditer(text)), default=-1)
+        return var if var is not None and where > last_target else "target"
+
+    def subject_claims(self, off: int, who: str, d: str, span, pieces) -> None:
+        """Direction and numbers stated about one subject, each tested against the recomputed truth."""
+        t = self.truth
+        if who == "wind_dir":
+            if d == "flat":
+                self.add("wind_direction", "steady", off, span, "steady", None if t.wind is None else t.wind.turn_deg,
+                         None if t.wind is None else abs(t.wind.turn_deg) <= WIND_STEADY_DEG)
+            return
+        if who == "target":
+            kind, tr = "trend", t.trend
+            change, flat = (None, None) if tr is None else (tr.change, tr.direction == "flat")
+            actual = {} if tr is None else {"change": tr.change, "percent": tr.percent, "from": tr.first,
+                                            "to": tr.last, "level": tr.last}
+            label = "{}"
+        elif who == "neighbours":
+            kind, nb = "neighbours", t.neighbours
+            change = None if nb is None else nb.mean_change
+            flat = None if nb is None else nb.direction == "flat"
+            actual = {} if nb is None else {"change": nb.mean_change, "percent": nb.mean_percent}
+            label = "{}"
+        else:
+            kind, w = "weather", self.weather.get(who)
+            change, flat = (None, None) if w is None else (w.change, w.direction == "flat")
+            actual = {} if w is None else {"change": w.change, "percent": percent(w.change, w.first),
+                                           "from": w.first, "to": w.last, "level": w.last}
+            label = who + ".{}"
+        self.add(kind, label.format("direction"), off, span, d, None if change is None else change,
+                 _direction_holds(d, change, flat))
+        sign = {"up": 1.0, "down": -1.0}.get(d)
+        for quantity, piece_span, x in pieces:
+            stated = _float(x)
+            if quantity in ("change", "percent") and sign is not None and x[0] not in "+-−":
+                stated = sign * abs(stated)
+            self.number(kind, label.format(quantity), off, piece_span, x, stated, actual.get(quantity))
+
+    def forecast_direction(self, off: int, span, d: str) -> None:
+        actual = None if self.forecast is None else forecast_direction(self.truth.last_value, self.forecast)
+        self.add("forecast_direction", "direction", off, span, d, actual, None if actual is None else d == actual)
+
+
+def _clauses(sent: str) -> list[tuple[int, str]]:
+    """(offset, clause) pieces of a sentence, cut at ";", ":", "while", "and", ..."""
+    out, pos = [], 0
+    for m in _BOUNDARY.finditer(sent):
+        out.append((pos, sent[pos:m.start()]))
+        pos = m.end()
+    out.append((pos, sent[pos:]))
+    return out
+
+
+_TAIL = [  # anchored pieces after a change verb: (quantity or None, pattern); quantities read the group "x"/"y"
+    ("change", re.compile(rf"^\s*,?\s*by\s+{_ABOUT}(?P<x>{_NUM})(?P<pct>\s*%)?{_UNIT}")),
+    ("paren", re.compile(rf"^\s*,?\s*\(\s*(?:by\s+)?(?P<x>{_NUM})(?P<pct>\s*%)?{_UNIT}\s*\)")),
+    ("fromto", re.compile(rf"^\s*,?\s*from\s+{_ABOUT}(?P<x>{_NUM}){_UNIT}(?:\s+(?:at|on)\s+[\d:]+)?\s+to\s+{_ABOUT}"
+                          rf"(?P<y>{_NUM}){_UNIT}(?:\s+(?:at|on)\s+[\d:]+)?")),
+    ("to", re.compile(rf"^\s*,?\s*to\s+{_ABOUT}(?P<x>{_NUM}){_UNIT}")),
+    ("level", re.compile(rf"^\s*,?\s*(?:at|around|near)\s+{_ABOUT}(?P<x>{_NUM}){_UNIT}")),
+    (None, re.compile(r"^\s*,?\s*(?:on\s+average|on\s+the\s+whole|overall|in\s+total|sharply|slightly|steadily|"
+                      r"gradually|strongly|markedly|somewhat|a\s+little|a\s+lot|quickly|slowly)\b")),
+]
+_BARE = re.compile(rf"^\s*{_ABOUT}(?P<x>{_NUM})(?P<pct>\s*%)?{_UNIT}")
+
+
+def _parse_tail(tail: str) -> list[tuple[str, int, str]]:
+    """Numbers stated right after a change verb: [(quantity, end offset in tail, number text)]."""
+    out, pos = [], 0
+    m = _BARE.match(tail)
+    if m:
+        out.append(("percent" if m.group("pct") else "change", m.end(), m.group("x")))
+        pos = m.end()
+    while True:
+        for quantity, rx in _TAIL:
+            m = rx.match(tail[pos:])
+            if m:
+                break
+        else:
+            return out
+        end = pos + m.end()
+        if quantity in ("change", "paren"):
+            out.append(("percent" if m.group("pct") else "change", end, m.group("x")))
+        elif quantity == "fromto":
+            out += [("from", end, m.group("x")), ("to", end, m.group("y"))]
+        elif quantity is not None:
+            out.append((quantity, end, m.group("x")))
+        pos = end
