@@ -154,7 +154,7 @@ def test_forecast_numbers_other_than_the_heads_are_flagged(synth):
     ("Concentrations increased.", "trend", "direction", False),
     ("PM2.5 held steady.", "trend", "direction", False),
     ("The latest reading is 157 ug/m3.", "last_value", "value", True),
-    ("The last value was 150.", "last_value", "value", False),
+    ("The last value was 140.", "last_value", "value", False),
     ("That is about the same as yesterday.", "vs_yesterday", "relation", True),
     ("PM2.5 is higher than the same hour yesterday.", "vs_yesterday", "relation", True),
     ("It is 14 higher than a week ago.", "vs_last_week", "diff", True),
@@ -182,7 +182,9 @@ def test_forecast_numbers_other_than_the_heads_are_flagged(synth):
     ("A 2 m/s rise in wind speed usually lowers PM2.5 by about 5.", "effect", "wind_speed", False),
     ("PM2.5 is expected to fall.", "forecast_direction", "direction", True),
     ("PM2.5 will likely rise.", "forecast_direction", "direction", False),
-    ("We expect PM2.5 to average about 150.", "forecast_numbers", "value", True),
+    ("We expect PM2.5 to average about 133.", "forecast_numbers", "value", True),
+    ("We expect PM2.5 to average about 150.", "forecast_numbers", "value", False),
+    ("PM2.5 should fall to 105 by morning.", "forecast_numbers", "value", True),
     ("Forecast: [160, 155, 150, 145, 140, 135, 130, 125, 120, 115, 110, 105].", "forecast_numbers", "values", True),
 ])
 def test_free_form_phrasings(city, sentence, kind, quantity, holds):

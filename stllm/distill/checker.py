@@ -108,11 +108,15 @@ _DAYTYPE = re.compile(r"(?:\b(?:a|the|this)\s+|\()(?P<t>weekend|weekday)\b", re.
 _RECENT = re.compile(r"\brecent\s+(?P<noun>rise|increase|climb|jump|upturn|fall|drop|decline|decrease|dip|downturn)"
                      r"\b(?!\s+(?:in|of|at)\b)", re.I)
 _NOUN_UP = {"rise", "increase", "climb", "jump", "upturn"}
+_ADJ_UP = {"rising", "increasing", "climbing", "growing", "strengthening", "warming"}
+_ADJ = re.compile(r"\b(?P<adj>rising|increasing|climbing|growing|strengthening|warming|falling|dropping|decreasing|"
+                  r"declining|easing|weakening|cooling|slowing)\s+(?P<what>[\w .-]{1,40})", re.I)
 _FORECAST_CONTEXT = re.compile(r"\b(?:forecast|predict\w*|expect\w*|outlook|projection|next\s+\d+)", re.I)
 _LIST = re.compile(r"\[(?P<body>[^\]]*)\]")
-_SINGLE = re.compile(rf"\b(?:forecast|expected|predicted|projected|will|should)\b[^.;:\[\]]{{0,40}}?\b(?:be|reach|"
-                     rf"average|peak\s+at|stay\s+(?:at|near|around)|hover\s+(?:around|near)|rise\s+to|fall\s+to|"
-                     rf"drop\s+to|climb\s+to|ease\s+to|of|at|around|about|near)\s+{_ABOUT}{_num('v')}", re.I)
+_SINGLE = re.compile(rf"\b(?:forecasts?|expect(?:s|ed)?|predict(?:s|ed)?|project(?:s|ed)?|will|should)\b"
+                     rf"(?:[^.;:\[\]]|\.(?=\d)){{0,40}}?\b(?P<how>be|reach|average|peak\s+at|bottom\s+out\s+at|"
+                     rf"stay\s+(?:at|near|around)|hover\s+(?:around|near)|rise\s+to|fall\s+to|drop\s+to|climb\s+to|"
+                     rf"ease\s+to|of|at|around|about|near)\s+{_ABOUT}{_num('v')}", re.I)
 _EFFECT = re.compile(
     rf"(?:(?:a|an)\s+{_num('amt')}{_UNIT}\s+(?P<adir>rise|increase|fall|drop|decrease|change)\s+in\s+"
     rf"(?:the\s+)?(?P<var1>[a-z][a-z ]*?)\s+|(?:a|an)\s+(?P<adir2>rise|increase|fall|drop|decrease|change)\s+of\s+"
@@ -295,9 +299,8 @@ class _Context:
         self.verbs(off, sent, clauses)
 
     def forecast_numbers(self, off: int, sent: str) -> None:
-        if not _FORECAST_CONTEXT.search(sent):
-            return
-        for m in _LIST.finditer(sent):
+        lists = _LIST.finditer(sent) if _FORECAST_CONTEXT.search(sent) else ()
+        for m in lists:
             items = [x.strip() for x in m.group("body").split(",")]
             nums = [re.fullmatch(_NUM, x) for x in items]
             if len(items) < 2 or not all(n or x.upper() in ("NA", "N/A", "") for n, x in zip(nums, items)):
@@ -313,8 +316,11 @@ class _Context:
             v, holds, actual = _float(m.group("v")), None, None
             if self.forecast is not None and np.isfinite(self.forecast).any():
                 f = self.forecast[np.isfinite(self.forecast)]
-                pool = [*f, f.mean(), f.min(), f.max()]
-                actual = f"one of the forecast values, mean {f.mean():.2f}, min {f.min():g}, max {f.max():g}"
+                how = m.group("how").lower()
+                pool, actual = ([f.mean()], f"mean {f.mean():.2f}") if how == "average" else \
+                    ([f.max()], f"max {f.max():g}") if how.startswith("peak") else \
+                    ([f.min()], f"min {f.min():g}") if how.startswith("bottom") else \
+                    ([*f, f.mean(), f.min(), f.max()], f"a forecast value, or mean {f.mean():.2f}")
                 holds = any(abs(v - p) <= _half_unit(m.group("v")) for p in pool)
             self.add("forecast_numbers", "value", off, m.span(), v, actual, holds)
 
@@ -443,18 +449,24 @@ class _Context:
                      None if tr is None else _direction_holds(d, tr.change, tr.direction == "flat"))
         noun = re.compile(r"\b(?P<noun>rise|increase|climb|jump|upturn|fall|drop|decline|decrease|dip|downturn)\s+"
                           r"(?:in|of|at)\s+(?:the\s+)?(?P<what>[\w .-]{1,40})", re.I)
-        for m in noun.finditer(clause):
-            d = "up" if m.group("noun").lower() in _NOUN_UP else "down"
-            what = m.group("what")
-            span = (m.start(), m.start("what") + len(what[:25].rstrip()))
-            if _NEIGHBOUR.match(what):
-                self.subject_claims(off, "neighbours", d, span, [])
-                continue
-            var, where = self.weather_var(what)
-            if var is not None and where == 0:
-                self.subject_claims(off, var, d, span, [])
-            elif self.target_re.match(what):
-                self.subject_claims(off, "target", d, span, [])
+        for m in [*noun.finditer(clause), *_ADJ.finditer(clause)]:
+            word = (m.group("noun") if "noun" in m.groupdict() else m.group("adj")).lower()
+            d = "up" if word in _NOUN_UP | _ADJ_UP else "down"
+            who = self.named_subject(m.group("what"))
+            if who is not None:
+                span = (m.start(), m.start("what") + len(m.group("what")[:25].rstrip()))
+                self.subject_claims(off, who, d, span, [])
+
+    def named_subject(self, text: str) -> str | None:
+        """The subject `text` starts with ("neighbours", a weather variable, "target"), else None."""
+        if _NEIGHBOUR.match(text):
+            return "neighbours"
+        if _WIND_DIRECTION_SUBJECT.match(text):
+            return None
+        var, where = self.weather_var(text)
+        if var is not None and where == 0:
+            return var
+        return "target" if self.target_re.match(text) else None
 
     # ---- verbs: "<subject> rose by X (+Y%), from A to B"
     def verbs(self, off: int, sent: str, clauses) -> None:
@@ -471,6 +483,9 @@ class _Context:
                 continue
             if kind.startswith("b") or _GENERIC.search(subject):
                 continue
+            if m.group(0).lower().endswith("ing") and self.named_subject(sent[m.end():].lstrip()) is not None \
+                    and sent[m.end():m.end() + 1].isspace():
+                continue                               # "the falling wind": an adjective, read by `nouns`
             who = self.subject(subject)
             if who is None:
                 continue

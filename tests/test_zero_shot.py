@@ -1,0 +1,90 @@
+"""Zero-shot: a run trained on one city predicts another with a different number of sensors, unchanged."""
+import json
+
+import numpy as np
+import pytest
+
+from stllm.cli import main
+from stllm.data.city import CityData, DataError
+from stllm.data.synthetic import make_city
+from stllm.infer import evaluate_with_baselines, fit_to_run, prepare
+from stllm.model import STLLM
+from stllm.train import train
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory, tiny_config_module):
+    city = make_city(n_nodes=8, n_days=28, seed=3, name="city-a")
+    cfg = tiny_config_module(["train.max_steps=60", "train.eval_every=20", "train.lr=0.003"])
+    out = tmp_path_factory.mktemp("zs") / "run"
+    train(cfg, out, city=city, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_config_module():
+    from pathlib import Path
+
+    from stllm.config import load_config
+    root = Path(__file__).resolve().parent.parent
+    return lambda overrides=(): load_config(root / "configs" / "tiny.yaml", list(overrides))
+
+
+def test_transfer_to_a_bigger_unseen_city_beats_last_value(source_run):
+    model, meta = STLLM.from_pretrained(source_run)
+    target = make_city(n_nodes=13, n_days=28, seed=11, name="city-b")     # other sensors, other map, other scales
+    prep = prepare(model, meta, target)
+    assert prep.scaler is not None and prep.city.n_nodes == 13
+    m = evaluate_with_baselines(model, prep, "test")
+    assert m["n_nodes"] == 13 and np.isfinite(m["mae"])
+    assert m["mae"] < m["baselines"]["last"]["mae"], (m["mae"], m["baselines"]["last"]["mae"])
+
+
+def test_target_scaler_never_sees_target_futures(source_run):
+    model, meta = STLLM.from_pretrained(source_run)
+    target = make_city(n_nodes=5, n_days=28, seed=12, name="city-c")
+    a = prepare(model, meta, target)
+    future = target.values.copy()
+    future[a.splits["test"][0]:] *= 1000.0                                  # the evaluated future explodes
+    b = prepare(model, meta, CityData(**{**target.__dict__, "values": future}))
+    np.testing.assert_array_equal(a.scaler.mean, b.scaler.mean)
+    np.testing.assert_array_equal(a.scaler.std, b.scaler.std)
+    assert not np.allclose(a.scaler.mean, meta["scaler"]["mean"])           # fitted on the target, not reused
+
+
+def test_cli_zero_shot_json(source_run, tmp_path, monkeypatch):
+    import stllm.data.registry as registry
+    other = make_city(n_nodes=10, n_days=28, seed=5, name="city-d")
+    monkeypatch.setattr(registry, "load", lambda name, **kw: other)
+    monkeypatch.setattr("stllm.data.load", lambda name, **kw: other)
+    assert main(["evaluate", "--run", str(source_run), "--data", "city-d", "--out", str(tmp_path / "zs.json")]) == 0
+    m = json.loads((tmp_path / "zs.json").read_text())
+    assert m["zero_shot"] is True and m["source_dataset"] == "city-a" and m["dataset"] == "city-d"
+
+
+def test_channel_mapping_and_its_errors():
+    meta = {"channels": ["flow"], "interval": "0 days 01:00:00"}
+    two = make_city(n_nodes=4, n_days=10, n_channels=2, seed=1)             # inflow, outflow
+    with pytest.raises(DataError, match=r"do not match the run's \['flow'\].*--channels"):
+        fit_to_run(two, meta)
+    mapped = fit_to_run(two, meta, ["outflow=0"])
+    assert mapped.channels == ["outflow"] and np.array_equal(mapped.values[..., 0], two.values[..., 1], equal_nan=True)
+    assert fit_to_run(two, meta, ["outflow=flow"]).channels == ["outflow"]
+    with pytest.raises(DataError, match="no channel 'speed'"):
+        fit_to_run(two, meta, ["outflow=speed"])
+    with pytest.raises(DataError, match="unknown channel 'pickups'"):
+        fit_to_run(two, meta, ["pickups=0"])
+    with pytest.raises(DataError, match="TARGET=RUN"):
+        fit_to_run(two, meta, ["outflow"])
+    two_meta = {"channels": ["a", "b"], "interval": "0 days 01:00:00"}
+    with pytest.raises(DataError, match=r"without data; map every run channel"):
+        fit_to_run(two, two_meta, ["inflow=a"])
+
+
+def test_other_interval_is_refused_or_resampled():
+    meta = {"channels": ["flow"], "interval": "0 days 01:00:00"}
+    fine = make_city(n_nodes=3, n_days=5, interval="30min", seed=2)
+    with pytest.raises(DataError, match="--resample"):
+        fit_to_run(fine, meta)
+    hourly = fit_to_run(fine, meta, resample="sum")
+    assert str(hourly.interval) == "0 days 01:00:00" and hourly.n_steps == fine.n_steps // 2
