@@ -24,6 +24,7 @@ class DataConfig:
     periods: list = field(default_factory=lambda: ["day", "week"])  # target-aligned period context windows
     scaler: str = "channel"                  # channel: z-score per channel over all nodes | node: per node and channel
     max_nodes: int = 0                       # keep only the first k nodes (0 = all); for quick runs
+    train_days: float = 0                    # few-shot: train only on windows inside the first k days (0 = all)
 
     def __post_init__(self) -> None:
         if self.t_in < 1 or self.t_out < 1:
@@ -92,6 +93,7 @@ class TrainConfig:
     grad_clip: float = 5.0                   # max gradient norm (0 = off)
     seed: int = 0                            # seeds python, numpy, torch and the data order
     num_threads: int = 0                     # torch threads (0 = leave torch's default)
+    init_from: str = ""                      # few-shot: start from this run's weights (same model config)
 
     def __post_init__(self) -> None:
         if self.loss not in ("mae", "huber"):

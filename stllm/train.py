@@ -70,6 +70,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     city = city if city is not None else load_city(cfg.data)
     prep = PreparedCity(city, cfg.data, cfg.encoder)
     model = build_model(cfg, prep)
+    if cfg.train.init_from:
+        source = Path(cfg.train.init_from) / "model.safetensors"
+        if not source.is_file():
+            raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
+        model.load_trainable_state_dict(checkpoint.load(source)[0], str(source))
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
@@ -89,6 +94,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         accelerator.print(f"resumed {out} at step {state['step']} (epoch {state['epoch']})")
 
     train_starts = prep.splits["train"][:: cfg.train.train_stride]
+    if cfg.data.train_days:  # few-shot: only windows whose targets lie in the first train_days days
+        train_starts = train_starts[train_starts + prep.t_out <= cfg.data.train_days * city.steps_per_day]
     if len(train_starts) == 0:
         raise ValueError(f"{city.name}: no training windows (T={city.n_steps}, split {cfg.data.split})")
     val_starts = _spread(prep.splits["val"], cfg.train.val_windows)

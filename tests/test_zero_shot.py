@@ -88,3 +88,20 @@ def test_other_interval_is_refused_or_resampled():
         fit_to_run(fine, meta)
     hourly = fit_to_run(fine, meta, resample="sum")
     assert str(hourly.interval) == "0 days 01:00:00" and hourly.n_steps == fine.n_steps // 2
+
+
+def test_few_shot_starts_from_the_source_run_and_uses_only_the_first_days(source_run, tmp_path, tiny_config_module):
+    import torch
+
+    from stllm.checkpoint import load
+    target = make_city(n_nodes=9, n_days=28, seed=21, name="city-e")
+    cfg = tiny_config_module([f"train.init_from={source_run}", "data.train_days=7", "train.max_steps=0",
+                              "train.epochs=1", "train.batch_size=4", "train.eval_every=0"])
+    metrics = train(cfg, tmp_path / "few", city=target, progress=False)
+    windows = 7 * 24 - 12 - 12 + 1                                        # s in [12, 7 days - 12]
+    assert metrics["training"]["steps"] == -(-windows // 4)
+    zero = load(source_run / "model.safetensors")[0]
+    few = load(tmp_path / "few" / "model.safetensors")[0]
+    assert set(zero) == set(few) and any(not torch.equal(zero[k], few[k]) for k in zero)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train(tiny_config_module(["train.init_from=/nowhere"]), tmp_path / "bad", city=target, progress=False)
