@@ -56,6 +56,8 @@ def _add_inference_options(p) -> None:
     p.add_argument("--channels", nargs="*", default=[], metavar="TARGET=RUN",
                    help="map the data's channels onto the run's, e.g. departures=0 (names or positions)")
     p.add_argument("--resample", choices=["sum", "mean"], help="resample the data to the run's interval")
+    p.add_argument("--adapt-steps", type=int, default=0,
+                   help="test-time adaptation: self-supervised steps on the data's input history (default 0 = off)")
 
 
 def cmd_train(args) -> int:
@@ -97,9 +99,13 @@ def cmd_evaluate(args) -> int:
     model, meta = _load_run(args)
     city = _load_data(model, meta, args)
     prep = prepare(model, meta, city)
+    if args.adapt_steps:
+        from stllm.adapt import adapt
+        model = adapt(model, prep, before=int(prep.splits[args.split][0]), steps=args.adapt_steps)
     metrics = evaluate_with_baselines(model, prep, args.split, batch_size=args.batch_size)
     zero_shot = city.name != meta["dataset"] or city.n_nodes != meta["n_nodes"]
-    metrics.update({"run": str(args.run), "zero_shot": zero_shot, "source_dataset": meta["dataset"]})
+    metrics.update({"run": str(args.run), "zero_shot": zero_shot, "source_dataset": meta["dataset"],
+                    "adapt_steps": args.adapt_steps})
     print(f"{city.name} ({args.split}, {metrics['n_windows']} windows, {city.n_nodes} nodes)"
           + (f", zero-shot from {meta['dataset']}" if zero_shot else ""))
     print(format_table({"stllm": metrics, **metrics["baselines"]}))
@@ -112,6 +118,12 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     model, meta = _load_run(args)
     city = _load_data(model, meta, args)
+    if args.adapt_steps:
+        from stllm.adapt import adapt
+        from stllm.infer import prepare
+        prep = prepare(model, meta, city)
+        before = city.n_steps if args.last else int(prep.splits[args.split][0])
+        model = adapt(model, prep, before=before, steps=args.adapt_steps)
     result = model.predict(city, meta=meta, split=args.split, last=args.last, batch_size=args.batch_size)
     write_predictions(result, args.out)
     print(f"{len(result['starts'])} forecast window(s) for {city.n_nodes} nodes written to {args.out}")

@@ -66,6 +66,7 @@ class ModelConfig:
     projector: str = "mlp"                   # linear | mlp
     tokens_per_node: int = 1                 # <ST_HIS> tokens per node in the prompt (the k encoder tokens are
                                              # projected into this many; fewer tokens = shorter sequences)
+    nodes_per_sequence: int = 256            # cut big cities into groups of this many nodes per sequence (0 = all)
     head_hidden: int = 256                   # width of W1 and W2 in the regression head
 
     def __post_init__(self) -> None:

@@ -54,17 +54,34 @@ class STLLM(nn.Module):
         if self.backbone is None:
             return self.head(tokens)
         b, n = tokens.shape[:2]
-        m = self.cfg.model.tokens_per_node
-        layout = self.layout(n, batch.get("context") or {})
+        his = self.projector(tokens)                                    # [b, N, m, d_llm]
+        pre = self.pre_query + self.pre_proj(tokens.mean(2))           # [b, N, d_llm]
+        group = self.cfg.model.nodes_per_sequence or n
+        h_his, h_pre = [], []
+        # Nodes are cut into groups of at most `group` per sequence so the sequence length stays bounded; the
+        # layout's mask makes every node independent of the others, so grouping does not change the result.
+        for lo in range(0, n, group):
+            hi = min(lo + group, n)
+            a, p = self._run_backbone(his[:, lo:hi], pre[:, lo:hi], batch.get("context") or {})
+            h_his.append(a)
+            h_pre.append(p)
+        return self.head(torch.cat(h_his, 1), torch.cat(h_pre, 1))
+
+    def _run_backbone(self, his: torch.Tensor, pre: torch.Tensor, context: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """his [b, g, m, d_llm], pre [b, g, d_llm] -> hidden states at those slots, same shapes."""
+        b, g, m, _ = his.shape
+        layout = self.layout(g, context)
+        device = his.device
         decoder = _decoder(self.backbone)
-        base = decoder.get_input_embeddings()(layout.ids.to(tokens.device))  # [L, d_llm]
-        emb = base.unsqueeze(0).expand(b, -1, -1).clone()                     # [b, L, d_llm]
-        emb[:, layout.his_pos.reshape(-1)] = self.projector(tokens).reshape(b, n * m, -1).to(emb.dtype)
-        emb[:, layout.pre_pos] = (self.pre_query + self.pre_proj(tokens.mean(2))).to(emb.dtype)
-        hidden = decoder(inputs_embeds=emb, use_cache=False).last_hidden_state  # [b, L, d_llm]
-        h_his = hidden[:, layout.his_pos].float()                       # [b, N, k, d_llm]
-        h_pre = hidden[:, layout.pre_pos].float()                       # [b, N, d_llm]
-        return self.head(h_his, h_pre)
+        base = decoder.get_input_embeddings()(layout.ids.to(device))   # [L, d_llm]
+        emb = base.unsqueeze(0).expand(b, -1, -1).clone()               # [b, L, d_llm]
+        emb[:, layout.his_pos.reshape(-1)] = his.reshape(b, g * m, -1).to(emb.dtype)
+        emb[:, layout.pre_pos] = pre.to(emb.dtype)
+        mask = layout.mask.to(device)[None, None].expand(b, 1, -1, -1)  # [b, 1, L, L]
+        positions = layout.position_ids.to(device)[None].expand(b, -1)  # [b, L]
+        hidden = decoder(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
+                         use_cache=False).last_hidden_state              # [b, L, d_llm]
+        return hidden[:, layout.his_pos].float(), hidden[:, layout.pre_pos].float()
 
     def layout(self, n_nodes: int, context: dict):
         """Token layout for a city of n_nodes, tokenized once per (text, n_nodes)."""

@@ -45,14 +45,21 @@ class PromptTemplate:
 class CityLayout:
     """Token layout of a city-layout prompt for N nodes with k ST-tokens each.
 
-    ids:     [L] token ids; slot positions hold the pad id and are overwritten with vectors
-    his_pos: [N, k] positions of each node's <ST_HIS> tokens
-    pre_pos: [N] positions of each node's <ST_PRE> token
+    ids:          [L] token ids; slot positions hold the pad id and are overwritten with vectors
+    his_pos:      [N, k] sequence positions of each node's <ST_HIS> tokens
+    pre_pos:      [N] sequence position of each node's <ST_PRE> token
+    position_ids: [L] positions the model sees: every node block starts right after the instruction
+    mask:         [L, L] bool, True where query i may attend to key j: the instruction causally, and a
+                  node block causally within itself. No node sees another node in the language model
+                  (the encoder's graph convolution already mixed them), so a node's output does not depend
+                  on how many nodes share its sequence or in which order.
     """
 
     ids: torch.Tensor
     his_pos: torch.Tensor
     pre_pos: torch.Tensor
+    position_ids: torch.Tensor
+    mask: torch.Tensor
 
 
 def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int) -> CityLayout:
@@ -61,6 +68,8 @@ def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int) -> CityLayout
         raise PromptError(f"a city-layout prompt needs exactly one {NODES_OPEN}...{NODES_CLOSE} block")
     head, rest = text.split(NODES_OPEN)
     block, tail = rest.split(NODES_CLOSE)
+    if tail.strip():
+        raise PromptError(f"a city-layout prompt must end with {NODES_CLOSE}; found text after it: {tail.strip()!r}")
     if block.count(ST_HIS) != 1 or block.count(ST_PRE) != 1:
         raise PromptError(f"the {NODES_OPEN} block must hold exactly one {ST_HIS} and one {ST_PRE}, got {block!r}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -77,19 +86,29 @@ def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int) -> CityLayout
             segments.append(("text", encode(piece)))
 
     ids = list(encode(head, special=True))
-    his_pos, pre_pos = [], []
-    for _ in range(n_nodes):
+    n_head = len(ids)
+    his_pos, pre_pos, block_of = [], [], [-1] * n_head
+    for node in range(n_nodes):
         for kind, value in segments:
             if kind == "text":
                 ids += value
+                block_of += [node] * len(value)
             elif kind == "his":
                 his_pos.append(list(range(len(ids), len(ids) + value)))
                 ids += [pad] * value
+                block_of += [node] * value
             else:
                 pre_pos.append(len(ids))
                 ids.append(pad)
-    ids += encode(tail)
-    return CityLayout(torch.tensor(ids), torch.tensor(his_pos), torch.tensor(pre_pos))
+                block_of.append(node)
+    block = torch.tensor(block_of)
+    block_len = (len(ids) - n_head) // max(n_nodes, 1)
+    position_ids = torch.cat([torch.arange(n_head), n_head + torch.arange(block_len).repeat(n_nodes)])
+    causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+    same_block = block[:, None] == block[None, :]
+    to_head = (block[None, :] == -1).expand(len(ids), -1)
+    mask = causal & (same_block | to_head)
+    return CityLayout(torch.tensor(ids), torch.tensor(his_pos), torch.tensor(pre_pos), position_ids, mask)
 
 
 def _split_slots(text: str) -> list[str]:

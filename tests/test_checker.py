@@ -32,7 +32,8 @@ def falling_city() -> CityData:
                           "lat": [39.929, 39.886, 39.929], "lon": [116.417, 116.407, 116.339]})
     return CityData(name="falling", values=values, timestamps=pd.date_range("2024-03-04", periods=len(t), freq="1h"),
                     interval="1h", channels=["PM2.5"], units=["ug/m3"], nodes=nodes, city="Beijing",
-                    domain="air quality", exog=exog, exog_names=["temperature", "pressure", "wind_speed", "wind_dir_deg"])
+                    domain="air quality", exog=exog,
+                    exog_names=["temperature", "pressure", "wind_speed", "wind_dir_deg"])
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +167,10 @@ def test_forecast_numbers_other_than_the_heads_are_flagged(synth):
     ("Wind speed decreased from 3.4 to 1.2 m/s.", "weather", "wind_speed.to", True),
     ("Wind speed increased from 1.2 to 3.4 m/s.", "weather", "wind_speed.direction", False),
     ("Wind speed increased from 1.2 to 3.4 m/s.", "weather", "wind_speed.from", False),
+    ("Temperatures dropped overnight from 8.4 to 6.2 °C.", "weather", "temperature.from", True),
+    ("Winds were strong but eased, from 3.4 to 1.2 m/s.", "weather", "wind_speed.to", True),
+    ("It climbed from 190 to 200 in the morning and then fell to 157.", "trend", "from", True),
+    ("It climbed from 190 to 200 in the morning and then fell to 157.", "trend", "to", True),
     ("The temperature dropped by 2.2 °C while pressure rose 5.5 hPa.", "weather", "temperature.change", True),
     ("The temperature dropped by 2.2 °C while pressure rose 5.5 hPa.", "weather", "pressure.change", True),
     ("Despite the falling wind, PM2.5 went down.", "weather", "wind_speed.direction", True),
@@ -194,6 +199,11 @@ def test_free_form_phrasings(city, sentence, kind, quantity, holds):
     found = [c for c in report.claims if (c.kind, c.quantity) == (kind, quantity)]
     assert found, f"no {kind}.{quantity} claim in {sentence!r}: {[(c.kind, c.quantity) for c in report.claims]}"
     assert found[0].holds is holds, found[0]
+
+
+def test_a_path_is_checked_by_its_ends_only(city):
+    report = check_explanation("PM2.5 climbed from 190 to 200 and then fell to 157.", city, "Dongsi", START)
+    assert [(c.quantity, c.stated, c.holds) for c in report.claims] == [("from", 190.0, True), ("to", 157.0, True)]
 
 
 def test_claims_the_data_cannot_settle_are_unchecked(city):

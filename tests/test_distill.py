@@ -246,7 +246,9 @@ def test_openai_teacher_against_a_local_stub(stub_server, city, monkeypatch):
     body = req["body"]
     assert body["model"] == "stub-model" and [m["role"] for m in body["messages"]] == ["system", "user"]
     user = body["messages"][1]["content"]
-    assert "PM2.5 rose by 22.0 ug/m3 (+25%)" in user and "What really happened" in user and "<ST_" not in user
+    assert "PM2.5 rose by 22.0 ug/m3 (+25%)" in user and "<ST_" not in user
+    # the truth (mean 92.0 next, from 109.0) reaches the teacher in words only
+    assert "over the next 12 hours, PM2.5 fell clearly" in user and "92" not in user
     assert r.teacher_name == "openai:stub-model" and r.text.startswith(STUB_REPLY)
     assert r.text.endswith(FORECAST_SLOT)                         # the reply had no slot: the program adds one
     assert r.target == future_facts(city, "Dongsi", START).values and r.prompt == GOLDEN_NODE

@@ -107,3 +107,19 @@ def test_encoder_only_ablation_has_no_backbone(tmp_path, tiny_city, tiny_config)
     model, _ = STLLM.from_pretrained(tmp_path / "enc")
     assert model.backbone is None and np.isfinite(metrics["mae"])
     assert not (tmp_path / "enc" / "adapter").exists()
+
+
+@pytest.mark.parametrize("backbone", ["tiny-gpt2", "tiny-llama"])
+def test_node_groups_give_the_same_result_as_one_sequence(tiny_city, tiny_config, backbone):
+    """Big cities are cut into groups of nodes per sequence; each node's output must not change."""
+    cfg = tiny_config([f"backbone.name={backbone}", "model.nodes_per_sequence=0"])
+    torch.manual_seed(0)
+    prep = PreparedCity(tiny_city, cfg.data, cfg.encoder)
+    model = build_model(cfg, prep).eval()
+    batch = prep.batch(prep.splits["test"][:3])
+    with torch.no_grad():
+        whole = model(batch)
+        model.cfg.model.nodes_per_sequence = 4                       # 6 nodes -> groups of 4 and 2
+        grouped = model(batch)
+    assert torch.allclose(whole, grouped, atol=1e-5)
+    assert not torch.allclose(whole, torch.zeros_like(whole))

@@ -25,19 +25,28 @@ def test_missing_field_and_unknown_template():
         PromptTemplate.load("no-such-template")
 
 
-def test_city_layout_positions():
+def test_city_layout_positions_and_mask():
     tok = build_tiny_tokenizer()
-    text = "Head text. Sensors: <NODES><ST_HIS> then <ST_PRE>;</NODES> end."
+    text = "Head text. Sensors: <NODES><ST_HIS> then <ST_PRE>;</NODES>\n"
     layout = city_layout(text, tok, n_nodes=3, n_tokens=2)
     head = tok("Head text. Sensors: ")["input_ids"]
     between = tok(" then ", add_special_tokens=False)["input_ids"]
     semi = tok(";", add_special_tokens=False)["input_ids"]
     block = 2 + len(between) + 1 + len(semi)
+    h = len(head)
     assert layout.his_pos.shape == (3, 2) and layout.pre_pos.shape == (3,)
-    assert layout.his_pos[0, 0] == len(head)
-    assert layout.pre_pos[0] == len(head) + 2 + len(between)
+    assert layout.his_pos[0, 0] == h and layout.pre_pos[0] == h + 2 + len(between)
     assert torch.equal(layout.his_pos[2] - layout.his_pos[1], torch.tensor([block, block]))
-    assert len(layout.ids) == len(head) + 3 * block + len(tok(" end.", add_special_tokens=False)["input_ids"])
+    assert len(layout.ids) == h + 3 * block
+    # every node block sits at the same positions, right after the instruction
+    assert torch.equal(layout.position_ids[layout.pre_pos], torch.full((3,), h + 2 + len(between)))
+    # a node attends to the instruction and to its own block (causally), never to another node
+    m = layout.mask
+    p1 = layout.pre_pos[1]
+    assert m[p1, :h].all() and m[p1, layout.his_pos[1]].all()
+    assert not m[p1, layout.his_pos[0]].any() and not m[p1, layout.pre_pos[0]]
+    assert not m[layout.his_pos[1, 0], p1]                               # causal inside the block
+    assert torch.equal(m[:h, :h], torch.ones(h, h, dtype=torch.bool).tril())
 
 
 def test_city_layout_needs_one_block_with_both_slots():
@@ -46,3 +55,5 @@ def test_city_layout_needs_one_block_with_both_slots():
         city_layout("no block here <ST_HIS>", tok, 2, 1)
     with pytest.raises(PromptError, match="must hold exactly one"):
         city_layout("<NODES><ST_HIS></NODES>", tok, 2, 1)
+    with pytest.raises(PromptError, match="must end with"):
+        city_layout("<NODES><ST_HIS><ST_PRE></NODES> trailing words", tok, 2, 1)

@@ -105,3 +105,25 @@ def test_few_shot_starts_from_the_source_run_and_uses_only_the_first_days(source
     assert set(zero) == set(few) and any(not torch.equal(zero[k], few[k]) for k in zero)
     with pytest.raises(FileNotFoundError, match="init_from"):
         train(tiny_config_module(["train.init_from=/nowhere"]), tmp_path / "bad", city=target, progress=False)
+
+
+def test_test_time_adaptation_touches_only_norms_and_never_the_evaluated_future(source_run):
+    import torch
+
+    from stllm.adapt import adapt, adaptable_parameters
+    model, meta = STLLM.from_pretrained(source_run)
+    target = make_city(n_nodes=7, n_days=28, seed=31, name="city-f")
+    prep = prepare(model, meta, target)
+    before = int(prep.splits["test"][0])
+    adapted = adapt(model, prep, before=before, steps=5)
+    names = {n for n, _ in adaptable_parameters(model)}
+    assert names and all("norm" in n for n in names)
+    old, new = dict(model.named_parameters()), dict(adapted.named_parameters())
+    changed = {n for n in old if not torch.equal(old[n], new[n])}
+    assert changed and changed <= names                                      # only LayerNorms moved
+
+    future = target.values.copy()
+    future[before:] = 1e6                                                   # the evaluated future is poisoned
+    poisoned = prepare(model, meta, CityData(**{**target.__dict__, "values": future}))
+    again = dict(adapt(model, poisoned, before=before, steps=5).named_parameters())
+    assert all(torch.equal(again[n], new[n]) for n in names)                # ... and adaptation never saw it

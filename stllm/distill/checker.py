@@ -35,7 +35,6 @@ import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pandas as pd
 
 from stllm.data.city import CityData
 from stllm.distill.facts import (COMPASS16, WEEKDAYS, WIND_STEADY_DEG, Effect, Facts, angle_diff, compute_facts,
@@ -82,8 +81,9 @@ _NEIGHBOUR = re.compile(r"\b(?:neighbou?r(?:s|ing|hood)?|nearby|nearest|surround
                         r"stations))\b", re.I)
 _TARGET_WORDS = r"values?|readings?|levels?|concentrations?|counts?|it|this\s+sensor|the\s+sensor|the\s+station"
 _WEATHER_WORDS = {"temperature": r"(?:air\s+)?temperatures?|temps?", "dew_point": r"dew[\s-]?points?",
-                  "pressure": r"(?:air\s+|barometric\s+|atmospheric\s+)?pressure", "rain": r"rain(?:fall)?|precipitation",
-                  "wind_speed": r"wind\s+speeds?|winds?", "humidity": r"(?:relative\s+)?humidity"}
+                  "pressure": r"(?:air\s+|barometric\s+|atmospheric\s+)?pressure",
+                  "rain": r"rain(?:fall)?|precipitation", "wind_speed": r"wind\s+speeds?|winds?",
+                  "humidity": r"(?:relative\s+)?humidity"}
 _WIND_DIRECTION_SUBJECT = re.compile(r"\bwind\s+direction\b", re.I)
 
 _PERIODS = r"yesterday|(?:a|one)\s+day\s+(?:earlier|before|ago)|the\s+previous\s+day|the\s+day\s+before|" \
@@ -113,9 +113,9 @@ _ADJ = re.compile(r"\b(?P<adj>rising|increasing|climbing|growing|strengthening|w
                   r"declining|easing|weakening|cooling|slowing)\s+(?P<what>[\w .-]{1,40})", re.I)
 _FORECAST_CONTEXT = re.compile(r"\b(?:forecast|predict\w*|expect\w*|outlook|projection|next\s+\d+)", re.I)
 _LIST = re.compile(r"\[(?P<body>[^\]]*)\]")
-_SINGLE = re.compile(rf"\b(?:forecasts?|expect(?:s|ed)?|predict(?:s|ed)?|project(?:s|ed)?|will|should)\b"
-                     rf"(?:[^.;:\[\]]|\.(?=\d)){{0,40}}?\b(?P<how>be|reach|average|peak\s+at|bottom\s+out\s+at|"
-                     rf"stay\s+(?:at|near|around)|hover\s+(?:around|near)|rise\s+to|fall\s+to|drop\s+to|climb\s+to|"
+_SINGLE = re.compile(rf"\b(?:forecasts?|expect(?:s|ed)?|predict(?:s|ed)?|project(?:s|ed)?|will|should|likely)\b"
+                     rf"(?:[^.;:\[\]]|\.(?=\d)){{0,40}}?\b(?P<how>be|reach|average|averaging|peak\s+at|"
+                     rf"bottom\s+out\s+at|stay\s+(?:at|near|around)|hover\s+(?:around|near)|rise\s+to|fall\s+to|drop\s+to|climb\s+to|"
                      rf"ease\s+to|of|at|around|about|near)\s+{_ABOUT}{_num('v')}", re.I)
 _EFFECT = re.compile(
     rf"(?:(?:a|an)\s+{_num('amt')}{_UNIT}\s+(?P<adir>rise|increase|fall|drop|decrease|change)\s+in\s+"
@@ -259,7 +259,7 @@ class _Context:
         self.tol, self.effects = tolerance, effects
         self.found: list[Claim] = []
         self.weather = {w.name: w for w in truth.weather}
-        names = sorted(set(_WEATHER_WORDS) | set(city.exog_names) - {"wind_dir_deg"})
+        names = sorted(set(_WEATHER_WORDS) | (set(city.exog_names) - {"wind_dir_deg"}))
         self.weather_re = {n: re.compile(rf"\b(?:{_WEATHER_WORDS.get(n, re.escape(n).replace('_', r'[_ ]'))})\b",
                                          re.I) for n in names}
         target = [re.escape(truth.channel), re.escape(truth.node_name), re.escape(truth.node_id), _TARGET_WORDS]
@@ -279,7 +279,7 @@ class _Context:
         best, where = None, -1
         for name, rx in self.weather_re.items():
             for m in rx.finditer(text):
-                if m.start() > where or (m.start() == where and m.end() - m.start() > 4):
+                if m.start() > where:
                     best, where = name, m.start()
         return best, where
 
@@ -317,7 +317,7 @@ class _Context:
             if self.forecast is not None and np.isfinite(self.forecast).any():
                 f = self.forecast[np.isfinite(self.forecast)]
                 how = m.group("how").lower()
-                pool, actual = ([f.mean()], f"mean {f.mean():.2f}") if how == "average" else \
+                pool, actual = ([f.mean()], f"mean {f.mean():.2f}") if how.startswith("averag") else \
                     ([f.max()], f"max {f.max():g}") if how.startswith("peak") else \
                     ([f.min()], f"min {f.min():g}") if how.startswith("bottom") else \
                     ([*f, f.mean(), f.min(), f.max()], f"a forecast value, or mean {f.mean():.2f}")
@@ -452,29 +452,33 @@ class _Context:
         for m in [*noun.finditer(clause), *_ADJ.finditer(clause)]:
             word = (m.group("noun") if "noun" in m.groupdict() else m.group("adj")).lower()
             d = "up" if word in _NOUN_UP | _ADJ_UP else "down"
-            who = self.named_subject(m.group("what"))
+            who, length = self.named_subject(m.group("what"))
             if who is not None:
-                span = (m.start(), m.start("what") + len(m.group("what")[:25].rstrip()))
-                self.subject_claims(off, who, d, span, [])
+                self.subject_claims(off, who, d, (m.start(), m.start("what") + length), [])
 
-    def named_subject(self, text: str) -> str | None:
-        """The subject `text` starts with ("neighbours", a weather variable, "target"), else None."""
-        if _NEIGHBOUR.match(text):
-            return "neighbours"
+    def named_subject(self, text: str) -> tuple[str | None, int]:
+        """The subject `text` starts with ("neighbours", a weather variable, "target") and its length."""
+        m = _NEIGHBOUR.match(text)
+        if m:
+            return "neighbours", m.end()
         if _WIND_DIRECTION_SUBJECT.match(text):
-            return None
-        var, where = self.weather_var(text)
-        if var is not None and where == 0:
-            return var
-        return "target" if self.target_re.match(text) else None
+            return None, 0
+        for name, rx in self.weather_re.items():
+            m = rx.match(text)
+            if m:
+                return name, m.end()
+        m = self.target_re.match(text)
+        return ("target", m.end()) if m else (None, 0)
 
     # ---- verbs: "<subject> rose by X (+Y%), from A to B"
     def verbs(self, off: int, sent: str, clauses) -> None:
         bounds = [c_off for c_off, _ in clauses] + [len(sent)]
         matches = list(_VERB.finditer(sent))
+        said = []                                      # (subject, direction, span, tail pieces) in order
         for k, m in enumerate(matches):
             lo = max([b for b in bounds if b <= m.start()] + [matches[k - 1].end() if k else 0])
-            hi = min([b for b in bounds if b > m.end()] + [matches[k + 1].start() if k + 1 < len(matches) else len(sent)])
+            nxt = matches[k + 1].start() if k + 1 < len(matches) else len(sent)
+            hi = min([b for b in bounds if b > m.end()] + [nxt])
             subject, tail = sent[lo:m.start()], sent[m.end():hi]
             kind = m.lastgroup
             d = {"up": "up", "bup": "up", "down": "down", "bdown": "down"}.get(kind, "flat")
@@ -483,17 +487,30 @@ class _Context:
                 continue
             if kind.startswith("b") or _GENERIC.search(subject):
                 continue
-            if m.group(0).lower().endswith("ing") and self.named_subject(sent[m.end():].lstrip()) is not None \
-                    and sent[m.end():m.end() + 1].isspace():
+            if m.group(0).lower().endswith("ing") and sent[m.end():m.end() + 1].isspace() \
+                    and self.named_subject(sent[m.end():].lstrip())[0] is not None:
                 continue                               # "the falling wind": an adjective, read by `nouns`
             who = self.subject(subject)
+            if who == "":                              # "winds were light but picked up": named earlier
+                who = self.subject(sent[:m.start()]) or "target"
             if who is None:
                 continue
-            pieces = [(q, (m.start(), m.end() + e), x) for q, e, x in _parse_tail(tail)]
-            self.subject_claims(off, who, d, m.span(), pieces)
+            said.append((who, d, m.span(), [(q, (m.start(), m.end() + e), x) for q, e, x in _parse_tail(tail)]))
+        for who in dict.fromkeys(w for w, *_ in said):
+            mine = [x for x in said if x[0] == who]
+            if {"up", "down"} <= {d for _, d, _, _ in mine}:
+                # a path ("climbed from 302 to 494, then eased to 363"): only its ends are the window's
+                _, _, span0, pieces0 = mine[0]
+                _, _, span1, pieces1 = mine[-1]
+                self.subject_claims(off, who, None, span0, [p for p in pieces0 if p[0] == "from"])
+                self.subject_claims(off, who, None, span1, [p for p in pieces1 if p[0] in ("to", "level")])
+            else:
+                for _, d, span, pieces in mine:
+                    self.subject_claims(off, who, d, span, pieces)
 
     def subject(self, text: str) -> str | None:
-        """"target", "neighbours", "wind_dir", a weather variable, or None (past periods: not checkable)."""
+        """"target", "neighbours", "wind_dir", a weather variable, None (past periods: not checkable) or ""
+        (nothing named: the sentence's previous subject)."""
         if _WIND_DIRECTION_SUBJECT.search(text):
             return "wind_dir"
         if _NEIGHBOUR.search(text):
@@ -502,10 +519,12 @@ class _Context:
             return None
         var, where = self.weather_var(text)
         last_target = max((m.start() for m in self.target_re.finditer(text)), default=-1)
+        if var is None and last_target < 0:
+            return ""
         return var if var is not None and where > last_target else "target"
 
-    def subject_claims(self, off: int, who: str, d: str, span, pieces) -> None:
-        """Direction and numbers stated about one subject, each tested against the recomputed truth."""
+    def subject_claims(self, off: int, who: str, d: str | None, span, pieces) -> None:
+        """Direction (unless None) and numbers stated about one subject, each tested against the recomputed truth."""
         t = self.truth
         if who == "wind_dir":
             if d == "flat":
@@ -530,8 +549,8 @@ class _Context:
             actual = {} if w is None else {"change": w.change, "percent": percent(w.change, w.first),
                                            "from": w.first, "to": w.last, "level": w.last}
             label = who + ".{}"
-        self.add(kind, label.format("direction"), off, span, d, None if change is None else change,
-                 _direction_holds(d, change, flat))
+        if d is not None:
+            self.add(kind, label.format("direction"), off, span, d, change, _direction_holds(d, change, flat))
         sign = {"up": 1.0, "down": -1.0}.get(d)
         for quantity, piece_span, x in pieces:
             stated = _float(x)
@@ -559,10 +578,13 @@ _TAIL = [  # anchored pieces after a change verb: (quantity or None, pattern); q
     ("paren", re.compile(rf"^\s*,?\s*\(\s*(?:by\s+)?(?P<x>{_NUM})(?P<pct>\s*%)?{_UNIT}\s*\)")),
     ("fromto", re.compile(rf"^\s*,?\s*from\s+{_ABOUT}(?P<x>{_NUM}){_UNIT}(?:\s+(?:at|on)\s+[\d:]+)?\s+to\s+{_ABOUT}"
                           rf"(?P<y>{_NUM}){_UNIT}(?:\s+(?:at|on)\s+[\d:]+)?")),
+    ("from", re.compile(rf"^\s*,?\s*from\s+{_ABOUT}(?P<x>{_NUM}){_UNIT}")),
     ("to", re.compile(rf"^\s*,?\s*to\s+{_ABOUT}(?P<x>{_NUM}){_UNIT}")),
     ("level", re.compile(rf"^\s*,?\s*(?:at|around|near)\s+{_ABOUT}(?P<x>{_NUM}){_UNIT}")),
     (None, re.compile(r"^\s*,?\s*(?:on\s+average|on\s+the\s+whole|overall|in\s+total|sharply|slightly|steadily|"
-                      r"gradually|strongly|markedly|somewhat|a\s+little|a\s+lot|quickly|slowly)\b")),
+                      r"gradually|strongly|markedly|somewhat|a\s+little|a\s+lot|quickly|slowly|overnight|recently|"
+                      r"today|this\s+(?:morning|afternoon|evening)|(?:over|in|during)\s+the\s+(?:last|past)"
+                      r"(?:\s+\d+)?\s+(?:hours?|minutes?|days?|half\s+day))\b")),
 ]
 _BARE = re.compile(rf"^\s*{_ABOUT}(?P<x>{_NUM})(?P<pct>\s*%)?{_UNIT}")
 

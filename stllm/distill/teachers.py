@@ -16,7 +16,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import pandas as pd
 
@@ -55,6 +54,12 @@ def fmt(x: float) -> str:
     """One decimal, no negative zero: the precision every number of a rationale is written with."""
     out = f"{x:.1f}"
     return "0.0" if out == "-0.0" else out
+
+
+def fmt_signed(x: float) -> str:
+    """"+1.2", "-0.5", "0.0"."""
+    out = fmt(x)
+    return out if out.startswith("-") or out == "0.0" else f"+{out}"
 
 
 def fmt_pct(p: float) -> str:
@@ -112,7 +117,7 @@ def render_node_prompt(facts: Facts, template: str = "node") -> str:
         neighbours = "none"
     else:
         where = [f"{n} ({fmt(d)} km)" if nb.distance_unit == "km" else n for n, d in zip(nb.names, nb.distances)]
-        change = "unknown" if nb.mean_change is None else f"{'+' if nb.mean_change >= 0 else ''}{fmt(nb.mean_change)}"
+        change = "unknown" if nb.mean_change is None else fmt_signed(nb.mean_change)
         neighbours = f"{', '.join(where)}; mean change over these hours {change}"
     weather = [f"{w.label} {fmt(w.first)} to {fmt(w.last)} {w.unit}".rstrip() for w in facts.weather]
     if facts.wind is not None:
@@ -130,7 +135,8 @@ def render_node_prompt(facts: Facts, template: str = "node") -> str:
 # ---------------------------------------------------------------------------------------- rationale side
 
 
-def _change_clause(direction: str, change: float, first: float, last: float, unit: str, pct: float | None) -> str:
+def _change_clause(direction: str, change: float, first: float, last: float, unit: str,
+                   pct: float | None = None) -> str:
     """"rose by 12.3 ug/m3 (+41%), from 30.2 to 42.5 ug/m3" / "fell by ..." / "held steady, from ... (+2%)"."""
     pct_text = "" if pct is None else f" ({fmt_pct(pct)})"
     span = f"from {fmt(first)} to {fmt(last)}{unit}"
@@ -145,7 +151,7 @@ def drivers_text(facts: Facts) -> str:
     cal = facts.calendar
     parts = [f"The forecast starts on a {cal.weekday} ({'weekend' if cal.is_weekend else 'weekday'}) "
              f"at {_hm(cal.target_start)}."]
-    clauses = [f"{w.label} {_change_clause(w.direction, w.change, w.first, w.last, ' ' + w.unit if w.unit else '', None)}"
+    clauses = [f"{w.label} {_change_clause(w.direction, w.change, w.first, w.last, f' {w.unit}' * bool(w.unit))}"
                for w in facts.weather]
     if facts.wind is not None:
         clauses.append(f"the wind kept blowing from the {facts.wind.last}" if facts.wind.steady
@@ -183,7 +189,7 @@ def recent_text(facts: Facts) -> str:
     if nb is not None and nb.mean_change is not None:
         pct = "" if nb.mean_percent is None else f" ({fmt_pct(nb.mean_percent)})"
         if nb.direction == "flat":
-            move = f"held steady on average ({'+' if nb.mean_change >= 0 else ''}{fmt(nb.mean_change)})"
+            move = f"held steady on average ({fmt_signed(nb.mean_change)})"
         else:
             move = f"{'rose' if nb.direction == 'up' else 'fell'} by {fmt(abs(nb.mean_change))}{u} on average{pct}"
         out.append(f"The {len(nb.names)} nearest sensors ({', '.join(nb.names)}) {move}.")
@@ -204,11 +210,6 @@ def _factor_phrase(facts: Facts, kind: str, push: str, name: str) -> str:
     unit = f" {w.unit}" if w.unit else ""
     return (f"the {'rise' if w.change > 0 else 'fall'} in {w.label} (a change of {fmt_signed(w.change)}{unit} "
             f"usually moves {facts.channel} by {fmt_signed(w.effect)} over the next {horizon_text(facts)})")
-
-
-def fmt_signed(x: float) -> str:
-    out = fmt(x)
-    return out if out.startswith("-") or out == "0.0" else f"+{out}"
 
 
 def factors_text(facts: Facts, direction: str | None) -> str:
@@ -300,14 +301,14 @@ TEACHER_SYSTEM = (
 def teacher_messages(facts: Facts, future: FutureFacts) -> list[dict[str, str]]:
     """Chat messages for a language-model teacher: the prompt (without the vector slots), the facts, the truth."""
     prompt = "\n".join(line for line in render_node_prompt(facts).splitlines() if "<ST_" not in line)
-    factors = [f"{f.name} pushes {f.push}" for f in facts.factors] or ["no factor pushes clearly up or down"]
+    factors = [f"{f.name}: pushes {f.push}" for f in facts.factors] or ["no factor pushes clearly up or down"]
     truth = {"up": "rose", "down": "fell", "flat": "stayed about level"}.get(future.direction, "is unknown")
-    u = _unit(facts)
-    future_line = f"Over the next {horizon_text(facts)}, {facts.channel} {truth}"
-    if future.mean is not None and facts.last_value is not None:
-        future_line += f" (mean {fmt(future.mean)}{u} against the latest reading {fmt(facts.last_value)}{u})"
+    if future.direction in ("up", "down") and future.change is not None and facts.last_value:
+        size = abs(future.change) / abs(facts.last_value)  # in words only: no future digit to copy
+        truth += " slightly" if size < 0.15 else " clearly" if size < 0.5 else " sharply"
     user = (f"{prompt}\n\nFacts computed from the data:\n- {drivers_text(facts)}\n- {recent_text(facts)}\n"
-            f"- Factors: {'; '.join(factors)}.\n\nWhat really happened (do not write these numbers): {future_line}.")
+            f"- Factors: {'; '.join(factors)}.\n\nWhat really happened next: over the next {horizon_text(facts)}, "
+            f"{facts.channel} {truth} (on average, against the latest reading).")
     return [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": user}]
 
 
