@@ -1,4 +1,4 @@
-"""Command line: stllm train | evaluate | predict | demo."""
+"""Command line: stllm train | evaluate | predict | demo | explain."""
 from __future__ import annotations
 
 import argparse
@@ -42,9 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=4.0, help="training budget per model in minutes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("explain", help="forecast one sensor at one time and explain it (checked against the data)")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--data", help="dataset name or path (default: the run's own dataset)")
+    p.add_argument("--node", required=True, help="sensor id, name or position")
+    p.add_argument("--at", required=True, help="timestamp of the first forecast step, e.g. '2016-05-01 08:00'")
+    p.add_argument("--mode", choices=["analytic", "generated"], help="analytic: rationale rendered from computed "
+                   "facts; generated: written by the run's LM (default: the run's explain.mode)")
+    p.add_argument("--channel", help="channel to explain (default: the first)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw history, forecast and truth")
+    p.add_argument("--max-new-tokens", type=int, help="bound on generated tokens (default: the run's explain.max_new_tokens)")
+
     args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo}[args.command](args)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
+                "explain": cmd_explain}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as err:
         print(f"stllm {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -62,13 +75,14 @@ def _add_inference_options(p) -> None:
 
 def cmd_train(args) -> int:
     from stllm.config import load_config
-    from stllm.metrics import format_table
     from stllm.train import train
     cfg = load_config(args.config, args.set)
+    if cfg.explain.enabled:  # the explain recipe: the student trained with the joint regression + rationale loss
+        from stllm.distill.student import train_student as train
     metrics = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     if not metrics:  # not the main process of a multi-process run
         return 0
-    print(format_table({"stllm": metrics, **metrics["baselines"]}))
+    print(comparison_table(metrics))
     print(f"run written to {args.out}")
     return 0
 
@@ -95,7 +109,6 @@ def _load_data(model, meta: dict, args):
 
 def cmd_evaluate(args) -> int:
     from stllm.infer import evaluate_with_baselines, prepare
-    from stllm.metrics import format_table
     model, meta = _load_run(args)
     city = _load_data(model, meta, args)
     prep = prepare(model, meta, city)
@@ -108,7 +121,7 @@ def cmd_evaluate(args) -> int:
                     "adapt_steps": args.adapt_steps})
     print(f"{city.name} ({args.split}, {metrics['n_windows']} windows, {city.n_nodes} nodes)"
           + (f", zero-shot from {meta['dataset']}" if zero_shot else ""))
-    print(format_table({"stllm": metrics, **metrics["baselines"]}))
+    print(comparison_table(metrics))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=1))
@@ -128,6 +141,14 @@ def cmd_predict(args) -> int:
     write_predictions(result, args.out)
     print(f"{len(result['starts'])} forecast window(s) for {city.n_nodes} nodes written to {args.out}")
     return 0
+
+
+def comparison_table(metrics: dict) -> str:
+    """The run next to its baselines: forecast metrics, or event metrics for event classification."""
+    from stllm.events import format_event_table
+    from stllm.metrics import format_table
+    rows = {"stllm": metrics, **metrics["baselines"]}
+    return format_event_table(rows) if "macro_f1" in metrics else format_table(rows)
 
 
 def write_predictions(result: dict, path: str) -> None:
@@ -156,6 +177,11 @@ def cmd_demo(args) -> int:
     from stllm.demo import run_demo
     run_demo(args.out, minutes=args.minutes, progress=not args.quiet)
     return 0
+
+
+def cmd_explain(args) -> int:
+    from stllm.explain import cmd_explain as run
+    return run(args)
 
 
 if __name__ == "__main__":

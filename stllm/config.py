@@ -21,6 +21,7 @@ class DataConfig:
     t_in: int = 12                           # history steps
     t_out: int = 12                          # forecast horizon steps
     split: list = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train/val/test fractions, chronological
+    split_at: list = field(default_factory=list)  # [train_end, test_start] step indices (a dataset's given split)
     periods: list = field(default_factory=lambda: ["day", "week"])  # target-aligned period context windows
     scaler: str = "channel"                  # channel: z-score per channel over all nodes | node: per node and channel
     max_nodes: int = 0                       # keep only the first k nodes (0 = all); for quick runs
@@ -34,6 +35,8 @@ class DataConfig:
         bad = [p for p in self.periods if p not in ("day", "week")]
         if bad:
             raise ConfigError(f"data.periods may contain 'day' and 'week', got {bad}")
+        if self.split_at and (len(self.split_at) != 2 or not 0 < self.split_at[0] <= self.split_at[1]):
+            raise ConfigError(f"data.split_at must be [train_end, test_start] with 0 < train_end <= test_start, got {self.split_at}")
         if self.scaler not in ("channel", "node"):
             raise ConfigError(f"data.scaler must be 'channel' or 'node', got {self.scaler!r}")
 
@@ -61,6 +64,7 @@ class EncoderConfig:
 
 @dataclass
 class ModelConfig:
+    task: str = "forecast"                   # forecast: regression of values | events: per-channel event classification
     use_llm: bool = True                     # false = encoder-only ablation: the same encoder with a linear head
     prompt: str = "city"                     # template name in prompts/ (prompts/<name>.txt)
     projector: str = "mlp"                   # linear | mlp
@@ -70,6 +74,8 @@ class ModelConfig:
     head_hidden: int = 256                   # width of W1 and W2 in the regression head
 
     def __post_init__(self) -> None:
+        if self.task not in ("forecast", "events"):
+            raise ConfigError(f"model.task must be forecast|events, got {self.task!r}")
         if self.projector not in ("linear", "mlp"):
             raise ConfigError(f"model.projector must be linear|mlp, got {self.projector!r}")
         if self.tokens_per_node < 1:
@@ -103,6 +109,31 @@ class TrainConfig:
             raise ConfigError("train.batch_size must be >= 1 and train.lr > 0")
 
 
+@dataclass
+class ExplainConfig:
+    enabled: bool = False                    # true: `stllm train` trains the explaining student (stllm.distill.student)
+    lm_weight: float = 0.5                   # weight of the rationale LM cross-entropy in the joint loss
+    city_weight: float = 1.0                 # weight of the city-layout regression loss kept alongside (0 = off)
+    n_samples: int = 256                     # (window, node) training samples the teacher writes rationales for
+    batch_size: int = 4                      # node-layout samples per step (long sequences: keep it small on CPU)
+    steps: int = 0                           # student optimizer steps (0 = one pass over the samples)
+    minutes: float = 0.0                     # stop the student stage after this wall time (0 = no limit)
+    forecaster: bool = True                  # first train the city-layout forecaster (stllm.train, section train)
+                                             # into <out>/forecaster, unless train.init_from names a run to start from
+    teacher: str = "analytic"                # analytic (deterministic, from computed facts) | hf:<model folder>
+    mode: str = "analytic"                   # default explanation mode of the run: analytic | generated
+    max_new_tokens: int = 320                # bound on generated rationale tokens
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("analytic", "generated"):
+            raise ConfigError(f"explain.mode must be analytic|generated, got {self.mode!r}")
+        if self.teacher != "analytic" and not self.teacher.startswith("hf:"):
+            raise ConfigError(f"explain.teacher must be 'analytic' or 'hf:<model folder>', got {self.teacher!r}")
+        if self.lm_weight < 0 or self.city_weight < 0 or self.n_samples < 1 or self.batch_size < 1 or self.steps < 0:
+            raise ConfigError("explain.lm_weight, explain.city_weight and explain.steps must be >= 0, "
+                              "explain.n_samples and explain.batch_size >= 1")
+
+
 def _backbone_config_cls():
     from stllm.backbone import BackboneConfig  # the backbone module owns its own config
     return BackboneConfig
@@ -115,6 +146,7 @@ class Config:
     backbone: Any = field(default_factory=lambda: _backbone_config_cls()())
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,7 +155,7 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-SECTIONS = {"data": DataConfig, "encoder": EncoderConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "encoder": EncoderConfig, "model": ModelConfig, "train": TrainConfig, "explain": ExplainConfig}
 
 
 def _section_cls(name: str):

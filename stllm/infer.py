@@ -7,6 +7,7 @@ import torch
 from stllm.data.city import CityData, DataError
 from stllm.data.prepared import PreparedCity
 from stllm.data.windows import Scaler
+from stllm.events import EventAccumulator
 from stllm.metrics import MetricAccumulator
 
 
@@ -102,14 +103,24 @@ def forecast(model, prep: PreparedCity, starts: np.ndarray, batch_size: int = 16
     for i in range(0, len(starts), batch_size):
         chunk = starts[i:i + batch_size]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prep.batch(chunk).items()}
-        pred = prep.scaler.inverse(model(batch).float().cpu())
+        out = model(batch).float().cpu()
+        pred = torch.sigmoid(out) if _is_events(model) else prep.scaler.inverse(out)  # probabilities or values
         yield chunk, pred.numpy(), batch["y_raw"].cpu().numpy()
     model.train(was_training)
 
 
+def _is_events(model) -> bool:
+    return model.cfg.model.task == "events"
+
+
+def selection_error(metrics: dict) -> float:
+    """The number early stopping minimises: masked MAE, or 1 - macro-F1 for event classification."""
+    return 1.0 - metrics["macro_f1"] if "macro_f1" in metrics else metrics["mae"]
+
+
 def evaluate(model, prep: PreparedCity, starts: np.ndarray, batch_size: int = 16) -> dict:
-    """Masked and unmasked metrics on the original scale over the given windows."""
-    acc = MetricAccumulator()
+    """Masked and unmasked metrics on the original scale over the given windows (event metrics for events)."""
+    acc = EventAccumulator(prep.city.channels) if _is_events(model) else MetricAccumulator()
     for _, pred, true in forecast(model, prep, starts, batch_size):
         acc.update(pred, true)
     return acc.compute()
@@ -118,6 +129,7 @@ def evaluate(model, prep: PreparedCity, starts: np.ndarray, batch_size: int = 16
 def evaluate_with_baselines(model, prep: PreparedCity, split: str = "test", batch_size: int = 16) -> dict:
     """The metrics JSON of `stllm evaluate`: the model and the four baselines on one split."""
     from stllm.baselines import run_baselines
+    from stllm.events import run_event_baselines
     if split not in prep.splits:
         raise ValueError(f"--split must be one of {list(prep.splits)}, got {split!r}")
     starts = prep.splits[split]
@@ -125,7 +137,8 @@ def evaluate_with_baselines(model, prep: PreparedCity, split: str = "test", batc
         raise DataError(f"{prep.city.name}: the {split} split has no windows")
     result = evaluate(model, prep, starts, batch_size)
     return {"dataset": prep.city.name, "split": split, "n_windows": int(len(starts)), "n_nodes": prep.city.n_nodes,
-            **result, "baselines": run_baselines(prep.city, starts, prep.t_out, prep.train_end)}
+            **result, "baselines": (run_event_baselines if _is_events(model) else run_baselines)(
+                prep.city, starts, prep.t_out, prep.train_end)}
 
 
 def predict(model, city: CityData, meta: dict, split: str = "test", last: bool = False, batch_size: int = 16) -> dict:

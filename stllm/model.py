@@ -11,6 +11,7 @@ from torch import nn
 
 from stllm.config import Config, load_config
 from stllm.nn.encoder import STEncoder
+from stllm.nn.classification import ClassificationHead
 from stllm.nn.heads import LinearHead, Projector, RegressionHead
 from stllm.prompts import PromptTemplate, city_layout
 
@@ -22,7 +23,8 @@ PROMPT = "prompt.txt"
 class STLLM(nn.Module):
     """The forecaster. The backbone (or None for the encoder-only ablation) is built elsewhere and injected.
 
-    forward(batch) -> [b, t_out, N, C] forecasts on the scaled axis.
+    forward(batch) -> [b, t_out, N, C] forecasts on the scaled axis (model.task=forecast), or event logits per
+    channel (model.task=events).
     """
 
     def __init__(self, cfg: Config, n_channels: int, n_exog: int, backbone=None, tokenizer=None,
@@ -31,7 +33,7 @@ class STLLM(nn.Module):
         self.cfg, self.n_channels, self.n_exog = cfg, n_channels, n_exog
         self.encoder = STEncoder(cfg.encoder, cfg.data, n_channels, n_exog)
         k, d_enc, t_out = self.encoder.n_tokens, cfg.encoder.d_enc, cfg.data.t_out
-        if not cfg.model.use_llm:
+        if not cfg.model.use_llm:   # for events the linear head's outputs are logits
             self.backbone = None
             self.head = LinearHead(d_enc, k, t_out, n_channels)
             return
@@ -45,7 +47,8 @@ class STLLM(nn.Module):
         self.projector = Projector(d_enc, d_llm, cfg.model.projector, n_in=k, n_out=m)
         self.pre_query = nn.Parameter(torch.zeros(d_llm))   # the learned <ST_PRE> query
         self.pre_proj = nn.Linear(d_enc, d_llm)              # plus the node's own summary, so slots differ by node
-        self.head = RegressionHead(d_llm, m, t_out, n_channels, cfg.model.head_hidden)
+        head = ClassificationHead if cfg.model.task == "events" else RegressionHead
+        self.head = head(d_llm, m, t_out, n_channels, cfg.model.head_hidden)
         self._layouts: dict = {}
 
     # ---- forward -----------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from stllm import checkpoint
 from stllm.config import Config
 from stllm.data.city import CityData
 from stllm.data.prepared import PreparedCity
-from stllm.infer import evaluate, load_city, run_meta
+from stllm.infer import evaluate, load_city, run_meta, selection_error
+from stllm.nn.classification import event_loss
 from stllm.model import STLLM
 
 LAST, BEST = "checkpoints/last.safetensors", "checkpoints/best.safetensors"
@@ -103,24 +104,25 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     steps_per_epoch = math.ceil(len(train_starts) / bs)
     eval_every = cfg.train.eval_every or steps_per_epoch
     log = (out / "log.jsonl").open("a") if main else None
+    events = cfg.model.task == "events"
     t_start, loss_sum, loss_n = time.time() - state["elapsed_s"], 0.0, 0
 
     def validate_and_checkpoint() -> None:
         nonlocal loss_sum, loss_n
-        val = evaluate(raw_model, prep, val_starts, batch_size=bs)["mae"] if len(val_starts) else loss_sum / max(loss_n, 1)
+        val = selection_error(evaluate(raw_model, prep, val_starts, batch_size=bs)) if len(val_starts) else loss_sum / max(loss_n, 1)
         state["elapsed_s"] = time.time() - t_start
         improved = val < state["best_val"]
         if improved:
             state["best_val"], state["bad_evals"] = val, 0
             if main:
-                checkpoint.atomic_save(raw_model.trainable_state_dict(), out / BEST, {"step": state["step"], "val_mae": val})
+                checkpoint.atomic_save(raw_model.trainable_state_dict(), out / BEST, {"step": state["step"], "val_error": val})
         else:
             state["bad_evals"] += 1
         if not main:   # every process validates (same windows, same weights) so all stop together
             loss_sum, loss_n = 0.0, 0
             return
         record = {"step": state["step"], "epoch": state["epoch"], "train_loss": loss_sum / max(loss_n, 1),
-                  "val_mae": val, "best_val_mae": state["best_val"], "elapsed_s": round(state["elapsed_s"], 2),
+                  "val_error": val, "best_val_error": state["best_val"], "elapsed_s": round(state["elapsed_s"], 2),
                   "windows_per_s": round(state["windows"] / max(state["elapsed_s"], 1e-9), 2)}
         log.write(json.dumps(record) + "\n")
         log.flush()
@@ -136,9 +138,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
             starts = order[i * bs:(i + 1) * bs]
             if world > 1:  # this process's share; every process needs at least one window to step together
                 starts = np.resize(starts, max(len(starts), world))[rank::world]
-            batch = _to(prep.batch(starts, cfg.train.mask_zeros), accelerator.device)
+            batch = _to(prep.batch(starts, cfg.train.mask_zeros and not events), accelerator.device)
             pred = model(batch)
-            loss = masked_loss(pred, batch["y"], batch["y_mask"], cfg.train.loss)
+            if events:
+                loss = event_loss(pred, batch["y_raw"])
+            else:
+                loss = masked_loss(pred, batch["y"], batch["y_mask"], cfg.train.loss)
             accelerator.backward(loss)
             if cfg.train.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -148,7 +153,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
             state["epoch_step"] = i + 1
             state["windows"] += len(starts)
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            bar.set_postfix(loss=f"{loss.item():.4f}", best_val=f"{state['best_val']:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", best_val_error=f"{state['best_val']:.3f}")
             if on_step is not None:
                 on_step(state["step"])
             out_of_time = _agree(accelerator, bool(cfg.train.max_minutes) and time.time() - t_start > 60 * cfg.train.max_minutes)
@@ -182,7 +187,7 @@ def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict,
     metrics = evaluate_with_baselines(model, prep, "test", batch_size=cfg.train.batch_size)
     metrics["training"] = {"steps": state["step"], "epochs": state["epoch"], "wall_s": round(state["elapsed_s"], 2),
                            "windows_per_s": round(state["windows"] / max(state["elapsed_s"], 1e-9), 2),
-                           "best_val_mae": state["best_val"], "peak_rss_mb": peak_rss_mb()}
+                           "best_val_error": state["best_val"], "peak_rss_mb": peak_rss_mb()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 

@@ -22,7 +22,7 @@ def test_train_save_load_evaluate(tmp_path, tiny_city, tiny_config, backbone):
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoints/best.safetensors"):
         assert (tmp_path / "run" / name).is_file(), name
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 2 and all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_mae"]) for r in log)
+    assert len(log) == 2 and all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_error"]) for r in log)
     assert np.isfinite(metrics["mae"]) and set(metrics["baselines"]) == {
         "last", "same_time_yesterday", "same_time_last_week", "historical_average"}
 

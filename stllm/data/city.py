@@ -36,6 +36,7 @@ class CityData:
     distances: np.ndarray | None = None         # [N, N]
     exog: np.ndarray | None = None              # [T, N or 1, E]
     exog_names: list[str] = field(default_factory=list)  # E names; "wind_speed", "wind_dir_deg" drive the wind graph
+    split_at: tuple | None = None               # a dataset's given (train_end, test_start); None = use fractions
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float32)
@@ -106,7 +107,8 @@ class CityData:
     def slice_time(self, start: int, stop: int) -> "CityData":
         """Steps [start, stop) as a new CityData (arrays are views)."""
         exog = None if self.exog is None else self.exog[start:stop]
-        return replace(self, values=self.values[start:stop], timestamps=self.timestamps[start:stop], exog=exog)
+        return replace(self, values=self.values[start:stop], timestamps=self.timestamps[start:stop], exog=exog,
+                       split_at=None)
 
     def select_nodes(self, index) -> "CityData":
         """A sub-city with the given node positions (ints) or node ids (strings)."""
@@ -151,7 +153,8 @@ class CityData:
                     rad = np.deg2rad(blocks[..., self.exog_names.index("wind_dir_deg")])
                     mean = np.rad2deg(np.arctan2(np.nanmean(np.sin(rad), 1), np.nanmean(np.cos(rad), 1))) % 360
                     exog[..., self.exog_names.index("wind_dir_deg")] = mean
-        return replace(self, values=values, timestamps=self.timestamps[:t:k], interval=interval, exog=exog)
+        return replace(self, values=values, timestamps=self.timestamps[:t:k], interval=interval, exog=exog,
+                       split_at=None)
 
     def channel_index(self, channel: str | int) -> int:
         if isinstance(channel, (int, np.integer)) or (isinstance(channel, str) and channel.isdigit()):

@@ -20,8 +20,12 @@ class PreparedCity:
     def __init__(self, city: CityData, data_cfg, enc_cfg, scaler: Scaler | None = None):
         self.city, self.cfg = city, data_cfg
         self.t_in, self.t_out = data_cfg.t_in, data_cfg.t_out
-        self.splits = split_starts(city.n_steps, self.t_in, self.t_out, data_cfg.split)
-        self.train_end = split_bounds(city.n_steps, data_cfg.split)[0]
+        # The config's explicit split, else the dataset's own given split, else the fractions (7:1:2).
+        bounds = data_cfg.split_at or city.split_at or split_bounds(city.n_steps, data_cfg.split)
+        if bounds[1] > city.n_steps:
+            raise DataError(f"{city.name}: data.split_at {list(bounds)} lies beyond its {city.n_steps} steps")
+        self.splits = split_starts(city.n_steps, self.t_in, self.t_out, bounds=bounds)
+        self.train_end = int(bounds[0])
         if scaler is None:
             if len(self.splits["train"]) == 0:
                 raise DataError(f"{city.name}: no training windows to fit a scaler on")

@@ -27,7 +27,7 @@ def split_bounds(n_steps: int, fractions=(0.7, 0.1, 0.2)) -> tuple[int, int]:
     return floor(fractions[0] * n_steps), floor((fractions[0] + fractions[1]) * n_steps)
 
 
-def split_starts(n_steps: int, t_in: int, t_out: int, fractions=(0.7, 0.1, 0.2)) -> dict[str, np.ndarray]:
+def split_starts(n_steps: int, t_in: int, t_out: int, fractions=(0.7, 0.1, 0.2), bounds=None) -> dict[str, np.ndarray]:
     """Chronological split of the time axis; a window belongs to the part that holds all its targets.
 
     train: s in [t_in, train_end - t_out], val: [train_end, test_start - t_out], test: [test_start, T - t_out].
@@ -35,7 +35,7 @@ def split_starts(n_steps: int, t_in: int, t_out: int, fractions=(0.7, 0.1, 0.2))
     that reproduces the baseline figures of REFERENCE.md exactly.
     """
     window_starts(n_steps, t_in, t_out)  # raises when the series is too short
-    train_end, test_start = split_bounds(n_steps, fractions)
+    train_end, test_start = bounds if bounds else split_bounds(n_steps, fractions)
     last = n_steps - t_out
     part = lambda lo, hi: np.arange(max(lo, t_in), min(hi, last) + 1)
     return {"train": part(t_in, train_end - t_out), "val": part(train_end, test_start - t_out),

@@ -1,0 +1,174 @@
+"""Explained forecasts benchmark: faithfulness, numbers, MAE and generation speed on real data.
+
+    STLLM_DATA_ROOT=../shared/data python benchmarks/explain.py \
+        --runs beijing-pm25=runs/bench/beijing-pm25/stllm nyc-taxi-60min=runs/bench/nyc-taxi-60min/stllm \
+        [--pairs 200] [--generated 12] [--max-new-tokens 320] [--student beijing-pm25=runs/bj-explain]
+
+For each trained run, over `--pairs` (sensor, time) pairs drawn (seeded) from its test split, channels taken in
+turn: `stllm.explain.explain` in analytic mode, reporting
+- faithfulness: mean over explanations of the share of checked data claims that hold, and the share of
+  explanations where every claim holds;
+- numbers: the share of explanations whose stated forecast numbers equal the regression head's;
+- MAE of the explained forecasts against the truth (masked: missing and zero targets ignored, as the evaluation
+  does) next to the city layout's MAE on the same windows from `stllm.infer.forecast`. Explain mode reads the
+  same head on the same city layout, so the two are equal by construction; the benchmark checks that they are;
+- seconds per explanation.
+Then generated mode (the run's language model writes the rationale, greedy, KV cache) on the first `--generated`
+pairs: tokens per second, seconds per explanation, faithfulness of what it wrote and the numbers check. A
+`--student` run (trained by `stllm train` with an `explain:` section) is measured the same way in generated mode.
+Writes benchmarks/results/explain.json and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stllm.distill.facts import estimate_effects
+from stllm.explain import explain, load_effects
+from stllm.infer import forecast, load_city, prepare
+from stllm.model import STLLM
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pick_pairs(prep, n: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """n (start, node, channel) triples from the test split whose first target step is observed."""
+    rng = np.random.default_rng(seed)
+    starts = prep.splits["test"]
+    values = prep.city.values
+    out, tries = [], 0
+    while len(out) < n and tries < 100 * n:
+        tries += 1
+        s, i = int(rng.choice(starts)), int(rng.integers(prep.n_nodes))
+        c = len(out) % prep.city.n_channels
+        if np.isfinite(values[s - 1, i, c]) and np.isfinite(values[s:s + prep.t_out, i, c]).any():
+            out.append((s, i, c))
+    return out
+
+
+def masked_mae(pred: np.ndarray, true: np.ndarray) -> float:
+    ok = np.isfinite(true) & (np.abs(np.nan_to_num(true)) > 1e-4)
+    return float(np.abs(pred - true)[ok].mean())
+
+
+def summarise(results: list[dict], seconds: list[float]) -> dict:
+    faith = [r["faithfulness"] for r in results if r["faithfulness"] is not None]
+    checked = [sum(c["verdict"] != "unchecked" and not c["kind"].startswith("forecast") for c in r["claims"])
+               for r in results]
+    out = {"n": len(results),
+           "faithfulness_mean": float(np.mean(faith)) if faith else None,
+           "all_claims_hold_share": float(np.mean([f == 1.0 for f in faith])) if faith else None,
+           "with_checkable_claims_share": len(faith) / len(results),
+           "checked_claims_per_explanation": float(np.mean(checked)),
+           "failed_claims": sum(c["verdict"] == "fails" and not c["kind"].startswith("forecast")
+                                for r in results for c in r["claims"]),
+           "numbers_equal_head_share": float(np.mean([r["numbers_consistent"] is True for r in results])),
+           "seconds_per_explanation": float(np.mean(seconds))}
+    gen = [r["generation"] for r in results if "generation" in r]
+    if gen:
+        tokens, secs = sum(g["new_tokens"] for g in gen), sum(g["seconds"] for g in gen)
+        out.update({"new_tokens_per_explanation": tokens / len(gen), "tokens_per_s": tokens / max(secs, 1e-9),
+                    "prompt_tokens": float(np.mean([g["prompt_tokens"] for g in gen])),
+                    "example": results[0]["explanation"]})
+    return out
+
+
+def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_tokens: int) -> dict:
+    t0 = time.time()
+    model, meta = STLLM.from_pretrained(run_dir)
+    city = load_city(model.cfg.data)
+    prep = prepare(model, meta, city)
+    effects = load_effects(run_dir)
+    effects_source = "run" if effects is not None else "estimated at explain time from the training part"
+    if effects is None:
+        effects = estimate_effects(city, prep.train_end, prep.t_in, prep.t_out) if city.exog is not None else {}
+    pairs = pick_pairs(prep, n_pairs)
+    out = {"run": str(run_dir), "dataset": city.name, "n_nodes": city.n_nodes, "channels": city.channels,
+           "effects": effects_source, "load_s": round(time.time() - t0, 1),
+           "run_test_mae": json.loads((Path(run_dir) / "metrics.json").read_text()).get("mae")}
+
+    results, seconds = [], []
+    for s, i, c in pairs:
+        t = time.perf_counter()
+        results.append(explain(model, meta, city, i, s, channel=c, effects=effects, prep=prep))
+        seconds.append(time.perf_counter() - t)
+    out["analytic"] = summarise(results, seconds)
+    # the city layout's numbers for the same windows, batched as `stllm evaluate` does
+    starts = np.array(sorted({s for s, _, _ in pairs}))
+    by_start = {}
+    for chunk, pred, true in forecast(model, prep, starts, batch_size=16):
+        for k, s in enumerate(chunk):
+            by_start[int(s)] = (pred[k], true[k])
+    city_pred = np.stack([by_start[s][0][:, i, c] for s, i, c in pairs])               # [P, t_out]
+    truth = np.stack([by_start[s][1][:, i, c] for s, i, c in pairs])
+    explained = np.array([r["forecast"] for r in results])
+    out["mae"] = {"explain_mode": masked_mae(explained, truth), "city_layout": masked_mae(city_pred, truth),
+                  "max_abs_diff_explain_vs_city_layout": float(np.abs(explained - city_pred).max())}
+    if n_generated and model.backbone is not None:
+        results, seconds = [], []
+        for s, i, c in pairs[:n_generated]:
+            t = time.perf_counter()
+            results.append(explain(model, meta, city, i, s, channel=c, effects=effects, prep=prep,
+                                   mode="generated", max_new_tokens=max_new_tokens))
+            seconds.append(time.perf_counter() - t)
+            print(f"  {name} generated {len(results)}/{n_generated}: {results[-1]['generation']}", flush=True)
+        out["generated"] = summarise(results, seconds)
+    return out
+
+
+def table(results: dict) -> str:
+    def f(x, fmt=".3f"):
+        return "-" if x is None else format(x, fmt)
+    lines = ["| dataset (run) | mode | pairs | faithfulness | all claims hold | claims/expl. | numbers = head | "
+             "MAE explain / city layout | s/expl. | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        for mode in ("analytic", "generated"):
+            m = r.get(mode)
+            if not m:
+                continue
+            mae = r.get("mae") if mode == "analytic" else None
+            mae_text = "-" if not mae else f"{mae['explain_mode']:.2f} / {mae['city_layout']:.2f}"
+            lines.append(f"| {key} | {mode} | {m['n']} | {f(m['faithfulness_mean'])} | {f(m['all_claims_hold_share'], '.2f')} | "
+                         f"{m['checked_claims_per_explanation']:.1f} | {m['numbers_equal_head_share']:.2f} | "
+                         f"{mae_text} | "
+                         f"{m['seconds_per_explanation']:.2f} | {f(m.get('tokens_per_s'), '.1f')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", required=True, metavar="NAME=RUN_DIR")
+    parser.add_argument("--student", nargs="*", default=[], metavar="NAME=RUN_DIR",
+                        help="student runs (explain: section), measured in generated mode")
+    parser.add_argument("--pairs", type=int, default=200)
+    parser.add_argument("--generated", type=int, default=12, help="pairs explained in generated mode")
+    parser.add_argument("--max-new-tokens", type=int, default=320)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "explain.json"))
+    args = parser.parse_args()
+
+    path = Path(args.out)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.pop("_machine", None)
+    jobs = [(item, False) for item in args.runs] + [(item, True) for item in args.student]
+    for item, student in jobs:
+        name, run_dir = item.split("=", 1)
+        key = f"{name} (student)" if student else name
+        print(f"== {key}: {run_dir}", flush=True)
+        results[key] = bench_run(name, run_dir, args.pairs, args.generated, args.max_new_tokens)
+        results["_machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                               "platform": platform.platform(), "note": "shared 2-core CPU, another training "
+                               "job running at normal priority, this one at nice 19"}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+    print(table({k: v for k, v in results.items() if not k.startswith("_")}))
+
+
+if __name__ == "__main__":
+    main()

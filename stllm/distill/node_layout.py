@@ -1,0 +1,134 @@
+"""The node layout: one sequence per (window, node) for explanations.
+
+The node's text context (prompts/node.txt, rendered by `stllm.distill.render_node_prompt`) with its ST-tokens at
+<ST_HIS> and its forecast query at <ST_PRE>, then room for the rationale. It reuses the modules of the city layout
+(`STLLM.encoder`, `projector`, `pre_query`, `pre_proj`, `head`) on the whole-city batch, so a node's ST-tokens
+have seen its neighbours through the encoder's graph convolution exactly as in the city layout.
+
+Used by `stllm.explain` (greedy generation with the KV cache) and `stllm.distill.student` (the joint loss).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stllm.backbone import base_model
+from stllm.prompts import ST_HIS, ST_PRE, PromptError, _split_slots
+
+
+@dataclass
+class NodeInputs:
+    """A right-padded batch of node-layout sequences.
+
+    embeds:          [B, L, d_llm] token embeddings with the slot vectors written in
+    attention_mask:  [B, L] 1 on real tokens, 0 on padding
+    labels:          [B, L] rationale token ids (targets), -100 on prompt and padding
+    his_pos:         [B, m] positions of the <ST_HIS> tokens
+    pre_pos:         [B] position of the <ST_PRE> token
+    """
+
+    embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    his_pos: torch.Tensor
+    pre_pos: torch.Tensor
+
+
+def slot_vectors(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vectors STLLM.forward puts into the slots, for every node of a city batch:
+    his [b, N, m, d_llm] (projected ST-tokens) and pre [b, N, d_llm] (the <ST_PRE> query)."""
+    tokens = model.encoder(batch)                                       # [b, N, k, d_enc]
+    his = model.projector(tokens)                                       # [b, N, m, d_llm]
+    pre = model.pre_query + model.pre_proj(tokens.mean(2))             # [b, N, d_llm]
+    return his, pre
+
+
+def tokenize_prompt(tokenizer, text: str, n_tokens: int) -> tuple[list[int], list[int], int]:
+    """A node-layout prompt -> (ids with pad ids at the slots, <ST_HIS> positions [n_tokens], <ST_PRE> position)."""
+    if text.count(ST_HIS) != 1 or text.count(ST_PRE) != 1:
+        raise PromptError(f"a node-layout prompt needs exactly one {ST_HIS} and one {ST_PRE}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])   # BOS where the tokenizer adds one
+    his_pos, pre_pos = [], -1
+    for piece in _split_slots(text):
+        if piece == ST_HIS:
+            his_pos = list(range(len(ids), len(ids) + n_tokens))
+            ids += [pad] * n_tokens
+        elif piece == ST_PRE:
+            pre_pos = len(ids)
+            ids.append(pad)
+        else:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids, his_pos, pre_pos
+
+
+def node_inputs(model, his: torch.Tensor, pre: torch.Tensor, rows: list[tuple[int, int]], prompts: list[str],
+                targets: list[str] | None = None) -> NodeInputs:
+    """Sequences for `rows` [(window index into his/pre, node position)]: prompt, then (when given) the target
+    text and EOS, which alone are labelled. his [b, N, m, d_llm], pre [b, N, d_llm] from `slot_vectors`."""
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    m = his.shape[2]
+    seqs, labels, his_pos, pre_pos = [], [], [], []
+    for k, prompt in enumerate(prompts):
+        ids, hp, pp = tokenize_prompt(tok, prompt, m)
+        lab = [-100] * len(ids)
+        if targets is not None:
+            tgt = tok(targets[k], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids, lab = ids + tgt, lab + tgt
+        seqs.append(ids)
+        labels.append(lab)
+        his_pos.append(hp)
+        pre_pos.append(pp)
+    length = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad] * (length - len(s)) for s in seqs])                  # [B, L]
+    mask = torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in seqs])        # [B, L]
+    lab = torch.tensor([x + [-100] * (length - len(x)) for x in labels])               # [B, L]
+    device = his.device
+    emb = model.backbone.get_input_embeddings()(ids.to(device)).clone()                # [B, L, d_llm]
+    his_pos_t, pre_pos_t = torch.tensor(his_pos, device=device), torch.tensor(pre_pos, device=device)
+    w = torch.tensor([r[0] for r in rows], device=device)
+    n = torch.tensor([r[1] for r in rows], device=device)
+    batch_idx = torch.arange(len(rows), device=device)
+    emb[batch_idx[:, None], his_pos_t] = his[w, n].to(emb.dtype)                        # [B, m, d_llm]
+    emb[batch_idx, pre_pos_t] = pre[w, n].to(emb.dtype)                                 # [B, d_llm]
+    return NodeInputs(emb, mask.to(device), lab.to(device), his_pos_t, pre_pos_t)
+
+
+def node_forward(model, inputs: NodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the backbone (LoRA included) on node-layout sequences.
+    Returns (hidden [B, L, d_llm], head forecast [B, t_out, 1, C] on the scaled axis, read at the slots)."""
+    decoder = base_model(model.backbone).base_model                    # the transformer body, no LM head
+    hidden = decoder(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
+                     use_cache=False).last_hidden_state                 # [B, L, d_llm]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    h_his = hidden[rows[:, None], inputs.his_pos].float()               # [B, m, d_llm]
+    h_pre = hidden[rows, inputs.pre_pos].float()                        # [B, d_llm]
+    return hidden, model.head(h_his[:, None], h_pre[:, None])          # [B, t_out, 1, C]
+
+
+def lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the next token on labelled (rationale) positions only; logits only where needed."""
+    keep = labels[:, 1:] != -100                                        # [B, L-1]
+    if not keep.any():
+        return hidden.sum() * 0.0
+    h = hidden[:, :-1][keep]                                            # [M, d_llm]
+    logits = base_model(model.backbone).get_output_embeddings()(h)     # [M, vocab]
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep])
+
+
+@torch.inference_mode()
+def generate(model, inputs: NodeInputs, max_new_tokens: int = 200) -> list[list[int]]:
+    """Greedy continuation of each (unpadded, B = 1 recommended) node-layout prompt with the KV cache.
+    Returns the new token ids per sequence, without the EOS."""
+    tok = model.tokenizer
+    out = model.backbone.generate(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
+                                  max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                  temperature=None, top_p=None, top_k=None)
+    result = []
+    for row in out.tolist():                                            # only new tokens: no input_ids were given
+        result.append(row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row)
+    return result

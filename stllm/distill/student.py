@@ -1,0 +1,184 @@
+"""The explaining student: chain-of-thought distillation with the joint loss.
+
+Samples are (window start, node) pairs from the training split. A teacher (the analytic one by default) writes
+each one's five-stage rationale knowing the true future; the target text keeps FORECAST_SLOT as the literal
+"{forecast}", so the student learns to write the slot and never digits of its own forecast (the program fills the
+slot with the regression head's numbers, see `stllm.explain`). The input is the node-layout prompt
+(prompts/node.txt) with the node's ST-tokens and <ST_PRE> query spliced in (`stllm.distill.node_layout`).
+
+Joint loss (per step, on a batch of samples):
+    regression at <ST_PRE> of the node layout, through the model's head (masked MAE on the scaled axis, as
+    `stllm.train.masked_loss`)
+  + explain.lm_weight   * cross-entropy on the rationale tokens only (prompt tokens labelled -100)
+  + explain.city_weight * the city-layout regression loss on the same windows. Explained forecasts are the city
+    layout's numbers, so this term keeps them trained while the shared head also learns the node layout.
+LoRA, encoder, projector, <ST_PRE> query and head are trained with AdamW (`stllm.train.make_optimizer`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stllm import checkpoint
+from stllm.config import Config
+from stllm.data.city import CityData
+from stllm.data.prepared import PreparedCity
+from stllm.distill.dataset import distill, save_rationales
+from stllm.distill.facts import effects_to_dict, estimate_effects
+from stllm.distill.node_layout import lm_loss, node_forward, node_inputs, slot_vectors
+from stllm.distill.teachers import AnalyticTeacher, HFChatTeacher, Teacher
+from stllm.explain import EFFECTS
+from stllm.train import LAST, _to, build_model, make_optimizer, masked_loss, peak_rss_mb
+
+
+@dataclass
+class StudentSample:
+    start: int          # window start: index of the first target step
+    node: int           # node position
+    prompt: str         # node-layout prompt with <ST_HIS> / <ST_PRE>
+    rationale: str      # the teacher's rationale, FORECAST_SLOT kept as text
+
+
+def pick_windows(prep: PreparedCity, n_samples: int, seed: int = 0, channel: int = 0) -> list[tuple[int, int]]:
+    """n_samples (start, node) pairs from the training split, each with an observed last input and future."""
+    rng = np.random.default_rng(seed)
+    starts, out, tries = prep.splits["train"], [], 0
+    values = prep.city.values[..., channel]
+    while len(out) < n_samples and tries < 50 * n_samples:
+        tries += 1
+        s, i = int(rng.choice(starts)), int(rng.integers(prep.n_nodes))
+        if (s, i) not in out and np.isfinite(values[s - 1, i]) and np.isfinite(values[s:s + prep.t_out, i]).any():
+            out.append((s, i))
+    if not out:
+        raise ValueError(f"{prep.city.name}: no training window with observed data to write rationales for")
+    return out
+
+
+def make_teacher(name: str) -> Teacher:
+    """"analytic" or "hf:<local model folder>" (a chat model through transformers)."""
+    if name == "analytic":
+        return AnalyticTeacher()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = name[3:]
+    return HFChatTeacher(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+                         name=name)
+
+
+def make_samples(city: CityData, prep: PreparedCity, pairs: list[tuple[int, int]], teacher: Teacher,
+                 channel: int = 0, effects=None):
+    """The teacher's rationales for `pairs` as (samples, the `datasets.Dataset` of stllm.distill)."""
+    ds = distill(city, teacher, [(i, s) for s, i in pairs], t_in=prep.t_in, t_out=prep.t_out, channel=channel,
+                 effects=effects)
+    return [StudentSample(s, i, row["prompt"], row["rationale"]) for (s, i), row in zip(pairs, ds)], ds
+
+
+def joint_loss(model, prep: PreparedCity, samples: list[StudentSample], lm_weight: float = 0.5,
+               city_weight: float = 1.0, kind: str = "mae", mask_zeros: bool = True) -> tuple[torch.Tensor, dict]:
+    """The joint loss on a batch of samples, and its parts {"regression", "lm", "city"} as floats."""
+    device = next(model.parameters()).device
+    starts = sorted({x.start for x in samples})
+    batch = _to(prep.batch(np.array(starts), mask_zeros), device)
+    his, pre = slot_vectors(model, batch)                                        # [b, N, m, d], [b, N, d]
+    rows = [(starts.index(x.start), x.node) for x in samples]
+    inputs = node_inputs(model, his, pre, rows, [x.prompt for x in samples], [x.rationale for x in samples])
+    hidden, y_node = node_forward(model, inputs)                                 # y_node [B, t_out, 1, C]
+    w, n = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+    target = batch["y"][w, :, n][:, :, None]                                     # [B, t_out, 1, C]
+    mask = batch["y_mask"][w, :, n][:, :, None]
+    reg = masked_loss(y_node, target, mask, kind)
+    lm = lm_loss(model, hidden, inputs.labels)
+    loss = reg + lm_weight * lm
+    parts = {"regression": reg.item(), "lm": lm.item()}
+    if city_weight:
+        city = masked_loss(model(batch), batch["y"], batch["y_mask"], kind)
+        loss = loss + city_weight * city
+        parts["city"] = city.item()
+    return loss, parts
+
+
+def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData | None = None,
+                  progress: bool = True) -> dict:
+    """Write rationales with the teacher, fine-tune the student with the joint loss, save the run like
+    `stllm.train.train` does (plus effects.json and rationales/), evaluate on the test split. Returns metrics."""
+    from stllm.infer import evaluate_with_baselines, load_city, run_meta
+    out = Path(out_dir)
+    if (out / LAST).exists() and not resume:
+        raise FileExistsError(f"{out} holds a run; pass --resume to continue it or choose another --out")
+    if not cfg.model.use_llm:
+        raise ValueError("explain.enabled needs a language model (model.use_llm=true): the student writes text")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.train.seed)
+    city = city if city is not None else load_city(cfg.data)
+    ex, init_from, forecaster = cfg.explain, cfg.train.init_from, None
+    if ex.forecaster and not init_from:  # stage 1: the city-layout forecaster, as `stllm train` trains it
+        from stllm.train import train
+        stage1 = dataclasses.replace(cfg, explain=dataclasses.replace(ex, enabled=False))
+        init_from = out / "forecaster"
+        if not (init_from / "metrics.json").is_file():              # on --resume a finished stage 1 is kept
+            train(stage1, init_from, resume=resume and (init_from / LAST).exists(), city=city, progress=progress)
+        forecaster = json.loads((init_from / "metrics.json").read_text())
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    model = build_model(cfg, prep)
+    if init_from:                        # stage 2 starts from the forecaster's weights
+        source = Path(init_from) / "model.safetensors"
+        model.load_trainable_state_dict(checkpoint.load(source)[0], str(source))
+    optimizer = make_optimizer(model, cfg)
+    cfg.save(out / "config.yaml")
+
+    effects = estimate_effects(city, prep.train_end, prep.t_in, prep.t_out) if city.exog is not None else {}
+    (out / EFFECTS).write_text(json.dumps(effects_to_dict(effects), indent=1))
+    pairs = pick_windows(prep, ex.n_samples, cfg.train.seed)
+    samples, ds = make_samples(city, prep, pairs, make_teacher(ex.teacher), effects=effects)
+    save_rationales(ds, out / "rationales")
+
+    state = {"step": 0, "elapsed_s": 0.0}
+    if resume and (out / LAST).exists():
+        tensors, state = checkpoint.load(out / LAST)
+        checkpoint.restore_training_state(tensors, model, optimizer)
+    bs = ex.batch_size
+    total = ex.steps or math.ceil(len(samples) / bs)
+    t_start = time.time() - state["elapsed_s"]
+    log, parts = (out / "log.jsonl").open("a"), None
+    model.train()
+    while state["step"] < total:
+        epoch, k = divmod(state["step"] * bs, len(samples))
+        order = np.random.default_rng(cfg.train.seed + epoch).permutation(len(samples))
+        chunk = [samples[j] for j in order[k:k + bs]]
+        loss, parts = joint_loss(model, prep, chunk, ex.lm_weight, ex.city_weight, cfg.train.loss,
+                                 cfg.train.mask_zeros)
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["elapsed_s"] = time.time() - t_start
+        log.write(json.dumps({"step": state["step"], "loss": loss.item(), **parts,
+                              "elapsed_s": round(state["elapsed_s"], 2)}) + "\n")
+        log.flush()
+        if progress:
+            print(f"step {state['step']}/{total} loss {loss.item():.4f} {parts}", flush=True)
+        if ex.minutes and state["elapsed_s"] > 60 * ex.minutes:
+            break
+    log.close()
+    checkpoint.atomic_save(checkpoint.training_state(model, optimizer), out / LAST, state)
+    model.eval()
+    model.save_pretrained(out, run_meta(prep, cfg))
+    metrics = evaluate_with_baselines(model, prep, "test", batch_size=cfg.train.batch_size)
+    metrics["training"] = {"steps": state["step"], "wall_s": round(state["elapsed_s"], 2),
+                           "peak_rss_mb": peak_rss_mb(), "student": True}
+    metrics["explain"] = {"teacher": ex.teacher, "n_samples": len(samples), "lm_weight": ex.lm_weight,
+                          "city_weight": ex.city_weight, "last_step_losses": parts,
+                          "init_from": str(init_from) if init_from else None,
+                          "forecaster_test_mae": None if forecaster is None else forecaster["mae"]}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics

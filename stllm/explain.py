@@ -1,0 +1,223 @@
+"""Explained forecasts: one sensor at one time -> the regression head's forecast, an explanation, and its check.
+
+`at` is the timestamp of the FIRST FORECAST STEP (the window start of `stllm.distill.facts`): the history is the
+t_in steps before it, the forecast covers [at, at + t_out steps). The latest possible `at` is one step after the
+data ends (a forecast into the unknown future, with no truth).
+
+The forecast numbers are always the regression head's, from the city layout (`stllm.infer.forecast`, the same
+numbers `stllm predict` writes). The explanation's text comes from one of two modes:
+- "analytic": the five-stage rationale rendered from facts computed from the data, concluding in the head's
+  direction (`render_rationale`); no text is generated. Works for every run.
+- "generated": the run's language model (backbone + LoRA) writes the rationale greedily from the node-layout
+  prompt (prompts/node.txt with the node's ST-tokens and <ST_PRE> query), with the KV cache.
+Either way the program writes the head's numbers into the FORECAST_SLOT (`fill_forecast`); bracketed number
+lists the language model wrote itself are replaced by the slot first, so no sampled forecast digit survives.
+Then `check_explanation` tests every checkable claim against the data.
+
+Weather effects (`estimate_effects`) are read from the run's effects.json when the run has one (the student
+trainer writes it); otherwise they are estimated here from the given city's training part (steps before the
+train split's end), which needs no more than the data explaining needs anyway.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stllm.data.city import CityData, DataError
+from stllm.distill.checker import check_explanation
+from stllm.distill.facts import compute_facts, effects_from_dict, estimate_effects, time_text
+from stllm.distill.teachers import FORECAST_SLOT, fill_forecast, horizon_text, render_node_prompt, render_rationale
+
+EFFECTS = "effects.json"     # weather effects in a run folder (stllm.distill.facts.effects_to_dict)
+MODES = ("analytic", "generated")
+_SAMPLED_LIST = re.compile(r"\[[^\[\]]*\d[^\[\]]*\]")   # a bracketed list with digits: a forecast the LM wrote
+
+
+def load_effects(run_dir: str | Path | None) -> dict | None:
+    """The weather effects saved with a run, or None when it has none."""
+    path = Path(run_dir) / EFFECTS if run_dir else None
+    return effects_from_dict(json.loads(path.read_text())) if path is not None and path.is_file() else None
+
+
+def resolve_node(city: CityData, node) -> int:
+    """Node position from an id, name or position; the error lists the city's ids."""
+    try:
+        return city.node_index(node)[0]
+    except DataError:
+        ids = city.nodes["id"].astype(str).tolist()
+        shown = ", ".join(ids[:60]) + (f", ... ({len(ids)} in all)" if len(ids) > 60 else "")
+        raise DataError(f"{city.name}: unknown node {node!r}; the city's node ids are: {shown}") from None
+
+
+def resolve_time(city: CityData, at, t_in: int) -> int:
+    """Index of the first forecast step from a timestamp (or an int index); the error names the valid range."""
+    first_ok = pd.Timestamp(city.timestamps[0]) + t_in * city.interval
+    last_ok = pd.Timestamp(city.timestamps[-1]) + city.interval
+    span = (f"the data covers {pd.Timestamp(city.timestamps[0])} .. {pd.Timestamp(city.timestamps[-1])} every "
+            f"{city.interval}; --at is the first forecast step and needs {t_in} steps of history, so it must lie in "
+            f"{first_ok} .. {last_ok}")
+    if isinstance(at, (int, np.integer)) and not isinstance(at, bool):
+        s = int(at)
+        if not t_in <= s <= city.n_steps:
+            raise DataError(f"{city.name}: step {s} is outside the data: {span}")
+        return s
+    try:
+        ts = pd.Timestamp(at)
+    except (ValueError, TypeError) as err:
+        raise DataError(f"{city.name}: cannot read the time {at!r} ({err}); {span}") from None
+    if ts < first_ok or ts > last_ok:
+        raise DataError(f"{city.name}: time {ts} is outside the data: {span}")
+    offset = (ts - pd.Timestamp(city.timestamps[0])) / city.interval
+    if offset != int(offset):
+        raise DataError(f"{city.name}: time {ts} is not on the data's {city.interval} grid; {span}")
+    return int(offset)
+
+
+def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic", channel: str | int = 0,
+            effects: dict | None = None, prep=None, max_new_tokens: int = 256) -> dict:
+    """Forecast and explain node `node` (id, name or position) for the window whose first forecast step is `at`
+    (timestamp or step index). `prep`: a `stllm.infer.prepare(model, meta, city)` result to reuse across calls;
+    `effects`: weather effects (default: the run's, else estimated from the city's training part, see above).
+
+    Returns a JSON-ready dict: mode, dataset, node, node_name, channel, unit, at, timestamps [t_out], forecast
+    [t_out] (original scale), truth [t_out] (None where unknown), history_timestamps / history [t_in], explanation,
+    claims (each with its verdict), faithfulness, numbers_consistent, forecast_consistent, summary, and in
+    generated mode `generation` (new tokens, seconds, tokens per second).
+    """
+    from stllm.infer import forecast, prepare
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "generated" and getattr(model, "backbone", None) is None:
+        raise ValueError("this run has no language model (model.use_llm=false, the encoder-only ablation): "
+                         "only mode 'analytic' can explain its forecasts")
+    prep = prep if prep is not None else prepare(model, meta, city)
+    t_in, t_out = prep.t_in, prep.t_out
+    i, s = resolve_node(city, node), resolve_time(city, at, t_in)
+    c = city.channel_index(channel)
+    if effects is None:
+        effects = estimate_effects(city, prep.train_end, t_in, t_out) if prep.train_end > t_in + t_out else {}
+
+    _, pred, true = next(forecast(model, prep, np.array([s])))       # [1, t_out, N, C] each, original scale
+    values = [float(v) for v in pred[0, :, i, c]]
+    truth = [float(v) if np.isfinite(v) else None for v in true[0, :, i, c]]
+    facts = compute_facts(city, i, s, t_in=t_in, t_out=t_out, effects=effects, channel=c)
+
+    generation = None
+    if mode == "analytic":
+        text = render_rationale(facts, values, fill=False)          # the head's direction, the slot kept
+    else:
+        text, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), max_new_tokens)
+        text = _SAMPLED_LIST.sub(FORECAST_SLOT, text).strip()
+        if FORECAST_SLOT not in text:
+            text += f"\nForecast for the next {horizon_text(facts)} ({facts.unit or 'no unit'}): {FORECAST_SLOT}"
+    text = fill_forecast(text, values)                                # the head's numbers, written by the program
+    report = check_explanation(text, city, i, s, forecast=values, t_in=t_in, t_out=t_out, channel=c,
+                               effects=effects)
+
+    claims = [{"kind": x.kind, "quantity": x.quantity, "text": x.text, "stated": x.stated, "actual": x.actual,
+               "verdict": "holds" if x.holds else "fails"} for x in report.claims]
+    claims += [{"kind": x.kind, "quantity": x.quantity, "text": x.text, "stated": x.stated, "actual": x.actual,
+                "verdict": "unchecked"} for x in report.unchecked]
+    step = lambda k: time_text(pd.Timestamp(city.timestamps[0]) + k * city.interval)  # noqa: E731
+    out = {"mode": mode, "dataset": city.name, "node": facts.node_id, "node_name": facts.node_name,
+           "channel": city.channels[c], "unit": city.units[c], "at": step(s),
+           "timestamps": [step(s + k) for k in range(t_out)], "forecast": values, "truth": truth,
+           "history_timestamps": [step(s - t_in + k) for k in range(t_in)], "history": facts.history,
+           "explanation": text, "claims": claims, "faithfulness": report.faithfulness,
+           "numbers_consistent": report.numbers_consistent, "forecast_consistent": report.forecast_consistent,
+           "summary": report.summary()}
+    if generation is not None:
+        out["generation"] = generation
+    return out
+
+
+def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_tokens: int = 256) -> tuple[str, dict]:
+    """Greedy rationale from the node-layout prompt of (node, start); the encoder runs on the whole city batch."""
+    import torch
+
+    from stllm.distill.node_layout import generate, node_inputs, slot_vectors
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prep.batch(np.array([start])).items()}
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        his, pre = slot_vectors(model, batch)                         # [1, N, m, d_llm], [1, N, d_llm]
+        inputs = node_inputs(model, his, pre, [(0, node)], [prompt])
+        new = generate(model, inputs, max_new_tokens)[0]
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    text = model.tokenizer.decode(new, skip_special_tokens=True)
+    return text, {"new_tokens": len(new), "prompt_tokens": int(inputs.embeds.shape[1]), "seconds": round(seconds, 3),
+                  "tokens_per_s": round(len(new) / max(seconds, 1e-9), 2)}
+
+
+# -------------------------------------------------------------------------------------------- presenting
+
+
+def format_explanation(result: dict) -> str:
+    """The forecast per step, the explanation and the check summary, as `stllm explain` prints them."""
+    unit = f" ({result['unit']})" if result["unit"] else ""
+    lines = [f"{result['node_name']} [{result['node']}], {result['channel']}{unit}: forecast from {result['at']} "
+             f"(mode {result['mode']})", f"{'step':>4}  {'time':16}  {'forecast':>10}  {'truth':>10}"]
+    for k, (t, f, y) in enumerate(zip(result["timestamps"], result["forecast"], result["truth"]), 1):
+        lines.append(f"{k:>4}  {t:16}  {f:>10.2f}  {'' if y is None else f'{y:.2f}':>10}")
+    lines += ["", result["explanation"], "", result["summary"]]
+    if "generation" in result:
+        g = result["generation"]
+        lines.append(f"generated {g['new_tokens']} tokens in {g['seconds']:.2f} s ({g['tokens_per_s']:.1f} tokens/s)")
+    return "\n".join(lines)
+
+
+def plot_explanation(result: dict, path: str | Path) -> Path:
+    """History, forecast and (where known) truth of one explained window, as a PNG (matplotlib, Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nan = lambda xs: [np.nan if x is None else x for x in xs]  # noqa: E731
+    ht, ft = pd.to_datetime(result["history_timestamps"]), pd.to_datetime(result["timestamps"])
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    ax.plot(ht, nan(result["history"]), color="black", marker=".", lw=1.2, label="history")
+    ax.plot(ft, result["forecast"], color="tab:blue", marker=".", lw=1.5, label="forecast (regression head)")
+    if any(y is not None for y in result["truth"]):
+        ax.plot(ft, nan(result["truth"]), color="gray", ls="--", marker=".", lw=1, label="truth")
+    ax.axvline(ft[0], color="tab:blue", alpha=0.3, lw=1)
+    faith = result["faithfulness"]
+    ax.set_title(f"{result['node_name']}: {result['channel']} from {result['at']} ({result['mode']}, "
+                 f"faithfulness {'n/a' if faith is None else f'{faith:.2f}'})", fontsize=10)
+    ax.set_ylabel(f"{result['channel']} ({result['unit']})" if result["unit"] else result["channel"])
+    ax.legend(fontsize=8, loc="best")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cmd_explain(args) -> int:
+    """`stllm explain`: load the run and the data, explain one (node, time), print or write JSON, plot."""
+    from stllm.data import load
+    from stllm.infer import fit_to_run, load_city
+    from stllm.model import STLLM
+    model, meta = STLLM.from_pretrained(args.run)
+    if args.data is None or args.data == meta["dataset"]:
+        city = load_city(model.cfg.data)
+    else:
+        city = fit_to_run(load(args.data), meta)
+    mode = args.mode or (model.cfg.explain.mode if model.backbone is not None else "analytic")
+    result = explain(model, meta, city, args.node, args.at, mode=mode, channel=args.channel or 0,
+                     effects=load_effects(args.run), max_new_tokens=args.max_new_tokens or model.cfg.explain.max_new_tokens)
+    print(json.dumps(result, indent=1, ensure_ascii=False) if args.json else format_explanation(result))
+    if args.plot:
+        plot_explanation(result, args.plot)
+        if not args.json:
+            print(f"plot written to {args.plot}")
+    return 0

@@ -1,0 +1,247 @@
+"""Explained forecasts (stllm.explain, `stllm explain`) and the explaining student (stllm.distill.student)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import stllm.explain as explain_module
+from stllm.cli import main
+from stllm.config import load_config
+from stllm.data.city import DataError
+from stllm.data.synthetic import make_city
+from stllm.distill import check_explanation, format_forecast
+from stllm.distill.student import joint_loss, make_samples, make_teacher, pick_windows, train_student
+from stllm.explain import explain, resolve_time
+from stllm.infer import forecast, prepare
+from stllm.model import STLLM
+from stllm.train import build_model, make_optimizer, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+LLAMA = ["backbone.name=tiny-llama"]
+AT = 400                     # a window in the middle of the 21-day city (history 388..399)
+
+
+def _city():
+    return make_city(n_nodes=6, n_days=21, seed=0)           # the city configs/tiny.yaml names
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained run (2-layer random LLaMA + LoRA), loaded back from its folder."""
+    out = tmp_path_factory.mktemp("explain") / "run"
+    train(load_config(TINY, LLAMA + ["train.max_steps=3"]), out, city=_city(), progress=False)
+    model, meta = STLLM.from_pretrained(out)
+    return out, model, meta
+
+
+@pytest.fixture(scope="module")
+def city():
+    return _city()
+
+
+def _stated_forecast(text: str) -> list[float]:
+    """The numbers of the last bracketed list in the text."""
+    body = re.findall(r"\[([^\]]*)\]", text)[-1]
+    return [float(x) for x in body.split(",")]
+
+
+# ------------------------------------------------------------------------------------------------ explain
+
+
+def test_forecast_is_the_heads_output_for_that_window(run, city):
+    _, model, meta = run
+    at = pd.Timestamp(city.timestamps[AT])
+    r = explain(model, meta, city, "S03", at)
+    _, pred, true = next(forecast(model, prepare(model, meta, city), np.array([AT])))
+    i = city.node_index("S03")[0]
+    np.testing.assert_allclose(r["forecast"], pred[0, :, i, 0], rtol=1e-6)
+    assert r["at"] == at.strftime("%Y-%m-%d %H:%M") and len(r["timestamps"]) == 12
+    assert r["timestamps"][0] == r["at"] and r["history_timestamps"][-1] == \
+        (at - city.interval).strftime("%Y-%m-%d %H:%M")
+    truth = [None if not np.isfinite(v) else v for v in true[0, :, i, 0]]
+    assert r["truth"] == pytest.approx(truth)
+    # an int step index is the same window; `at` is the first forecast step
+    assert explain(model, meta, city, 3, AT)["forecast"] == r["forecast"]
+
+
+def test_analytic_numbers_are_the_heads_and_claims_hold(run, city):
+    _, model, meta = run
+    prep = prepare(model, meta, city)
+    for node, s in [(0, AT), (2, 250), (5, 480), (1, 300)]:
+        r = explain(model, meta, city, node, s, prep=prep)
+        assert r["mode"] == "analytic"
+        assert format_forecast(r["forecast"]) in r["explanation"]
+        assert _stated_forecast(r["explanation"]) == pytest.approx(r["forecast"], abs=0.05 + 1e-9)
+        assert r["numbers_consistent"] is True and r["forecast_consistent"] is True
+        assert r["faithfulness"] == 1.0
+        assert all(c["verdict"] in ("holds", "unchecked") for c in r["claims"]) and r["claims"]
+
+
+def test_generated_mode_inserts_the_heads_numbers(run, city):
+    _, model, meta = run
+    r = explain(model, meta, city, "S01", AT, mode="generated", max_new_tokens=24)
+    assert r["mode"] == "generated" and r["generation"]["new_tokens"] <= 24
+    assert r["generation"]["tokens_per_s"] > 0
+    assert _stated_forecast(r["explanation"]) == pytest.approx(r["forecast"], abs=0.05 + 1e-9)
+    assert r["numbers_consistent"] is True
+    analytic = explain(model, meta, city, "S01", AT)
+    assert r["forecast"] == analytic["forecast"]                  # same head, same window
+
+
+def test_sampled_forecast_digits_never_survive(run, city, monkeypatch):
+    """A language model that writes its own numbers: the program replaces them with the head's."""
+    _, model, meta = run
+    fake = lambda *a, **k: ("It will rise. Forecast: [1.0, 2.0, 3.0]; the end.", {"new_tokens": 9})  # noqa: E731
+    monkeypatch.setattr(explain_module, "generate_rationale", fake)
+    r = explain(model, meta, city, 0, AT, mode="generated")
+    assert "[1.0, 2.0, 3.0]" not in r["explanation"]
+    assert _stated_forecast(r["explanation"]) == pytest.approx(r["forecast"], abs=0.05 + 1e-9)
+    assert r["numbers_consistent"] is True
+
+
+def test_a_wrong_claim_is_caught(run, city):
+    _, model, meta = run
+    r = explain(model, meta, city, 2, AT)
+    m = re.search(r"The latest reading is ([\d.]+)", r["explanation"])
+    wrong = r["explanation"].replace(m.group(0), f"The latest reading is {float(m.group(1)) * 3 + 50:.1f}")
+    report = check_explanation(wrong, city, 2, AT, forecast=r["forecast"])
+    assert report.faithfulness < 1.0
+    assert [(c.kind, c.quantity) for c in report.failed] == [("last_value", "value")]
+    other = [v + 10 for v in r["forecast"]]                      # numbers that are not the head's
+    report = check_explanation(r["explanation"], city, 2, AT, forecast=other)
+    assert report.numbers_consistent is False
+
+
+def test_bad_inputs_give_clear_errors(run, city):
+    _, model, meta = run
+    with pytest.raises(DataError, match=r"unknown node 'S99'.*S00, S01, S02, S03, S04, S05"):
+        explain(model, meta, city, "S99", AT)
+    with pytest.raises(DataError, match=r"outside the data.*2024-01-01 12:00:00 \.\. 2024-01-22 00:00:00"):
+        explain(model, meta, city, 0, "2030-01-01 00:00")
+    with pytest.raises(DataError, match="outside the data"):
+        explain(model, meta, city, 0, pd.Timestamp(city.timestamps[3]))   # not enough history
+    with pytest.raises(DataError, match="grid"):
+        explain(model, meta, city, 0, "2024-01-10 10:30")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        explain(model, meta, city, 0, AT, mode="poetry")
+    # one step after the data ends is a forecast into the unknown: no truth
+    r = explain(model, meta, city, 0, city.n_steps)
+    assert r["truth"] == [None] * 12 and r["numbers_consistent"] is True
+    assert resolve_time(city, city.timestamps[AT], 12) == AT
+
+
+def test_encoder_only_run_explains_analytically_only(tmp_path, city):
+    out = tmp_path / "enc"
+    train(load_config(TINY, ["model.use_llm=false", "train.max_steps=2"]), out, city=city, progress=False)
+    model, meta = STLLM.from_pretrained(out)
+    assert explain(model, meta, city, 0, AT)["faithfulness"] == 1.0
+    with pytest.raises(ValueError, match="no language model.*only mode 'analytic'"):
+        explain(model, meta, city, 0, AT, mode="generated")
+
+
+# ----------------------------------------------------------------------------------------------------- cli
+
+
+def test_cli_json_and_plot(run, city, tmp_path, capsys):
+    out, _, _ = run
+    at = str(pd.Timestamp(city.timestamps[AT]))
+    png = tmp_path / "e.png"
+    assert main(["explain", "--run", str(out), "--node", "S02", "--at", at, "--json", "--plot", str(png)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"forecast", "timestamps", "explanation", "claims", "faithfulness", "numbers_consistent", "truth",
+            "mode", "history"} <= set(r)
+    assert r["mode"] == "analytic" and r["faithfulness"] == 1.0 and len(r["forecast"]) == 12
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert main(["explain", "--run", str(out), "--node", "S02", "--at", at, "--mode", "generated",
+                 "--max-new-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "mode generated" in text and "forecast numbers consistent: True" in text and "tokens/s" in text
+
+
+def test_cli_errors(run, capsys):
+    out, _, _ = run
+    assert main(["explain", "--run", str(out), "--node", "nowhere", "--at", "2024-01-10 10:00"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown node 'nowhere'" in err and "S00" in err
+    assert main(["explain", "--run", str(out), "--node", "S00", "--at", "1999-01-01"]) == 2
+    assert "outside the data" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- student
+
+
+def test_joint_loss_decreases_on_a_tiny_model(city):
+    torch.manual_seed(0)
+    cfg = load_config(TINY, LLAMA + ["train.lr=0.003", "train.lora_lr=0.03"])
+    from stllm.data.prepared import PreparedCity
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    model = build_model(cfg, prep)
+    samples, _ = make_samples(city, prep, pick_windows(prep, 4), make_teacher("analytic"))
+    assert all("{forecast}" in x.rationale and "<ST_HIS>" in x.prompt for x in samples)
+    opt = make_optimizer(model, cfg)
+    model.train()
+    history = []
+    for _ in range(12):
+        loss, parts = joint_loss(model, prep, samples, lm_weight=1.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        history.append({**parts, "total": loss.item()})
+    # a random tiny LM starts near the uniform ln(384) = 5.95 nats and its frozen, tied LM head keeps logits small,
+    # so the rationale loss falls slowly there; it must still fall, together with both regression terms
+    assert history[-1]["total"] < 0.92 * history[0]["total"]
+    assert history[-1]["lm"] < history[0]["lm"] - 0.03
+    assert history[-1]["regression"] < history[0]["regression"]
+    assert history[-1]["city"] < history[0]["city"]
+
+
+def test_train_student_writes_a_run_that_explains(tmp_path, city):
+    out = tmp_path / "student"
+    cfg = load_config(TINY, LLAMA + ["train.max_steps=3", "explain.enabled=true", "explain.n_samples=6",
+                                     "explain.steps=3"])
+    metrics = train_student(cfg, out, city=city, progress=False)
+    for name in ("config.yaml", "model.safetensors", "meta.json", "metrics.json", "log.jsonl", "effects.json",
+                 "adapter", "rationales", "forecaster/model.safetensors", "forecaster/metrics.json"):
+        assert (out / name).exists(), name
+    assert metrics["explain"]["forecaster_test_mae"] == json.loads((out / "forecaster/metrics.json").read_text())["mae"]
+    assert metrics["training"]["steps"] == 3 and np.isfinite(metrics["mae"])
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(logged) == 3 and all(np.isfinite(x["lm"]) for x in logged)
+    model, meta = STLLM.from_pretrained(out)
+    assert model.cfg.explain.enabled and explain_module.load_effects(out) is not None
+    r = explain(model, meta, city, 1, AT, mode="generated", effects=explain_module.load_effects(out),
+                max_new_tokens=16)
+    _, pred, _ = next(forecast(model, prepare(model, meta, city), np.array([AT])))
+    np.testing.assert_allclose(r["forecast"], pred[0, :, 1, 0], rtol=1e-6)
+    assert _stated_forecast(r["explanation"]) == pytest.approx(r["forecast"], abs=0.05 + 1e-9)
+
+
+def test_stllm_train_dispatches_to_the_student(tmp_path, capsys):
+    out = tmp_path / "cli-student"
+    assert main(["train", "--config", TINY, "--out", str(out), "--quiet", "--set", "backbone.name=tiny-llama",
+                 "train.max_steps=2", "explain.enabled=true", "explain.n_samples=4"]) == 0
+    assert (out / "rationales").is_dir() and (out / "effects.json").is_file()
+    assert "historical_average" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ notebook
+
+
+@pytest.mark.slow
+def test_explain_notebook_runs_end_to_end():
+    from conftest import real_data
+    from test_notebooks import run_notebook
+    real_data("BeijingAirQuality")
+    nb = run_notebook("explain.ipynb", {"STLLM_EXPLAIN_STEPS": "8", "STLLM_EXPLAIN_TOKENS": "16"})
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "faithfulness 1.00" in text and "FAILS last_value.value" in text and "mode generated" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
