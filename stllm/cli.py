@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="train briefly on a synthetic city with SmolLM2, evaluate, plot")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--minutes", type=float, default=4.0, help="training budget per model in minutes")
+    p.add_argument("--minutes", type=float, default=3.0, help="training budget per model in minutes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("explain", help="forecast one sensor at one time and explain it (checked against the data)")

@@ -12,7 +12,7 @@ from stllm.metrics import format_table
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def run_demo(out: str | Path = "runs/demo", minutes: float = 4.0, progress: bool = True) -> dict:
+def run_demo(out: str | Path = "runs/demo", minutes: float = 3.0, progress: bool = True) -> dict:
     """Build a synthetic city, train stllm (SmolLM2, truncated, LoRA) and the encoder-only ablation with the same
     time budget, evaluate both next to the baselines, print the table and plot forecasts for four sensors."""
     out = Path(out)

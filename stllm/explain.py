@@ -49,6 +49,8 @@ def resolve_node(city: CityData, node) -> int:
     try:
         return city.node_index(node)[0]
     except DataError:
+        if isinstance(node, str) and node.isdigit() and int(node) < city.n_nodes:
+            return int(node)                                      # a position typed on the command line
         ids = city.nodes["id"].astype(str).tolist()
         shown = ", ".join(ids[:60]) + (f", ... ({len(ids)} in all)" if len(ids) > 60 else "")
         raise DataError(f"{city.name}: unknown node {node!r}; the city's node ids are: {shown}") from None
@@ -92,6 +94,8 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
     from stllm.infer import forecast, prepare
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if getattr(model.cfg.model, "task", "forecast") != "forecast":
+        raise ValueError(f"explain covers forecasts of values; this run has model.task={model.cfg.model.task!r}")
     if mode == "generated" and getattr(model, "backbone", None) is None:
         raise ValueError("this run has no language model (model.use_llm=false, the encoder-only ablation): "
                          "only mode 'analytic' can explain its forecasts")
@@ -163,7 +167,8 @@ def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_
 def format_explanation(result: dict) -> str:
     """The forecast per step, the explanation and the check summary, as `stllm explain` prints them."""
     unit = f" ({result['unit']})" if result["unit"] else ""
-    lines = [f"{result['node_name']} [{result['node']}], {result['channel']}{unit}: forecast from {result['at']} "
+    who = result["node_name"] + ("" if result["node"] == result["node_name"] else f" [{result['node']}]")
+    lines = [f"{who}, {result['channel']}{unit}: forecast from {result['at']} "
              f"(mode {result['mode']})", f"{'step':>4}  {'time':16}  {'forecast':>10}  {'truth':>10}"]
     for k, (t, f, y) in enumerate(zip(result["timestamps"], result["forecast"], result["truth"]), 1):
         lines.append(f"{k:>4}  {t:16}  {f:>10.2f}  {'' if y is None else f'{y:.2f}':>10}")

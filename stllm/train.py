@@ -88,7 +88,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     meta = run_meta(prep, cfg)
 
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "best_val": math.inf, "bad_evals": 0, "elapsed_s": 0.0,
-             "windows": 0, "done": False}
+             "step_s": 0.0, "windows": 0, "done": False}  # step_s: time in optimizer steps, validation excluded
     if resume and (out / LAST).exists():
         tensors, state = checkpoint.load(out / LAST)
         checkpoint.restore_training_state(tensors, raw_model, optimizer)
@@ -123,7 +123,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
             return
         record = {"step": state["step"], "epoch": state["epoch"], "train_loss": loss_sum / max(loss_n, 1),
                   "val_error": val, "best_val_error": state["best_val"], "elapsed_s": round(state["elapsed_s"], 2),
-                  "windows_per_s": round(state["windows"] / max(state["elapsed_s"], 1e-9), 2)}
+                  "windows_per_s": round(state["windows"] / max(state["step_s"], 1e-9), 2)}
         log.write(json.dumps(record) + "\n")
         log.flush()
         checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
@@ -135,6 +135,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                    desc=f"epoch {state['epoch'] + 1}/{cfg.train.epochs}")
         model.train()
         for i in bar:
+            t_step = time.time()
             starts = order[i * bs:(i + 1) * bs]
             if world > 1:  # this process's share; every process needs at least one window to step together
                 starts = np.resize(starts, max(len(starts), world))[rank::world]
@@ -152,6 +153,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
             state["step"] += 1
             state["epoch_step"] = i + 1
             state["windows"] += len(starts)
+            state["step_s"] += time.time() - t_step
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             bar.set_postfix(loss=f"{loss.item():.4f}", best_val_error=f"{state['best_val']:.3f}")
             if on_step is not None:
@@ -185,8 +187,9 @@ def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict,
     model.save_pretrained(out, meta)
     from stllm.infer import evaluate_with_baselines
     metrics = evaluate_with_baselines(model, prep, "test", batch_size=cfg.train.batch_size)
-    metrics["training"] = {"steps": state["step"], "epochs": state["epoch"], "wall_s": round(state["elapsed_s"], 2),
-                           "windows_per_s": round(state["windows"] / max(state["elapsed_s"], 1e-9), 2),
+    metrics["training"] = {"steps": state["step"], "epochs": state["epoch"], "windows": state["windows"],
+                           "wall_s": round(state["elapsed_s"], 2),  # training incl. validation passes
+                           "windows_per_s": round(state["windows"] / max(state["step_s"], 1e-9), 2),  # steps only
                            "best_val_error": state["best_val"], "peak_rss_mb": peak_rss_mb()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -111,6 +111,8 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
     out = Path(out_dir)
     if (out / LAST).exists() and not resume:
         raise FileExistsError(f"{out} holds a run; pass --resume to continue it or choose another --out")
+    if cfg.model.task != "forecast":
+        raise ValueError(f"explain.enabled needs model.task=forecast, got {cfg.model.task!r}")
     if not cfg.model.use_llm:
         raise ValueError("explain.enabled needs a language model (model.use_llm=true): the student writes text")
     out.mkdir(parents=True, exist_ok=True)
