@@ -1,0 +1,18 @@
+"""`stllm demo` end to end with a tiny time budget (the real one trains 3 minutes per model)."""
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_trains_both_models_prints_the_table_and_plots(tmp_path, capsys):
+    from stllm.cli import main
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--minutes", "0.05", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for row in ("stllm (SmolLM2 + LoRA)", "encoder only", "last", "same_time_yesterday", "same_time_last_week",
+                "historical_average"):
+        assert row in out
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert all(v["mae"] == v["mae"] for v in summary.values())           # no NaN figure
+    png = (tmp_path / "demo" / "forecast.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
