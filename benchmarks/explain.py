@@ -2,7 +2,7 @@
 
     STLLM_DATA_ROOT=../shared/data python benchmarks/explain.py \
         --runs beijing-pm25=runs/bench/beijing-pm25/stllm nyc-taxi-60min=runs/bench/nyc-taxi-60min/stllm \
-        [--pairs 200] [--generated 12] [--max-new-tokens 320] [--student beijing-pm25=runs/bj-explain]
+        [--pairs 200] [--generated 12] [--max-new-tokens 320]
 
 For each trained run, over `--pairs` (sensor, time) pairs drawn (seeded) from its test split, channels taken in
 turn: `stllm.explain.explain` in analytic mode, reporting
@@ -14,8 +14,8 @@ turn: `stllm.explain.explain` in analytic mode, reporting
   same head on the same city layout, so the two are equal by construction; the benchmark checks that they are;
 - seconds per explanation.
 Then generated mode (the run's language model writes the rationale, greedy, KV cache) on the first `--generated`
-pairs: tokens per second, seconds per explanation, faithfulness of what it wrote and the numbers check. A
-`--student` run (trained by `stllm train` with an `explain:` section) is measured the same way in generated mode.
+pairs: tokens per second, seconds per explanation, faithfulness of what it wrote and the numbers check. Student
+runs (trained by `stllm train` with an `explain:` section) are measured the same way; NAME is any label.
 Writes benchmarks/results/explain.json and prints a markdown table.
 """
 from __future__ import annotations
@@ -80,6 +80,13 @@ def summarise(results: list[dict], seconds: list[float]) -> dict:
     return out
 
 
+def _run_metrics(run_dir: str) -> dict:
+    """What the run's own metrics.json says: test-split MAE (all windows), training budget, student settings."""
+    m = json.loads((Path(run_dir) / "metrics.json").read_text())
+    return {"test_mae": m.get("mae"), "test_windows": m.get("n_windows"), "training": m.get("training"),
+            "explain": m.get("explain")}
+
+
 def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_tokens: int) -> dict:
     t0 = time.time()
     model, meta = STLLM.from_pretrained(run_dir)
@@ -92,7 +99,7 @@ def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_t
     pairs = pick_pairs(prep, n_pairs)
     out = {"run": str(run_dir), "dataset": city.name, "n_nodes": city.n_nodes, "channels": city.channels,
            "effects": effects_source, "load_s": round(time.time() - t0, 1),
-           "run_test_mae": json.loads((Path(run_dir) / "metrics.json").read_text()).get("mae")}
+           "run_metrics": _run_metrics(run_dir)}
 
     results, seconds = [], []
     for s, i, c in pairs:
@@ -135,7 +142,8 @@ def table(results: dict) -> str:
                 continue
             mae = r.get("mae") if mode == "analytic" else None
             mae_text = "-" if not mae else f"{mae['explain_mode']:.2f} / {mae['city_layout']:.2f}"
-            lines.append(f"| {key} | {mode} | {m['n']} | {f(m['faithfulness_mean'])} | {f(m['all_claims_hold_share'], '.2f')} | "
+            lines.append(f"| {key} | {mode} | {m['n']} | {f(m['faithfulness_mean'])} | "
+                         f"{f(m['all_claims_hold_share'], '.2f')} | "
                          f"{m['checked_claims_per_explanation']:.1f} | {m['numbers_equal_head_share']:.2f} | "
                          f"{mae_text} | "
                          f"{m['seconds_per_explanation']:.2f} | {f(m.get('tokens_per_s'), '.1f')} |")
@@ -145,8 +153,6 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, metavar="NAME=RUN_DIR")
-    parser.add_argument("--student", nargs="*", default=[], metavar="NAME=RUN_DIR",
-                        help="student runs (explain: section), measured in generated mode")
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--generated", type=int, default=12, help="pairs explained in generated mode")
     parser.add_argument("--max-new-tokens", type=int, default=320)
@@ -156,12 +162,10 @@ def main() -> None:
     path = Path(args.out)
     results = json.loads(path.read_text()) if path.exists() else {}
     results.pop("_machine", None)
-    jobs = [(item, False) for item in args.runs] + [(item, True) for item in args.student]
-    for item, student in jobs:
-        name, run_dir = item.split("=", 1)
-        key = f"{name} (student)" if student else name
+    for item in args.runs:
+        key, run_dir = item.split("=", 1)
         print(f"== {key}: {run_dir}", flush=True)
-        results[key] = bench_run(name, run_dir, args.pairs, args.generated, args.max_new_tokens)
+        results[key] = bench_run(key, run_dir, args.pairs, args.generated, args.max_new_tokens)
         results["_machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                "platform": platform.platform(), "note": "shared 2-core CPU, another training "
                                "job running at normal priority, this one at nice 19"}

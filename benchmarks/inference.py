@@ -1,9 +1,10 @@
 """Inference speed, memory and accuracy of a trained run: fp32 vs int8 vs nf4 backbones, and a 2,000-sensor city.
 
     STLLM_DATA_ROOT=../shared/data python benchmarks/inference.py \
-        --run /tmp/bench/snap/runs/bench/nyc-bike-60min/stllm --windows 128 --repeats 5 --threads 2
+        --run /tmp/bench/snap/runs/bench/nyc-bike-60min/stllm --windows 256 --repeats 5 --threads 1
 
-Every measurement runs in a fresh subprocess (this script with --worker), so peak RSS is that mode's alone.
+Every measurement runs in a fresh subprocess (this script with --worker), so peak RSS is that mode's alone. It
+measures the CPU (workers run with CUDA_VISIBLE_DEVICES=""); use --threads to fix torch's thread count.
 
 Per backbone mode (`quantize` none|int8|nf4), on the first --windows test windows of the run's own dataset:
 - s/window and windows/s: median over --repeats passes of `stllm.infer.forecast` over the same windows (after
@@ -36,10 +37,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -271,7 +272,8 @@ def spawn(args, extra: list[str]) -> dict:
            "--repeats", str(args.repeats), "--batch-size", str(args.batch_size), "--mm-size", str(args.mm_size),
            "--city-nodes", str(args.city_nodes), "--city-days", str(args.city_days),
            "--city-windows", str(args.city_windows), "--city-repeats", str(args.city_repeats), *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # a CPU benchmark, also on a machine with a GPU
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"worker {extra} failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -280,16 +282,16 @@ def spawn(args, extra: list[str]) -> dict:
 # ------------------------------------------------------------------------------------------- reporting
 
 
-def compare(results: dict) -> None:
+def compare(results: dict, worker_dir: str) -> None:
     """Add differences and ratios to fp32, and whether each target is met."""
     import numpy as np
     modes = results["modes"]
     ref = modes.get("fp32")
     if ref is None:
         return
-    ref_pred = np.load(Path(results["worker_dir"]) / "fp32.npy")
+    ref_pred = np.load(Path(worker_dir) / "fp32.npy")
     for name, r in modes.items():
-        pred = np.load(Path(results["worker_dir"]) / f"{name}.npy")
+        pred = np.load(Path(worker_dir) / f"{name}.npy")
         r["mae_rel_diff"] = (r["mae"] - ref["mae"]) / ref["mae"]
         r["pred_rel_diff"] = float(np.nanmean(np.abs(pred - ref_pred)) / np.nanmean(np.abs(ref_pred)))
         r["speedup_vs_fp32"] = ref["s_per_window"] / r["s_per_window"]
@@ -329,6 +331,8 @@ def markdown(results: dict) -> str:
 
 def machine() -> dict:
     import torch
+
+    import stllm.backbone  # noqa: F401  (quietens bitsandbytes' import-time warning about `kernels`)
     try:
         import bitsandbytes
         bnb = bitsandbytes.__version__
@@ -374,7 +378,7 @@ def main() -> None:
     args.worker_dir = tempfile.mkdtemp(prefix="stllm-inference-")
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_start = os.getloadavg()
-    results = {"run": str(args.run), "started_utc": started, "machine": machine(), "worker_dir": args.worker_dir,
+    results = {"run": str(args.run), "started_utc": started, "machine": machine(),
                "settings": {k: v for k, v in vars(args).items() if not k.startswith("worker") and k != "group"},
                "targets": TARGETS, "modes": {}, "city": []}
     for name in args.modes:
@@ -383,7 +387,8 @@ def main() -> None:
     for group in args.groups:
         print(f"measuring the {args.city_nodes}-sensor city, nodes_per_sequence={group} ...", file=sys.stderr, flush=True)
         results["city"].append(spawn(args, ["--worker", "city", "--group", str(group)]))
-    compare(results)
+    compare(results, args.worker_dir)
+    shutil.rmtree(args.worker_dir, ignore_errors=True)
     for c in results["city"]:
         c["under_24gb"] = c["peak_rss_mb"] / 1024 < TARGETS["city_peak_rss_gb"]
     results["load_avg_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}  # > cores: the machine was shared

@@ -34,6 +34,8 @@ from torch import nn
 # bitsandbytes (imported by peft) warns at import time on CPUs with AVX512-BF16 that the optional `kernels`
 # package is missing; that only matters for nf4 speed, so keep it out of every run's log.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# int8 on the CPU logs "MatMul8bitLt: inputs will be cast ..." on every forward call.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING  # noqa: E402

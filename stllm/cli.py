@@ -93,6 +93,9 @@ def _load_run(args):
     model, meta = STLLM.from_pretrained(args.run, backbone_overrides=overrides)
     if args.merge_lora:
         model.merge_lora()
+    import torch
+    if torch.cuda.is_available():
+        model.to_device("cuda")
     return model, meta
 
 

@@ -218,8 +218,9 @@ def cmd_explain(args) -> int:
     else:
         city = fit_to_run(load(args.data), meta)
     mode = args.mode or (model.cfg.explain.mode if model.backbone is not None else "analytic")
+    max_new_tokens = args.max_new_tokens or model.cfg.explain.max_new_tokens
     result = explain(model, meta, city, args.node, args.at, mode=mode, channel=args.channel or 0,
-                     effects=load_effects(args.run), max_new_tokens=args.max_new_tokens or model.cfg.explain.max_new_tokens)
+                     effects=load_effects(args.run), max_new_tokens=max_new_tokens)
     print(json.dumps(result, indent=1, ensure_ascii=False) if args.json else format_explanation(result))
     if args.plot:
         plot_explanation(result, args.plot)

@@ -145,6 +145,16 @@ class STLLM(nn.Module):
         model.eval()
         return model, meta
 
+    def to_device(self, device: str | torch.device) -> "STLLM":
+        """Move the model to a device; a quantized backbone stays where bitsandbytes placed it (it cannot move)."""
+        quantized = self.backbone is not None and self.cfg.backbone.quantize != "none"
+        for name, child in self.named_children():
+            if not (quantized and name == "backbone"):
+                child.to(device)
+        for name, p in self.named_parameters(recurse=False):
+            p.data = p.data.to(device)
+        return self
+
     def merge_lora(self) -> "STLLM":
         """Fold the LoRA weights into the backbone (faster inference, same outputs). Not for quantized backbones."""
         if self.backbone is None or not hasattr(self.backbone, "merge_and_unload"):

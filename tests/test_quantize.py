@@ -178,3 +178,39 @@ def test_cuda_bf16_forecasts_match_fp32(run, reference, mode):
     else:
         with pytest.raises(ValueError, match="cannot merge LoRA"):
             model.merge_lora()
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+
+
+@pytest.mark.slow
+def test_inference_benchmark_runs_on_a_tiny_run(run, tmp_path):
+    """benchmarks/inference.py end to end on the tiny run: every mode and two node groupings, JSON and table."""
+    import subprocess
+    import sys
+    modes = ["fp32"] + [m for m in ("int8", "nf4") if _supported(m)]
+    out = tmp_path / "inference.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "inference.py"), "--run", str(run), "--modes", *modes,
+           "--windows", "4", "--repeats", "1", "--batch-size", "2", "--mm-size", "128", "--threads", "1",
+           "--city-nodes", "40", "--city-days", "21", "--city-windows", "1", "--city-repeats", "1",
+           "--groups", "16", "0", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["modes"]) == modes
+    fp32 = result["modes"]["fp32"]
+    assert fp32["n_windows"] == 4 and fp32["s_per_window"] > 0 and fp32["peak_rss_mb"] > 0
+    assert 0 < fp32["roofline"]["ratio"] and fp32["roofline"]["flops_per_window"] > 0
+    for name in modes[1:]:
+        r = result["modes"][name]
+        assert r["model_memory"]["blocks_ratio_vs_fp32"] < 0.5 and abs(r["mae_rel_diff"]) < 0.03
+    assert [c["sequences_per_window"] for c in result["city"]] == [3, 1]
+    assert "| fp32 |" in done.stdout and "nodes_per_sequence" in done.stdout
+
+
+def _supported(mode: str) -> bool:
+    try:
+        bb.check_quantization(mode, "cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        return False
+    return True

@@ -133,7 +133,8 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
     if init_from:                        # stage 2 starts from the forecaster's weights
         source = Path(init_from) / "model.safetensors"
         model.load_trainable_state_dict(checkpoint.load(source)[0], str(source))
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, lora_lr=ex.lora_lr or cfg.train.lora_lr)))
     cfg.save(out / "config.yaml")
 
     effects = estimate_effects(city, prep.train_end, prep.t_in, prep.t_out) if city.exog is not None else {}
