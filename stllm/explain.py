@@ -213,6 +213,9 @@ def cmd_explain(args) -> int:
     from stllm.infer import fit_to_run, load_city
     from stllm.model import STLLM
     model, meta = STLLM.from_pretrained(args.run)
+    import torch
+    if torch.cuda.is_available():
+        model.to_device("cuda")
     if args.data is None or args.data == meta["dataset"]:
         city = load_city(model.cfg.data)
     else:
