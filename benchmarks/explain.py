@@ -171,7 +171,9 @@ def main() -> None:
                                "job running at normal priority, this one at nice 19"}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
-    print(table({k: v for k, v in results.items() if not k.startswith("_")}))
+    text = table({k: v for k, v in results.items() if not k.startswith("_")})
+    path.with_suffix(".md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
