@@ -100,7 +100,8 @@ class TrainConfig:
     grad_clip: float = 5.0                   # max gradient norm (0 = off)
     seed: int = 0                            # seeds python, numpy, torch and the data order
     num_threads: int = 0                     # torch threads (0 = leave torch's default)
-    init_from: str = ""                      # few-shot: start from this run's weights (same model config)
+    init_from: str = ""                      # start from this run's weights: few-shot (same model), or warm-start
+                                             # the encoder from an encoder-only run (parts it has are loaded)
 
     def __post_init__(self) -> None:
         if self.loss not in ("mae", "huber"):
@@ -182,11 +183,25 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(section + '.' + k for k in unknown)}; "
                               f"known keys of {section}: {sorted(known)}")
+        values = {k: _coerce(cls, k, v, source) for k, v in values.items()}
         try:
             parts[section] = cls(**values)
         except TypeError as err:
             raise ConfigError(f"{source}: section {section}: {err}") from err
     return Config(**parts)
+
+
+def _coerce(cls, key: str, value, source: str):
+    """Numbers written as YAML 1.1 reads them ('1e-4' is a string there) become the field's type."""
+    kind = str({f.name: f.type for f in dataclasses.fields(cls)}[key])
+    try:
+        if kind.startswith("float") and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise ConfigError(f"{source}: {key} must be a number, got {value!r}") from None
+    return value
 
 
 def parse_overrides(overrides: list[str] | None) -> dict:

@@ -100,17 +100,25 @@ class STLLM(nn.Module):
         """Everything that training changes: encoder, projector, head, LoRA. The frozen backbone is not saved."""
         return {name: p.detach().cpu().contiguous() for name, p in self.named_parameters() if p.requires_grad}
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                                  partial: bool = False) -> list[str]:
+        """Copy weights in. partial=True loads the tensors both sides have (e.g. the encoder of an encoder-only
+        run) and ignores the rest; shapes must still match. Returns the names loaded."""
         own = dict(self.named_parameters())
+        if partial:
+            state = {k: v for k, v in state.items() if k in own}
+            if not state:
+                raise ValueError(f"{source}: no weight of it belongs to this model")
         unknown = sorted(set(state) - set(own))
         missing = sorted(name for name, p in own.items() if p.requires_grad and name not in state)
-        if unknown or missing:
+        if unknown or (missing and not partial):
             raise ValueError(f"{source}: weights do not fit this model; unknown: {unknown[:5]}, missing: {missing[:5]}")
         with torch.no_grad():
             for name, value in state.items():
                 if own[name].shape != value.shape:
                     raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, model expects {tuple(own[name].shape)}")
                 own[name].copy_(value.to(own[name].dtype))
+        return sorted(state)
 
     def save_pretrained(self, directory: str | Path, meta: dict) -> None:
         """Write config.yaml, model.safetensors (trainable weights), the peft adapter, meta.json, prompt.txt."""

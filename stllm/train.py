@@ -75,7 +75,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         source = Path(cfg.train.init_from) / "model.safetensors"
         if not source.is_file():
             raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
-        model.load_trainable_state_dict(checkpoint.load(source)[0], str(source))
+        loaded = model.load_trainable_state_dict(checkpoint.load(source)[0], str(source), partial=True)
+        accelerator.print(f"initialised {len(loaded)} tensors from {source}")
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)

@@ -42,3 +42,13 @@ def test_every_shipped_config_loads():
     assert len(configs) >= 4
     for path in configs:
         load_config(path)
+
+
+def test_numbers_in_exponent_form_become_numbers(tmp_path):
+    cfg = load_config(None, ["train.lr=1e-4", "train.lora_lr=2e-5", "train.batch_size=8"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float) and cfg.train.lora_lr == 2e-5
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 5e-4\n")
+    assert load_config(path).train.lr == 5e-4
+    with pytest.raises(ConfigError, match="train.lr|lr must be a number"):
+        load_config(None, ["train.lr=fast"])

@@ -123,3 +123,16 @@ def test_node_groups_give_the_same_result_as_one_sequence(tiny_city, tiny_config
         grouped = model(batch)
     assert torch.allclose(whole, grouped, atol=1e-5)
     assert not torch.allclose(whole, torch.zeros_like(whole))
+
+
+def test_warm_start_loads_the_encoder_of_an_encoder_only_run(tmp_path, tiny_city, tiny_config):
+    from stllm.checkpoint import load
+    train(tiny_config(["model.use_llm=false", "train.max_steps=2"]), tmp_path / "enc", city=tiny_city, progress=False)
+    source = load(tmp_path / "enc" / "model.safetensors")[0]
+    cfg = tiny_config([f"train.init_from={tmp_path / 'enc'}", "train.max_steps=1", "train.lr=1e-12",
+                       "train.lora_lr=1e-12"])
+    train(cfg, tmp_path / "warm", city=tiny_city, progress=False)
+    warm = load(tmp_path / "warm" / "model.safetensors")[0]
+    encoder = [k for k in source if k.startswith("encoder.")]
+    assert encoder and all(torch.allclose(source[k], warm[k], atol=1e-6) for k in encoder)
+    assert "head.lin.weight" in source and "head.lin.weight" not in warm       # the linear head was not taken
