@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw history, forecast and truth")
     p.add_argument("--max-new-tokens", type=int, help="bound on generated tokens (default: the run's explain.max_new_tokens)")
+    p.add_argument("--quantize", choices=["none", "int8", "nf4"], help="load the backbone in 8 or 4 bits (bitsandbytes)")
 
     args = parser.parse_args(argv)
     try:

@@ -212,7 +212,8 @@ def cmd_explain(args) -> int:
     from stllm.data import load
     from stllm.infer import fit_to_run, load_city
     from stllm.model import STLLM
-    model, meta = STLLM.from_pretrained(args.run)
+    quantize = getattr(args, "quantize", None)
+    model, meta = STLLM.from_pretrained(args.run, backbone_overrides={"quantize": quantize} if quantize else None)
     import torch
     if torch.cuda.is_available():
         model.to_device("cuda")

@@ -214,3 +214,17 @@ def _supported(mode: str) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def test_cli_explain_quantize_int8_states_the_quantized_head_numbers(run, capsys):
+    device_supports("int8", "cuda" if torch.cuda.is_available() else "cpu")
+    meta = json.loads((run / "meta.json").read_text())
+    from stllm.infer import load_city
+    from stllm.model import STLLM
+    city = load_city(STLLM.from_pretrained(run)[0].cfg.data)
+    at = str(city.timestamps[city.n_steps - 30])
+    assert main(["explain", "--run", str(run), "--node", "0", "--at", at, "--json", "--quantize", "int8",
+                 "--mode", "analytic"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["numbers_consistent"] is True and len(result["forecast"]) == 12
+    assert meta["dataset"] == result["dataset"]
