@@ -198,13 +198,8 @@ def plot_explanation(result: dict, path: str | Path) -> Path:
                  f"faithfulness {'n/a' if faith is None else f'{faith:.2f}'})", fontsize=10)
     ax.set_ylabel(f"{result['channel']} ({result['unit']})" if result["unit"] else result["channel"])
     ax.legend(fontsize=8, loc="best")
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from stllm.plots import save_figure
+    return save_figure(fig, path)
 
 
 def cmd_explain(args) -> int:

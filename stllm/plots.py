@@ -28,6 +28,12 @@ def plot_forecasts(result: dict, path: str | Path, nodes: list[int] | None = Non
         ax.set_ylabel(str(result["node_ids"][node]))
     axes[0, 0].legend(loc="upper right", fontsize=8, ncol=len(horizons) + 1)
     axes[0, 0].set_title(title or f"{result['channels'][channel]}: forecast against truth")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Dates on the x axis laid out, the folder made, the PNG written, the figure closed."""
+    import matplotlib.pyplot as plt
     fig.autofmt_xdate()
     fig.tight_layout()
     path = Path(path)
