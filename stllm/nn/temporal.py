@@ -1,7 +1,8 @@
 """Gated dilated temporal convolutions (WaveNet style), shared across nodes.
 
 A causal dilated convolution over a short window is written as a matmul over shifted copies of the input
-(taps): on the CPU this is ~100x faster than mkldnn's conv1d backward for our shapes (many short series).
+(taps): for our shapes (thousands of 12-step series) mkldnn's conv1d backward dominated a profiled training
+step on this CPU, and the matmul form is exactly equal (tests/test_encoder.py).
 """
 from __future__ import annotations
 
