@@ -62,7 +62,7 @@ def run_meta(prep: PreparedCity, cfg) -> dict:
     city = prep.city
     return {"dataset": city.name, "city": city.city, "domain": city.domain, "n_nodes": city.n_nodes,
             "n_channels": city.n_channels, "channels": city.channels, "units": city.units,
-            "n_exog": prep.n_exog, "exog_names": prep.exog_names, "exog_raw_names": city.exog_names,
+            "n_exog": prep.n_exog, "exog_names": prep.exog_names,
             "interval": str(city.interval), "scaler": prep.scaler.to_dict(),
             "train_end": str(city.timestamps[prep.train_end - 1]) if prep.train_end else None}
 

@@ -70,8 +70,8 @@ class PreparedCity:
         return torch.from_numpy(graphs.normalize(adj).astype(np.float32))
 
     def _wind_setup(self, enc_cfg):
-        names = self.city.exog_names
-        if enc_cfg.dynamic_graph in ("data", "none") or WIND_SPEED not in names or WIND_DIR not in names:
+        wind = None if enc_cfg.dynamic_graph in ("data", "none") else graphs.wind_from_exog(self.city)
+        if wind is None:
             if enc_cfg.dynamic_graph == "wind":
                 raise DataError(f"{self.city.name}: encoder.dynamic_graph=wind needs exog {WIND_SPEED} and {WIND_DIR}")
             return None
@@ -79,9 +79,8 @@ class PreparedCity:
             return None
         lat, lon = self.city.nodes["lat"].to_numpy(float), self.city.nodes["lon"].to_numpy(float)
         dist = graphs.node_distances(self.city)
-        sigma0 = enc_cfg.wind_sigma0 or float(np.nanstd(dist[np.isfinite(dist) & (dist > 0)]))
-        speed = self.city.exog[:, :, names.index(WIND_SPEED)]     # [T, N|1]
-        direction = self.city.exog[:, :, names.index(WIND_DIR)]   # [T, N|1]
+        sigma0 = enc_cfg.wind_sigma0 or graphs.default_sigma(dist)
+        speed, direction = wind                                   # [T, N|1] each
         return dict(dist=dist, bearings=graphs.bearings_deg(lat, lon), speed=speed, direction=direction,
                     sigma0=sigma0, alpha=enc_cfg.wind_alpha)
 
