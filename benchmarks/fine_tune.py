@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = {"stllm (SmolLM2 + LoRA)": [], "encoder only (ablation)": ["model.use_llm=false"]}
+MODELS = {"stllm (SmolLM2 + LoRA)": ("stllm", []), "encoder only (ablation)": ("encoder_only", ["model.use_llm=false"])}
 
 
 def run(config: str, out: Path, overrides: list[str]) -> dict:
@@ -50,24 +50,26 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, help="override train.max_minutes for both models")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "bench"), help="where the runs go")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for both models")
+    parser.add_argument("--models", nargs="+", default=["encoder_only", "stllm"], choices=["encoder_only", "stllm"],
+                        help="which models to train (a model already in the results keeps its row)")
     args = parser.parse_args()
 
     results_path = ROOT / "benchmarks" / "results" / "fine_tune.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for dataset in args.datasets:
-        rows = {}
-        for name, extra in MODELS.items():
+        for name, (key, extra) in MODELS.items():
+            if key not in args.models:
+                continue
             overrides = list(args.set) + extra + ([f"train.max_minutes={args.minutes}"] if args.minutes else [])
-            out = Path(args.runs) / dataset / ("encoder_only" if extra else "stllm")
-            metrics = run(dataset, out, overrides)
+            metrics = run(dataset, Path(args.runs) / dataset / key, overrides)
+            # Read the file again just before writing: another benchmark process may have added its rows.
+            results = json.loads(results_path.read_text()) if results_path.exists() else {}
+            rows = results.setdefault(dataset, {})
             rows[name] = metrics
-        rows.update(metrics["baselines"])
-        results[dataset] = rows
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=1))
-        (results_path.with_suffix(".md")).write_text(table(results) + "\n")
-        print(table({dataset: rows}), flush=True)
-    print(table(results))
+            rows.update(metrics["baselines"])
+            results_path.parent.mkdir(parents=True, exist_ok=True)
+            results_path.write_text(json.dumps(results, indent=1))
+            results_path.with_suffix(".md").write_text(table(results) + "\n")
+            print(table({dataset: rows}), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python benchmarks/zero_shot.py --source runs/bench/nyc-bike-60min --target bayarea-bike-sf
     python benchmarks/zero_shot.py --source runs/bench/nyc-taxi-60min --target nyc-bike --channels arrivals=0 departures=1
+    python benchmarks/zero_shot.py --source runs/bench/nyc-crime --target chicago-crime --rows zero_shot full_shot \
+        --channels theft=0 battery=1 assault=2 "criminal damage=3"
 
 --source is a folder holding `stllm/` and `encoder_only/` runs (what benchmarks/fine_tune.py writes).
 Rows (choose with --rows): zero_shot, zero_shot_tta, encoder_zero_shot, full_shot, few_shot_1d, few_shot_7d,
@@ -42,23 +44,33 @@ def train(config: Path, out: Path, overrides: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def ordered_target_channels(channels: list[str]) -> list[str]:
+    """["arrivals=0", "departures=1"] -> the target's channel names in the run's channel order."""
+    pairs = sorted((int(item.split("=", 1)[1]), item.split("=", 1)[0]) for item in channels)
+    return [name for _, name in pairs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", required=True, help="folder with stllm/ and encoder_only/ runs")
     parser.add_argument("--target", required=True, help="target dataset name or path")
-    parser.add_argument("--channels", nargs="*", default=[], help="TARGET=RUN channel mapping")
+    parser.add_argument("--channels", nargs="*", default=[], help="TARGET=RUN channel mapping (RUN as a position)")
     parser.add_argument("--rows", nargs="*", default=ALL_ROWS, choices=ALL_ROWS)
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget of full- and few-shot runs")
     parser.add_argument("--adapt-steps", type=int, default=20)
     parser.add_argument("--out", default=str(ROOT / "runs" / "zero_shot"))
     args = parser.parse_args()
 
-    source, out = Path(args.source), Path(args.out) / f"{Path(args.source).name}-to-{args.target}"
+    source = Path(args.source)
+    name = f"{source.name}-to-{Path(args.target).name}"
+    out = Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     stllm_run = source / "stllm"
     cfg_file = stllm_run / "config.yaml"
     rows: dict[str, dict] = {}
-    target_data = [f"data.name={args.target}", "data.options={}", "data.channels=[]"]
+    # Trained rows read the target's channels in the order the source run uses them (few-shot starts from it).
+    target_channels = ordered_target_channels(args.channels) if args.channels else []
+    target_data = [f"data.name={args.target}", "data.options={}", f"data.channels=[{','.join(target_channels)}]"]
     for row in args.rows:
         if row == "zero_shot":
             rows[row] = evaluate(stllm_run, args.target, args.channels, [], out / f"{row}.json")
@@ -70,20 +82,31 @@ def main() -> None:
         else:
             days = {"full_shot": 0, "few_shot_1d": 1, "few_shot_7d": 7, "few_shot_30d": 30}[row]
             overrides = target_data + [f"train.max_minutes={args.minutes}", f"data.train_days={days}"]
-            if days:
-                overrides.append(f"train.init_from={stllm_run}")
-            if args.channels:
-                print(f"note: {row} trains on the target's own channels; --channels applies to zero-shot rows only")
+            if days:   # few-shot continues the source run: both stages are behind it
+                overrides += [f"train.init_from={stllm_run}", "train.encoder_first_minutes=0"]
+            else:      # full-shot trains from scratch with the source recipe's two stages, half the budget each
+                overrides.append(f"train.encoder_first_minutes={args.minutes / 2}")
             train(cfg_file, out / row, overrides)
             rows[row] = json.loads((out / row / "metrics.json").read_text())
     base = next(iter(rows.values()))["baselines"]
-    rows["last value"] = base["last"]
-    rows["same time yesterday (uses 24 steps of history)"] = base["same_time_yesterday"]
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
-    print(f"\n{args.source} -> {args.target} (test split)\n")
-    print("| row | MAE | RMSE | MAPE % |\n|---|---|---|---|")
-    for name, m in rows.items():
-        print(f"| {name} | {m['mae']:.3f} | {m['rmse']:.3f} | {m['mape']:.1f} |")
+    events = "macro_f1" in base.get("previous_day", {})
+    if events:
+        rows["previous day"] = base["previous_day"]
+        rows["historical rate"] = base["historical_rate"]
+        header, cols = "| row | Macro-F1 | Recall |\n|---|---|---|", ("macro_f1", "recall")
+    else:
+        rows["last value"] = base["last"]
+        rows["same time yesterday (uses 24 steps of history)"] = base["same_time_yesterday"]
+        header, cols = "| row | MAE | RMSE | MAPE % |\n|---|---|---|---|", ("mae", "rmse", "mape")
+    lines = [f"{args.source} -> {args.target} (test split)", "", header]
+    for row_name, m in rows.items():
+        lines.append(f"| {row_name} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + " |")
+    table = "\n".join(lines)
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"zero_shot_{name}.json").write_text(json.dumps(rows, indent=1))
+    (results / f"zero_shot_{name}.md").write_text(table + "\n")
+    print("\n" + table)
 
 
 if __name__ == "__main__":

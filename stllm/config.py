@@ -72,6 +72,8 @@ class ModelConfig:
                                              # projected into this many; fewer tokens = shorter sequences)
     nodes_per_sequence: int = 256            # cut big cities into groups of this many nodes per sequence (0 = all)
     head_hidden: int = 256                   # width of W1 and W2 in the regression head
+    encoder_skip: bool = True                # add the encoder's linear read-out to the head's output, so the
+                                             # language model learns a correction (false = the head alone)
 
     def __post_init__(self) -> None:
         if self.task not in ("forecast", "events"):
@@ -100,6 +102,9 @@ class TrainConfig:
     grad_clip: float = 5.0                   # max gradient norm (0 = off)
     seed: int = 0                            # seeds python, numpy, torch and the data order
     num_threads: int = 0                     # torch threads (0 = leave torch's default)
+    encoder_first_minutes: float = 0.0       # two-stage training: first train encoder + skip read-out alone (5x
+                                             # faster on CPU) for at most this long or until early stopping, then
+                                             # switch the language model on (0 = one stage; needs encoder_skip)
     init_from: str = ""                      # start from this run's weights: few-shot (same model), or warm-start
                                              # the encoder from an encoder-only run (parts it has are loaded)
 

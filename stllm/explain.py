@@ -151,8 +151,8 @@ def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_
     model.eval()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        his, pre = slot_vectors(model, batch)                         # [1, N, m, d_llm], [1, N, d_llm]
-        inputs = node_inputs(model, his, pre, [(0, node)], [prompt])
+        his, pre, base = slot_vectors(model, batch)                   # [1, N, m, d_llm], [1, N, d_llm], ...
+        inputs = node_inputs(model, his, pre, [(0, node)], [prompt], base=base)
         new = generate(model, inputs, max_new_tokens)[0]
     seconds = time.perf_counter() - t0
     model.train(was_training)

@@ -49,6 +49,14 @@ class STLLM(nn.Module):
         self.pre_proj = nn.Linear(d_enc, d_llm)              # plus the node's own summary, so slots differ by node
         head = ClassificationHead if cfg.model.task == "events" else RegressionHead
         self.head = head(d_llm, m, t_out, n_channels, cfg.model.head_hidden)
+        # The encoder's own linear read-out, added to the language model's: the backbone then refines a forecast
+        # instead of having to rebuild one. Its output layer starts at zero, so at step 0 the model is exactly the
+        # encoder-only ablation plus a zero correction (see model.encoder_skip and train.encoder_first_minutes).
+        self.skip = LinearHead(d_enc, k, t_out, n_channels) if cfg.model.encoder_skip else None
+        if self.skip is not None:
+            nn.init.zeros_(self.head.w3.weight)
+            nn.init.zeros_(self.head.w3.bias)
+        self.llm_active = True   # False: forward uses only the encoder read-out (training's first stage)
         self._layouts: dict = {}
 
     # ---- forward -----------------------------------------------------------------------------------------------
@@ -56,6 +64,11 @@ class STLLM(nn.Module):
         tokens = self.encoder(batch)                                    # [b, N, k, d_enc]
         if self.backbone is None:
             return self.head(tokens)
+        base = self.skip(tokens) if self.skip is not None else 0.0     # [b, t_out, N, C]
+        if not self.llm_active:
+            if self.skip is None:
+                raise ValueError("llm_active=False needs model.encoder_skip=true (there is no other read-out)")
+            return base
         b, n = tokens.shape[:2]
         his = self.projector(tokens)                                    # [b, N, m, d_llm]
         pre = self.pre_query + self.pre_proj(tokens.mean(2))           # [b, N, d_llm]
@@ -68,7 +81,7 @@ class STLLM(nn.Module):
             a, p = self._run_backbone(his[:, lo:hi], pre[:, lo:hi], batch.get("context") or {})
             h_his.append(a)
             h_pre.append(p)
-        return self.head(torch.cat(h_his, 1), torch.cat(h_pre, 1))
+        return base + self.head(torch.cat(h_his, 1), torch.cat(h_pre, 1))
 
     def _run_backbone(self, his: torch.Tensor, pre: torch.Tensor, context: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """his [b, g, m, d_llm], pre [b, g, d_llm] -> hidden states at those slots, same shapes."""

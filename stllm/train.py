@@ -75,7 +75,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         source = Path(cfg.train.init_from) / "model.safetensors"
         if not source.is_file():
             raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
-        loaded = model.load_trainable_state_dict(checkpoint.load(source)[0], str(source), partial=True)
+        weights = checkpoint.load(source)[0]
+        if model.backbone is not None and model.skip is not None and "head.lin.weight" in weights:
+            # an encoder-only run: its linear head becomes the skip read-out, so training starts from its forecast
+            weights = {"skip." + k[5:] if k.startswith("head.lin.") else k: v for k, v in weights.items()}
+        loaded = model.load_trainable_state_dict(weights, str(source), partial=True)
         accelerator.print(f"initialised {len(loaded)} tensors from {source}")
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -88,8 +92,14 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         cfg.save(out / "config.yaml")
     meta = run_meta(prep, cfg)
 
+    two_stage = cfg.model.use_llm and cfg.train.encoder_first_minutes > 0
+    if two_stage and not cfg.model.encoder_skip:
+        raise ValueError("train.encoder_first_minutes needs model.encoder_skip=true: the first stage trains the "
+                         "encoder through its own read-out")
+    # stage 1 (two-stage training only): the language model is bypassed; stage 2: the whole model.
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "best_val": math.inf, "bad_evals": 0, "elapsed_s": 0.0,
-             "step_s": 0.0, "windows": 0, "done": False}  # step_s: time in optimizer steps, validation excluded
+             "step_s": 0.0, "windows": 0, "done": False,  # step_s: time in optimizer steps, validation excluded
+             "stage": 1 if two_stage else 2, "stage1": None}
     if resume and (out / LAST).exists():
         tensors, state = checkpoint.load(out / LAST)
         checkpoint.restore_training_state(tensors, raw_model, optimizer)
@@ -136,6 +146,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                    desc=f"epoch {state['epoch'] + 1}/{cfg.train.epochs}")
         model.train()
         for i in bar:
+            raw_model.llm_active = state["stage"] == 2
             t_step = time.time()
             starts = order[i * bs:(i + 1) * bs]
             if world > 1:  # this process's share; every process needs at least one window to step together
@@ -161,12 +172,21 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                 on_step(state["step"])
             out_of_time = _agree(accelerator, bool(cfg.train.max_minutes) and time.time() - t_start > 60 * cfg.train.max_minutes)
             out_of_steps = cfg.train.max_steps and state["step"] >= cfg.train.max_steps
-            if state["step"] % eval_every == 0 or out_of_time or out_of_steps or i + 1 == steps_per_epoch:
+            stage1_over = state["stage"] == 1 and _agree(
+                accelerator, time.time() - t_start > 60 * cfg.train.encoder_first_minutes)
+            if (state["step"] % eval_every == 0 or out_of_time or out_of_steps or stage1_over
+                    or i + 1 == steps_per_epoch):
                 if i + 1 == steps_per_epoch:
                     state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
                 model.eval()
                 validate_and_checkpoint()
                 model.train()
+                if state["stage"] == 1 and (stage1_over or state["bad_evals"] >= cfg.train.patience):
+                    _start_stage2(state, accelerator)
+                    if main:
+                        checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
+                    if not (out_of_time or out_of_steps):
+                        continue
                 if state["bad_evals"] >= cfg.train.patience or out_of_time or out_of_steps:
                     state["done"] = True
                     if main:
@@ -174,6 +194,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                     break
         bar.close()
     accelerator.wait_for_everyone()
+    raw_model.llm_active = True   # the saved model always runs its language model (a zero correction if unused)
     if not main:
         return {}
     log.close()
@@ -191,9 +212,19 @@ def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict,
     metrics["training"] = {"steps": state["step"], "epochs": state["epoch"], "windows": state["windows"],
                            "wall_s": round(state["elapsed_s"], 2),  # training incl. validation passes
                            "windows_per_s": round(state["windows"] / max(state["step_s"], 1e-9), 2),  # steps only
-                           "best_val_error": state["best_val"], "peak_rss_mb": peak_rss_mb()}
+                           "best_val_error": state["best_val"], "peak_rss_mb": peak_rss_mb(),
+                           "encoder_stage": state.get("stage1")}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def _start_stage2(state: dict, accelerator: Accelerator) -> None:
+    """End the encoder-only first stage: record where it got to and switch the language model on."""
+    state["stage1"] = {"steps": state["step"], "windows": state["windows"], "best_val_error": state["best_val"],
+                       "elapsed_s": round(state["elapsed_s"], 2)}
+    state["stage"], state["bad_evals"] = 2, 0
+    accelerator.print(f"stage 1 (encoder only) done at step {state['step']}, best validation error "
+                      f"{state['best_val']:.4f}; switching the language model on")
 
 
 def peak_rss_mb() -> float:

@@ -184,12 +184,13 @@ def test_node_layout_places_slots_and_labels_only_the_rationale(run, city):
     samples, _ = make_samples(city, prep, [(AT, 1), (AT + 5, 4)], make_teacher("analytic"))
     batch = prep.batch(np.array([AT, AT + 5]))
     with torch.no_grad():
-        his, pre = slot_vectors(model, batch)                                   # [2, N, m, d], [2, N, d]
+        his, pre, base = slot_vectors(model, batch)                             # [2, N, m, d], [2, N, d], ...
         inputs = node_inputs(model, his, pre, [(0, 1), (1, 4)], [x.prompt for x in samples],
-                             [x.rationale for x in samples])
+                             [x.rationale for x in samples], base=base)
     for k, (w, n) in enumerate([(0, 1), (1, 4)]):
         torch.testing.assert_close(inputs.embeds[k, inputs.his_pos[k]], his[w, n])
         torch.testing.assert_close(inputs.embeds[k, inputs.pre_pos[k]], pre[w, n])
+        torch.testing.assert_close(inputs.base[k, :, 0], base[w, :, n])            # the node's encoder read-out
         labelled = inputs.labels[k][inputs.labels[k] != -100].tolist()
         assert labelled[-1] == model.tokenizer.eos_token_id
         assert model.tokenizer.decode(labelled[:-1]) == samples[k].rationale        # only the rationale is learned
@@ -200,7 +201,7 @@ def test_node_layout_places_slots_and_labels_only_the_rationale(run, city):
 
 def test_joint_loss_decreases_on_a_tiny_model(city):
     torch.manual_seed(0)
-    cfg = load_config(TINY, LLAMA + ["train.lr=0.003", "train.lora_lr=0.03"])
+    cfg = load_config(TINY, LLAMA + ["train.lr=0.003", "train.lora_lr=0.01"])
     from stllm.data.prepared import PreparedCity
     prep = PreparedCity(city, cfg.data, cfg.encoder)
     model = build_model(cfg, prep)

@@ -51,7 +51,7 @@ def test_only_trainable_parts_change(tiny_city, tiny_config, backbone):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in trainable)
-    assert all(n.split(".")[0] in ("encoder", "projector", "pre_query", "pre_proj", "head") or "lora_" in n
+    assert all(n.split(".")[0] in ("encoder", "projector", "pre_query", "pre_proj", "head", "skip") or "lora_" in n
                for n in trainable)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
     used = set()
@@ -135,4 +135,47 @@ def test_warm_start_loads_the_encoder_of_an_encoder_only_run(tmp_path, tiny_city
     warm = load(tmp_path / "warm" / "model.safetensors")[0]
     encoder = [k for k in source if k.startswith("encoder.")]
     assert encoder and all(torch.allclose(source[k], warm[k], atol=1e-6) for k in encoder)
-    assert "head.lin.weight" in source and "head.lin.weight" not in warm       # the linear head was not taken
+    assert "head.lin.weight" in source and "head.lin.weight" not in warm
+    for name in ("weight", "bias"):            # the ablation's linear head became the skip read-out
+        assert torch.allclose(source[f"head.lin.{name}"], warm[f"skip.lin.{name}"], atol=1e-6)
+
+
+def test_skip_read_out_makes_the_untrained_model_the_encoder_only_forecast(tiny_city, tiny_config):
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    prep = PreparedCity(tiny_city, cfg.data, cfg.encoder)
+    model = build_model(cfg, prep).eval()
+    batch = prep.batch(prep.splits["test"][:3])
+    with torch.no_grad():
+        full = model(batch)
+        encoder_only = model.skip(model.encoder(batch))
+        model.llm_active = False
+        bypassed = model(batch)
+    torch.testing.assert_close(full, encoder_only)     # the head's correction starts at exactly zero
+    torch.testing.assert_close(bypassed, encoder_only)
+    assert not torch.allclose(full, torch.zeros_like(full))
+
+
+def test_two_stage_training_trains_the_encoder_first_then_everything(tmp_path, tiny_city, tiny_config):
+    from stllm.checkpoint import load
+    # stage 1 never ends (60 minutes): the language-model side gets no update at all
+    m1 = train(tiny_config(["train.encoder_first_minutes=60", "train.max_steps=3", "train.eval_every=1"]),
+               tmp_path / "one", city=tiny_city, progress=False)
+    w1 = load(tmp_path / "one" / "model.safetensors")[0]
+    lora_b = [k for k in w1 if "lora_B" in k]
+    assert lora_b and all(w1[k].abs().max() == 0 for k in lora_b)      # peft starts lora_B at zero
+    assert w1["head.w3.weight"].abs().max() == 0
+    assert m1["training"]["encoder_stage"] is None
+    # stage 1 ends after its first step: then the language model trains too
+    m2 = train(tiny_config(["train.encoder_first_minutes=1e-9", "train.max_steps=3", "train.eval_every=1",
+                            "train.patience=10"]), tmp_path / "two", city=tiny_city, progress=False)
+    w2 = load(tmp_path / "two" / "checkpoints/last.safetensors")[0]
+    assert m2["training"]["encoder_stage"]["steps"] == 1
+    assert any(w2[f"model.{k}"].abs().max() > 0 for k in lora_b)
+    assert w2["model.head.w3.weight"].abs().max() > 0
+
+
+def test_two_stage_training_needs_the_skip_read_out(tmp_path, tiny_city, tiny_config):
+    cfg = tiny_config(["train.encoder_first_minutes=5", "model.encoder_skip=false"])
+    with pytest.raises(ValueError, match="encoder_skip"):
+        train(cfg, tmp_path / "run", city=tiny_city, progress=False)

@@ -34,15 +34,18 @@ class NodeInputs:
     labels: torch.Tensor
     his_pos: torch.Tensor
     pre_pos: torch.Tensor
+    base: torch.Tensor | None = None   # [B, t_out, 1, C] encoder read-out added to the head's forecast
 
 
-def slot_vectors(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def slot_vectors(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The vectors STLLM.forward puts into the slots, for every node of a city batch:
-    his [b, N, m, d_llm] (projected ST-tokens) and pre [b, N, d_llm] (the <ST_PRE> query)."""
+    his [b, N, m, d_llm] (projected ST-tokens), pre [b, N, d_llm] (the <ST_PRE> query), and the encoder's own
+    read-out [b, t_out, N, C] that the head's output is added to (None without model.encoder_skip)."""
     tokens = model.encoder(batch)                                       # [b, N, k, d_enc]
     his = model.projector(tokens)                                       # [b, N, m, d_llm]
     pre = model.pre_query + model.pre_proj(tokens.mean(2))             # [b, N, d_llm]
-    return his, pre
+    base = model.skip(tokens) if model.skip is not None else None       # [b, t_out, N, C]
+    return his, pre, base
 
 
 def tokenize_prompt(tokenizer, text: str, n_tokens: int) -> tuple[list[int], list[int], int]:
@@ -65,9 +68,10 @@ def tokenize_prompt(tokenizer, text: str, n_tokens: int) -> tuple[list[int], lis
 
 
 def node_inputs(model, his: torch.Tensor, pre: torch.Tensor, rows: list[tuple[int, int]], prompts: list[str],
-                targets: list[str] | None = None) -> NodeInputs:
+                targets: list[str] | None = None, base: torch.Tensor | None = None) -> NodeInputs:
     """Sequences for `rows` [(window index into his/pre, node position)]: prompt, then (when given) the target
-    text and EOS, which alone are labelled. his [b, N, m, d_llm], pre [b, N, d_llm] from `slot_vectors`."""
+    text and EOS, which alone are labelled. his [b, N, m, d_llm], pre [b, N, d_llm], base [b, t_out, N, C] or
+    None, from `slot_vectors`."""
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     m = his.shape[2]
@@ -94,7 +98,8 @@ def node_inputs(model, his: torch.Tensor, pre: torch.Tensor, rows: list[tuple[in
     batch_idx = torch.arange(len(rows), device=device)
     emb[batch_idx[:, None], his_pos_t] = his[w, n].to(emb.dtype)                        # [B, m, d_llm]
     emb[batch_idx, pre_pos_t] = pre[w, n].to(emb.dtype)                                 # [B, d_llm]
-    return NodeInputs(emb, mask.to(device), lab.to(device), his_pos_t, pre_pos_t)
+    node_base = None if base is None else base[w, :, n][:, :, None]                     # [B, t_out, 1, C]
+    return NodeInputs(emb, mask.to(device), lab.to(device), his_pos_t, pre_pos_t, node_base)
 
 
 def node_forward(model, inputs: NodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +111,8 @@ def node_forward(model, inputs: NodeInputs) -> tuple[torch.Tensor, torch.Tensor]
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     h_his = hidden[rows[:, None], inputs.his_pos].float()               # [B, m, d_llm]
     h_pre = hidden[rows, inputs.pre_pos].float()                        # [B, d_llm]
-    return hidden, model.head(h_his[:, None], h_pre[:, None])          # [B, t_out, 1, C]
+    forecast = model.head(h_his[:, None], h_pre[:, None])              # [B, t_out, 1, C]
+    return hidden, forecast if inputs.base is None else forecast + inputs.base
 
 
 def lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

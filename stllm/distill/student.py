@@ -85,9 +85,10 @@ def joint_loss(model, prep: PreparedCity, samples: list[StudentSample], lm_weigh
     device = next(model.parameters()).device
     starts = sorted({x.start for x in samples})
     batch = _to(prep.batch(np.array(starts), mask_zeros), device)
-    his, pre = slot_vectors(model, batch)                                        # [b, N, m, d], [b, N, d]
+    his, pre, base = slot_vectors(model, batch)                                  # [b, N, m, d], [b, N, d], ...
     rows = [(starts.index(x.start), x.node) for x in samples]
-    inputs = node_inputs(model, his, pre, rows, [x.prompt for x in samples], [x.rationale for x in samples])
+    inputs = node_inputs(model, his, pre, rows, [x.prompt for x in samples], [x.rationale for x in samples],
+                         base=base)
     hidden, y_node = node_forward(model, inputs)                                 # y_node [B, t_out, 1, C]
     w, n = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
     target = batch["y"][w, :, n][:, :, None]                                     # [B, t_out, 1, C]
