@@ -29,3 +29,19 @@ def test_quickstart_runs_end_to_end():
     text = "".join(o.get("text", "") for o in outputs)
     assert "same_time_last_week" in text and "[windows, horizon, sensors, channels]" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)      # the forecast plot was drawn
+
+
+@pytest.mark.slow
+def test_zero_shot_notebook_runs_on_real_data():
+    """NYC bike -> San Francisco on a slice: a short source run, zero-shot, TTA, the plot, one-week few-shot."""
+    from conftest import real_data
+    real_data("NYC_Manhattan_TaxiBike")
+    real_data("BayArea_BikeShare_2014")
+    nb = run_notebook("zero_shot.ipynb", {"STLLM_ZERO_SHOT_STEPS": "6", "STLLM_ZERO_SHOT_WINDOWS": "24"})
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "evaluated on bayarea-bike-sf (35 sensors), 24 test windows" in text
+    for row in ("stllm zero-shot", "stllm zero-shot + TTA", "stllm few-shot (7 days)", "last value"):
+        assert row in text, row
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2      # the two maps and the forecasts
