@@ -14,8 +14,8 @@ Either way the program writes the head's numbers into the FORECAST_SLOT (`fill_f
 lists the language model wrote itself are replaced by the slot first, so no sampled forecast digit survives.
 Then `check_explanation` tests every checkable claim against the data.
 
-Weather effects (`estimate_effects`) are read from the run's effects.json when the run has one (the student
-trainer writes it); otherwise they are estimated here from the given city's training part (steps before the
+Weather effects (`estimate_effects`) are read from the run's effects.json when the data is the run's own city
+(`stllm train` writes it for cities with weather); otherwise they are estimated here from the given city's training part (steps before the
 train split's end), which needs no more than the data explaining needs anyway.
 """
 from __future__ import annotations
@@ -212,14 +212,13 @@ def cmd_explain(args) -> int:
     import torch
     if torch.cuda.is_available():
         model.to_device("cuda")
-    if args.data is None or args.data == meta["dataset"]:
-        city = load_city(model.cfg.data)
-    else:
-        city = fit_to_run(load(args.data), meta)
+    own_data = args.data is None or args.data == meta["dataset"]
+    city = load_city(model.cfg.data) if own_data else fit_to_run(load(args.data), meta)
     mode = args.mode or (model.cfg.explain.mode if model.backbone is not None else "analytic")
     max_new_tokens = args.max_new_tokens or model.cfg.explain.max_new_tokens
     result = explain(model, meta, city, args.node, args.at, mode=mode, channel=args.channel or 0,
-                     effects=load_effects(args.run), max_new_tokens=max_new_tokens)
+                     # the run's weather effects belong to its own city; another city's are estimated from its data
+                     effects=load_effects(args.run) if own_data else None, max_new_tokens=max_new_tokens)
     print(json.dumps(result, indent=1, ensure_ascii=False) if args.json else format_explanation(result))
     if args.plot:
         plot_explanation(result, args.plot)

@@ -207,6 +207,12 @@ def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict,
         model.load_trainable_state_dict(checkpoint.load(out / BEST)[0], str(out / BEST))
     model.eval()
     model.save_pretrained(out, meta)
+    if prep.city.exog is not None and cfg.model.task == "forecast":
+        # weather effects from the training part, for `stllm explain` on this run (stllm.distill.facts)
+        from stllm.distill.facts import effects_to_dict, estimate_effects
+        from stllm.explain import EFFECTS
+        effects = estimate_effects(prep.city, prep.train_end, prep.t_in, prep.t_out)
+        (out / EFFECTS).write_text(json.dumps(effects_to_dict(effects), indent=1))
     from stllm.infer import evaluate_with_baselines
     metrics = evaluate_with_baselines(model, prep, "test", batch_size=cfg.train.batch_size)
     metrics["training"] = {"steps": state["step"], "epochs": state["epoch"], "windows": state["windows"],

@@ -26,6 +26,8 @@ def test_train_save_load_evaluate(tmp_path, tiny_city, tiny_config, backbone):
     assert np.isfinite(metrics["mae"]) and set(metrics["baselines"]) == {
         "last", "same_time_yesterday", "same_time_last_week", "historical_average"}
 
+    from stllm.explain import load_effects
+    assert load_effects(tmp_path / "run")                            # the weather effects `stllm explain` reads
     model, meta = STLLM.from_pretrained(tmp_path / "run")            # needs no training data
     prep = prepare(model, meta, tiny_city)
     starts = prep.splits["test"][:8]
