@@ -1,9 +1,10 @@
 """Zero-shot transfer benchmark: a run trained on one city, evaluated on another it never saw.
 
     python benchmarks/zero_shot.py --source runs/bench/nyc-bike-60min --target bayarea-bike-sf
-    python benchmarks/zero_shot.py --source runs/bench/nyc-taxi-60min --target nyc-bike --channels arrivals=0 departures=1
+    python benchmarks/zero_shot.py --source runs/bench/nyc-taxi-60min --target nyc-bike --channels arrivals=0 departures=1 \
+        --full-shot-run runs/bench/nyc-bike-60min/stllm
     python benchmarks/zero_shot.py --source runs/bench/nyc-crime --target chicago-crime --rows zero_shot full_shot \
-        --channels theft=0 battery=1 assault=2 "criminal damage=3"
+        --channels "criminal damage=0" theft=1 battery=2 assault=3
 
 --source is a folder holding `stllm/` and `encoder_only/` runs (what benchmarks/fine_tune.py writes).
 Rows (choose with --rows): zero_shot, zero_shot_tta, encoder_zero_shot, full_shot, few_shot_1d, few_shot_7d,
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=ALL_ROWS, choices=ALL_ROWS)
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget of full- and few-shot runs")
     parser.add_argument("--adapt-steps", type=int, default=20)
+    parser.add_argument("--full-shot-run", help="an existing run trained on the target (e.g. the fine-tune "
+                        "benchmark's) to evaluate as the full-shot row instead of training one")
     parser.add_argument("--out", default=str(ROOT / "runs" / "zero_shot"))
     args = parser.parse_args()
 
@@ -79,6 +82,8 @@ def main() -> None:
                                  out / f"{row}.json")
         elif row == "encoder_zero_shot":
             rows[row] = evaluate(source / "encoder_only", args.target, args.channels, [], out / f"{row}.json")
+        elif row == "full_shot" and args.full_shot_run:
+            rows[row] = evaluate(Path(args.full_shot_run), args.target, [], [], out / f"{row}.json")
         else:
             days = {"full_shot": 0, "few_shot_1d": 1, "few_shot_7d": 7, "few_shot_30d": 30}[row]
             overrides = target_data + [f"train.max_minutes={args.minutes}", f"data.train_days={days}"]
