@@ -20,6 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("distill", help="write a teacher's rationales (the explain section of a config) as a "
+                       "datasets dataset and JSONL")
+    p.add_argument("--config", required=True, help="YAML config with an explain: section (e.g. "
+                   "configs/beijing-pm25-explain.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. "
+                   "explain.n_samples=64 explain.teacher=openai:gpt-4o-mini explain.teacher_url=...")
+    p.add_argument("--out", required=True, help="folder to write")
+
     p = sub.add_parser("evaluate", help="metrics of a run next to the baselines")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--data", help="dataset name or path (default: the run's own dataset)")
@@ -57,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
-                "explain": cmd_explain}[args.command](args)
+        return {"train": cmd_train, "distill": cmd_distill, "evaluate": cmd_evaluate, "predict": cmd_predict,
+                "demo": cmd_demo, "explain": cmd_explain}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as err:
         print(f"stllm {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -72,6 +80,15 @@ def _add_inference_options(p) -> None:
     p.add_argument("--resample", choices=["sum", "mean"], help="resample the data to the run's interval")
     p.add_argument("--adapt-steps", type=int, default=0,
                    help="test-time adaptation: self-supervised steps on the data's input history (default 0 = off)")
+
+
+def cmd_distill(args) -> int:
+    from stllm.config import load_config
+    from stllm.distill.student import write_rationales
+    summary = write_rationales(load_config(args.config, args.set), args.out)
+    print(f"{summary['n_rationales']} rationales by the {summary['teacher']} teacher on {summary['dataset']} "
+          f"in {summary['seconds']:.1f} s, written to {args.out} (dataset/ and rationales.jsonl)")
+    return 0
 
 
 def cmd_train(args) -> int:

@@ -130,14 +130,22 @@ class ExplainConfig:
     forecaster: bool = True                  # first train the city-layout forecaster (stllm.train, section train)
                                              # into <out>/forecaster, unless train.init_from names a run to start from
     teacher: str = "analytic"                # analytic (deterministic, from computed facts) | hf:<model folder>
+                                             # (a local chat model) | openai:<model name> (an OpenAI-compatible
+                                             # server at teacher_url, key from $teacher_key_env)
+    teacher_url: str = ""                    # openai teacher: server URL, e.g. http://localhost:8000/v1
+    teacher_key_env: str = "OPENAI_API_KEY"  # openai teacher: environment variable holding the API key
+    teacher_trust_remote_code: bool = False  # hf teacher: allow the model folder's own code (off by default)
     mode: str = "analytic"                   # default explanation mode of the run: analytic | generated
     max_new_tokens: int = 320                # bound on generated rationale tokens
 
     def __post_init__(self) -> None:
         if self.mode not in ("analytic", "generated"):
             raise ConfigError(f"explain.mode must be analytic|generated, got {self.mode!r}")
-        if self.teacher != "analytic" and not self.teacher.startswith("hf:"):
-            raise ConfigError(f"explain.teacher must be 'analytic' or 'hf:<model folder>', got {self.teacher!r}")
+        if self.teacher != "analytic" and not self.teacher.startswith(("hf:", "openai:")):
+            raise ConfigError("explain.teacher must be 'analytic', 'hf:<model folder>' or 'openai:<model name>', "
+                              f"got {self.teacher!r}")
+        if self.teacher.startswith("openai:") and not self.teacher_url:
+            raise ConfigError(f"explain.teacher={self.teacher!r} needs explain.teacher_url (the server's address)")
         if min(self.lm_weight, self.city_weight, self.steps, self.lora_lr) < 0 or \
                 min(self.n_samples, self.batch_size) < 1:
             raise ConfigError("explain.lm_weight, city_weight, steps and lora_lr must be >= 0, "

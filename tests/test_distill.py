@@ -6,6 +6,7 @@ import shutil
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -304,3 +305,48 @@ def test_distill_dataset_round_trip(city, tmp_path):
     assert load_rationales(out).to_list() == ds.to_list()
     with pytest.raises(FileNotFoundError, match="save_rationales"):
         load_rationales(tmp_path / "nothing")
+
+
+# ------------------------------------------------------------------------------------------ stllm distill
+
+TINY_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+
+
+def test_distill_command_writes_checkable_rationales(tmp_path, capsys):
+    from stllm.cli import main
+    from stllm.data.synthetic import make_city
+    out = tmp_path / "rationales"
+    assert main(["distill", "--config", TINY_CONFIG, "--out", str(out), "--set", "explain.n_samples=5"]) == 0
+    assert "5 rationales by the analytic teacher" in capsys.readouterr().out
+    ds = load_rationales(out)
+    assert len(ds) == 5 and set(ds["teacher"]) == {"analytic"}
+    assert ds.column_names == ["prompt", "rationale", "target", "teacher", "facts", "node", "start"]
+    assert (out / "rationales.jsonl").read_text().count("\n") == 5 and (out / "effects.json").is_file()
+    from stllm.distill import check_explanation
+    from stllm.distill.facts import effects_from_dict
+    city = make_city(n_nodes=6, n_days=21, seed=0)             # tiny.yaml's city
+    effects = effects_from_dict(json.loads((out / "effects.json").read_text()))
+    for row in ds:                                              # every claim the teacher wrote holds on the data
+        report = check_explanation(row["rationale"], city, row["node"], pd.Timestamp(row["start"]), effects=effects)
+        assert report.claims and report.faithfulness == 1.0
+
+
+def test_distill_command_with_an_openai_compatible_teacher(stub_server, tmp_path):
+    from stllm.cli import main
+    url = f"http://127.0.0.1:{stub_server.server_address[1]}/v1"
+    out = tmp_path / "r"
+    assert main(["distill", "--config", TINY_CONFIG, "--out", str(out), "--set", "explain.n_samples=2",
+                 "explain.teacher=openai:stub-model", f"explain.teacher_url={url}"]) == 0
+    ds = load_rationales(out)
+    assert ds["teacher"] == ["openai:stub-model"] * 2 and len(stub_server.requests) == 2
+    assert all(r.startswith(STUB_REPLY) for r in ds["rationale"])
+
+
+def test_distill_command_errors(tmp_path, capsys):
+    from stllm.cli import main
+    assert main(["distill", "--config", TINY_CONFIG, "--out", str(tmp_path / "r"),
+                 "--set", "explain.teacher=openai:m"]) == 2
+    assert "explain.teacher_url" in capsys.readouterr().err
+    assert main(["distill", "--config", TINY_CONFIG, "--out", str(tmp_path / "r"),
+                 "--set", "explain.teacher=gpt-4"]) == 2
+    assert "hf:<model folder>" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from stllm.data.prepared import PreparedCity
 from stllm.distill.dataset import distill, save_rationales
 from stllm.distill.facts import effects_to_dict, estimate_effects
 from stllm.distill.node_layout import lm_loss, node_forward, node_inputs, slot_vectors
-from stllm.distill.teachers import AnalyticTeacher, HFChatTeacher, Teacher
+from stllm.distill.teachers import AnalyticTeacher, HFChatTeacher, OpenAITeacher, Teacher
 from stllm.explain import EFFECTS
 from stllm.train import LAST, _to, build_model, make_optimizer, masked_loss, peak_rss_mb
 
@@ -61,14 +61,48 @@ def pick_windows(prep: PreparedCity, n_samples: int, seed: int = 0, channel: int
     return out
 
 
-def make_teacher(name: str) -> Teacher:
-    """"analytic" or "hf:<local model folder>" (a chat model through transformers)."""
+def make_teacher(name: str, url: str = "", key_env: str = "OPENAI_API_KEY",
+                 trust_remote_code: bool = False) -> Teacher:
+    """"analytic", "hf:<local model folder>" (a chat model through transformers) or "openai:<model name>" (an
+    OpenAI-compatible server at `url`, API key from the environment variable `key_env`)."""
     if name == "analytic":
         return AnalyticTeacher()
+    if name.startswith("openai:"):
+        if not url:
+            raise ValueError(f"teacher {name!r} needs the server's URL (explain.teacher_url)")
+        return OpenAITeacher(url, model=name[len("openai:"):], api_key_env=key_env)
+    if not name.startswith("hf:"):
+        raise ValueError(f"unknown teacher {name!r}: expected analytic, hf:<model folder> or openai:<model name>")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = name[3:]
-    return HFChatTeacher(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
-                         name=name)
+    return HFChatTeacher(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code),
+                         AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code), name=name)
+
+
+def teacher_from_config(ex) -> Teacher:
+    """The teacher an `explain:` config section names."""
+    return make_teacher(ex.teacher, ex.teacher_url, ex.teacher_key_env, ex.teacher_trust_remote_code)
+
+
+def write_rationales(cfg: Config, out_dir: str | Path, city: CityData | None = None) -> dict:
+    """`stllm distill`: the teacher's rationales for explain.n_samples (window, sensor) pairs of the training
+    split, as a `datasets` dataset and JSONL in out_dir (see stllm.distill.dataset), plus the weather effects
+    they use (effects.json). Returns a summary (also written as summary.json)."""
+    from stllm.infer import load_city
+    out = Path(out_dir)
+    city = city if city is not None else load_city(cfg.data)
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    teacher = teacher_from_config(cfg.explain)
+    t0 = time.time()
+    effects = estimate_effects(city, prep.train_end, prep.t_in, prep.t_out) if city.exog is not None else {}
+    pairs = pick_windows(prep, cfg.explain.n_samples, cfg.train.seed)
+    _, ds = make_samples(city, prep, pairs, teacher, effects=effects)
+    save_rationales(ds, out)
+    (out / EFFECTS).write_text(json.dumps(effects_to_dict(effects), indent=1))
+    summary = {"dataset": city.name, "teacher": teacher.name, "n_rationales": len(ds),
+               "seconds": round(time.time() - t0, 2), "columns": list(ds.column_names), "out": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def make_samples(city: CityData, prep: PreparedCity, pairs: list[tuple[int, int]], teacher: Teacher,
@@ -141,7 +175,7 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
     effects = estimate_effects(city, prep.train_end, prep.t_in, prep.t_out) if city.exog is not None else {}
     (out / EFFECTS).write_text(json.dumps(effects_to_dict(effects), indent=1))
     pairs = pick_windows(prep, ex.n_samples, cfg.train.seed)
-    samples, ds = make_samples(city, prep, pairs, make_teacher(ex.teacher), effects=effects)
+    samples, ds = make_samples(city, prep, pairs, teacher_from_config(ex), effects=effects)
     save_rationales(ds, out / "rationales")
 
     state = {"step": 0, "elapsed_s": 0.0}
