@@ -93,11 +93,18 @@ def main() -> None:
                 overrides.append(f"train.encoder_first_minutes={args.minutes / 2}")
             train(cfg_file, out / row, overrides)
             rows[row] = json.loads((out / row / "metrics.json").read_text())
+    results = ROOT / "benchmarks" / "results"
+    previous = results / f"zero_shot_{name}.json"
+    if previous.exists():   # rows measured by an earlier call (e.g. --rows few_shot_7d) are kept unless re-run
+        rows = {**{k: v for k, v in json.loads(previous.read_text()).items() if k in ALL_ROWS}, **rows}
+        rows = {k: rows[k] for k in ALL_ROWS if k in rows}
     base = next(iter(rows.values()))["baselines"]
     events = "macro_f1" in base.get("previous_day", {})
     if events:
         rows["previous day"] = base["previous_day"]
         rows["historical rate"] = base["historical_rate"]
+        if "historical_rate_f1" in base:
+            rows["historical rate, F1-tuned threshold"] = base["historical_rate_f1"]
         header, cols = "| row | Macro-F1 | Recall |\n|---|---|---|", ("macro_f1", "recall")
     else:
         rows["last value"] = base["last"]
@@ -107,7 +114,6 @@ def main() -> None:
     for row_name, m in rows.items():
         lines.append(f"| {row_name} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + " |")
     table = "\n".join(lines)
-    results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"zero_shot_{name}.json").write_text(json.dumps(rows, indent=1))
     (results / f"zero_shot_{name}.md").write_text(table + "\n")
