@@ -110,8 +110,10 @@ class STLLM(nn.Module):
 
     # ---- parameters and saving ------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything that training changes: encoder, projector, head, LoRA. The frozen backbone is not saved."""
-        return {name: p.detach().cpu().contiguous() for name, p in self.named_parameters() if p.requires_grad}
+        """Everything that training can change: encoder, projector, heads, LoRA (also when `train.freeze` held
+        some of them still in this run). The frozen backbone is not saved."""
+        return {name: p.detach().cpu().contiguous() for name, p in self.named_parameters()
+                if p.requires_grad or not name.startswith("backbone.")}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint",
                                   partial: bool = False) -> list[str]:
@@ -123,7 +125,8 @@ class STLLM(nn.Module):
             if not state:
                 raise ValueError(f"{source}: no weight of it belongs to this model")
         unknown = sorted(set(state) - set(own))
-        missing = sorted(name for name, p in own.items() if p.requires_grad and name not in state)
+        missing = sorted(name for name, p in own.items()
+                         if (p.requires_grad or not name.startswith("backbone.")) and name not in state)
         if unknown or (missing and not partial):
             raise ValueError(f"{source}: weights do not fit this model; unknown: {unknown[:5]}, missing: {missing[:5]}")
         with torch.no_grad():

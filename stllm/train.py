@@ -39,6 +39,19 @@ def build_model(cfg: Config, prep: PreparedCity) -> STLLM:
     return STLLM(cfg, prep.city.n_channels, prep.n_exog, backbone, tokenizer)
 
 
+def freeze(model: STLLM, prefixes: list[str]) -> None:
+    """Hold the parameters whose names start with one of `prefixes` (e.g. "encoder", "skip") still."""
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        hit = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        if not hit or prefix.startswith("backbone"):
+            parts = sorted({n.split(".")[0] for n in names} - {"backbone"})
+            raise ValueError(f"train.freeze: {prefix!r} names no trainable part of this model; parts: {parts}")
+        for name, p in model.named_parameters():
+            if name in hit:
+                p.requires_grad_(False)
+
+
 def make_optimizer(model: STLLM, cfg: Config) -> torch.optim.AdamW:
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
@@ -81,6 +94,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
             weights = {"skip." + k[5:] if k.startswith("head.lin.") else k: v for k, v in weights.items()}
         loaded = model.load_trainable_state_dict(weights, str(source), partial=True)
         accelerator.print(f"initialised {len(loaded)} tensors from {source}")
+    freeze(model, cfg.train.freeze)
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)

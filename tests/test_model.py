@@ -181,3 +181,24 @@ def test_two_stage_training_needs_the_skip_read_out(tmp_path, tiny_city, tiny_co
     cfg = tiny_config(["train.encoder_first_minutes=5", "model.encoder_skip=false"])
     with pytest.raises(ValueError, match="encoder_skip"):
         train(cfg, tmp_path / "run", city=tiny_city, progress=False)
+
+
+def test_freeze_holds_parts_still_and_the_run_still_loads(tmp_path, tiny_city, tiny_config):
+    from stllm.checkpoint import load
+    train(tiny_config(["train.max_steps=2"]), tmp_path / "src", city=tiny_city, progress=False)
+    cfg = tiny_config([f"train.init_from={tmp_path / 'src'}", "train.freeze=[encoder,skip]", "train.max_steps=3",
+                       "train.lr=0.01", "train.lora_lr=0.01", "train.eval_every=1", "train.patience=10"])
+    train(cfg, tmp_path / "llm_side", city=tiny_city, progress=False)
+    src = load(tmp_path / "src" / "model.safetensors")[0]
+    new = load(tmp_path / "llm_side" / "checkpoints/last.safetensors")[0]
+    assert set(src) == {k[len("model."):] for k in new if k.startswith("model.")}   # frozen parts are saved too
+    for name, value in src.items():
+        moved = not torch.equal(value, new[f"model.{name}"])
+        assert moved != name.startswith(("encoder.", "skip.")), name   # frozen parts still, the rest trained
+    model, _ = STLLM.from_pretrained(tmp_path / "llm_side")
+    assert model.skip is not None
+
+
+def test_freeze_names_must_exist(tmp_path, tiny_city, tiny_config):
+    with pytest.raises(ValueError, match="train.freeze: 'encodr'.*'encoder'"):
+        train(tiny_config(["train.freeze=[encodr]"]), tmp_path / "run", city=tiny_city, progress=False)
