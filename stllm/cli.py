@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
     metrics = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     if not metrics:  # not the main process of a multi-process run
         return 0
-    print(comparison_table(metrics))
+    print(comparison_table(metrics, "stllm" if cfg.model.use_llm else "encoder only"))
     print(f"run written to {args.out}")
     return 0
 
@@ -142,7 +142,7 @@ def cmd_evaluate(args) -> int:
                     "adapt_steps": args.adapt_steps})
     print(f"{city.name} ({args.split}, {metrics['n_windows']} windows, {city.n_nodes} nodes)"
           + (f", zero-shot from {meta['dataset']}" if zero_shot else ""))
-    print(comparison_table(metrics))
+    print(comparison_table(metrics, "stllm" if model.backbone is not None else "encoder only"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=1))
@@ -164,11 +164,11 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def comparison_table(metrics: dict) -> str:
-    """The run next to its baselines: forecast metrics, or event metrics for event classification."""
+def comparison_table(metrics: dict, name: str = "stllm") -> str:
+    """The run (row `name`) next to its baselines: forecast metrics, or event metrics for event classification."""
     from stllm.events import format_event_table
     from stllm.metrics import format_table
-    rows = {"stllm": metrics, **metrics["baselines"]}
+    rows = {name: metrics, **metrics["baselines"]}
     return format_event_table(rows) if "macro_f1" in metrics else format_table(rows)
 
 
