@@ -105,6 +105,9 @@ class TrainConfig:
     encoder_first_minutes: float = 0.0       # two-stage training: first train encoder + skip read-out alone (5x
                                              # faster on CPU) for at most this long or until early stopping, then
                                              # switch the language model on (0 = one stage; needs encoder_skip)
+    stage2_freeze: list = field(default_factory=lambda: ["encoder", "skip"])  # two-stage training: parts held
+                                             # still in stage 2, so the language model learns a correction to a
+                                             # fixed encoder forecast ([] = train everything in stage 2)
     freeze: list = field(default_factory=list)  # parts held still, by name prefix: e.g. [encoder, skip] trains
                                              # only the language-model side of a run loaded with init_from
     init_from: str = ""                      # start from this run's weights: few-shot (same model), or warm-start

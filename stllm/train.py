@@ -118,6 +118,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         tensors, state = checkpoint.load(out / LAST)
         checkpoint.restore_training_state(tensors, raw_model, optimizer)
         accelerator.print(f"resumed {out} at step {state['step']} (epoch {state['epoch']})")
+        if two_stage and state["stage"] == 2:
+            freeze(raw_model, cfg.train.stage2_freeze)
 
     train_starts = prep.splits["train"][:: cfg.train.train_stride]
     if cfg.data.train_days:  # few-shot: only windows whose targets lie in the first train_days days
@@ -197,6 +199,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                 model.train()
                 if state["stage"] == 1 and (stage1_over or state["bad_evals"] >= cfg.train.patience):
                     _start_stage2(state, accelerator)
+                    freeze(raw_model, cfg.train.stage2_freeze)
                     if main:
                         checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
                     if not (out_of_time or out_of_steps):

@@ -202,3 +202,33 @@ def test_freeze_holds_parts_still_and_the_run_still_loads(tmp_path, tiny_city, t
 def test_freeze_names_must_exist(tmp_path, tiny_city, tiny_config):
     with pytest.raises(ValueError, match="train.freeze: 'encodr'.*'encoder'"):
         train(tiny_config(["train.freeze=[encodr]"]), tmp_path / "run", city=tiny_city, progress=False)
+
+
+def _stage2_weights(tmp_path, tiny_city, tiny_config, name: str, extra: list[str]) -> tuple[dict, dict]:
+    """Weights when stage 2 begins (step 1) and after two stage-2 steps, interrupted and resumed in between."""
+    from stllm.checkpoint import load
+    cfg = tiny_config(["train.encoder_first_minutes=1e-9", "train.max_steps=3", "train.eval_every=1",
+                       "train.patience=10", "train.lr=0.01", "train.lora_lr=0.01", *extra])
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_2(step):
+        if step == 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / name, city=tiny_city, progress=False, on_step=stop_at_2)
+    at_switch, state = load(tmp_path / name / "checkpoints/last.safetensors")
+    assert state["stage"] == 2 and state["step"] == 1
+    train(cfg, tmp_path / name, city=tiny_city, progress=False, resume=True)
+    return at_switch, load(tmp_path / name / "checkpoints/last.safetensors")[0]
+
+
+def test_stage_two_holds_the_encoder_still_also_after_resuming(tmp_path, tiny_city, tiny_config):
+    at_switch, end = _stage2_weights(tmp_path, tiny_city, tiny_config, "default", [])
+    frozen = [k for k in end if k.startswith(("model.encoder.", "model.skip."))]
+    lora = [k for k in end if "lora_" in k]
+    assert frozen and all(torch.equal(at_switch[k], end[k]) for k in frozen)      # stage 2 left them alone
+    assert any(not torch.equal(at_switch[k], end[k]) for k in lora)                # and trained the LM side
+    at_switch, end = _stage2_weights(tmp_path, tiny_city, tiny_config, "all", ["train.stage2_freeze=[]"])
+    assert any(not torch.equal(at_switch[k], end[k]) for k in frozen)              # [] trains everything
