@@ -104,8 +104,9 @@ class STLLM(nn.Module):
         fields = {**default_context(self.cfg), **context, "n_nodes": n_nodes}
         text = self.prompt.render(**{f: fields.get(f, "") for f in self.prompt.fields})
         key = (text, n_nodes)
-        if key not in self._layouts:
-            self._layouts[key] = city_layout(text, self.tokenizer, n_nodes, self.cfg.model.tokens_per_node)
+        if key not in self._layouts:   # cached tensors must be usable by training too: no inference tensors
+            with torch.inference_mode(False):
+                self._layouts[key] = city_layout(text, self.tokenizer, n_nodes, self.cfg.model.tokens_per_node)
         return self._layouts[key]
 
     # ---- parameters and saving ------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         if not main:   # every process validates (same windows, same weights) so all stop together
             loss_sum, loss_n = 0.0, 0
             return
-        record = {"step": state["step"], "epoch": state["epoch"], "train_loss": loss_sum / max(loss_n, 1),
+        record = {"step": state["step"], "epoch": state["epoch"], "train_loss": loss_sum / loss_n if loss_n else None,
                   "val_error": val, "best_val_error": state["best_val"], "elapsed_s": round(state["elapsed_s"], 2),
                   "windows_per_s": round(state["windows"] / max(state["step_s"], 1e-9), 2)}
         log.write(json.dumps(record) + "\n")
@@ -156,6 +156,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
         loss_sum, loss_n = 0.0, 0
 
+    if cfg.train.init_from and state["step"] == 0 and len(val_starts):
+        # a run that starts from trained weights (few-shot, warm start) is validated before its first step, so
+        # early stopping keeps those weights when training on the new data only makes them worse
+        model.eval()
+        validate_and_checkpoint()
+        model.train()
     while not state["done"] and state["epoch"] < cfg.train.epochs:
         order = np.random.default_rng(cfg.train.seed + state["epoch"]).permutation(train_starts)
         bar = tqdm(range(state["epoch_step"], steps_per_epoch), disable=not (progress and main), leave=False,

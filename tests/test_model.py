@@ -232,3 +232,17 @@ def test_stage_two_holds_the_encoder_still_also_after_resuming(tmp_path, tiny_ci
     assert any(not torch.equal(at_switch[k], end[k]) for k in lora)                # and trained the LM side
     at_switch, end = _stage2_weights(tmp_path, tiny_city, tiny_config, "all", ["train.stage2_freeze=[]"])
     assert any(not torch.equal(at_switch[k], end[k]) for k in frozen)              # [] trains everything
+
+
+def test_a_run_started_from_weights_keeps_them_when_training_only_hurts(tmp_path, tiny_city, tiny_config):
+    """Few-shot: the starting weights are validated before the first step, so early stopping can keep them."""
+    from stllm.checkpoint import load
+    train(tiny_config(["train.max_steps=2"]), tmp_path / "src", city=tiny_city, progress=False)
+    cfg = tiny_config([f"train.init_from={tmp_path / 'src'}", "train.max_steps=2", "train.eval_every=1",
+                       "train.lr=1000", "train.lora_lr=1000", "train.grad_clip=0"])
+    train(cfg, tmp_path / "few", city=tiny_city, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "few" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and log[0]["train_loss"] is None
+    assert load(tmp_path / "few" / "checkpoints/best.safetensors")[1]["step"] == 0
+    src, few = load(tmp_path / "src" / "model.safetensors")[0], load(tmp_path / "few" / "model.safetensors")[0]
+    assert all(torch.equal(src[k], few[k]) for k in src)
