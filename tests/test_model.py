@@ -76,19 +76,25 @@ def test_only_trainable_parts_change(tiny_city, tiny_config, backbone):
             assert not moved, f"{name} got no gradient but changed"
 
 
+class Interrupt(Exception):
+    pass
+
+
+def interrupt(cfg, out, city, at_step: int) -> None:
+    """Train into `out` and stop it as a crash would, after optimizer step `at_step` (before its validation)."""
+    def stop(step):
+        if step == at_step:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        train(cfg, out, city=city, progress=False, on_step=stop)
+
+
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, tiny_city, tiny_config):
     from stllm.checkpoint import load
     cfg = tiny_config(["train.max_steps=8", "train.eval_every=2", "encoder.dropout=0.2"])
     train(cfg, tmp_path / "whole", city=tiny_city, progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_5(step):
-        if step == 5:
-            raise Interrupt
-    with pytest.raises(Interrupt):
-        train(cfg, tmp_path / "cut", city=tiny_city, progress=False, on_step=stop_at_5)
+    interrupt(cfg, tmp_path / "cut", tiny_city, at_step=5)
     assert not (tmp_path / "cut" / "model.safetensors").exists()      # the run did not finish
     assert load(tmp_path / "cut" / "checkpoints/last.safetensors")[1]["step"] == 4
     with pytest.raises(FileExistsError, match="--resume"):
@@ -209,15 +215,7 @@ def _stage2_weights(tmp_path, tiny_city, tiny_config, name: str, extra: list[str
     from stllm.checkpoint import load
     cfg = tiny_config(["train.encoder_first_minutes=1e-9", "train.max_steps=3", "train.eval_every=1",
                        "train.patience=10", "train.lr=0.01", "train.lora_lr=0.01", *extra])
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_2(step):
-        if step == 2:
-            raise Interrupt
-    with pytest.raises(Interrupt):
-        train(cfg, tmp_path / name, city=tiny_city, progress=False, on_step=stop_at_2)
+    interrupt(cfg, tmp_path / name, tiny_city, at_step=2)
     at_switch, state = load(tmp_path / name / "checkpoints/last.safetensors")
     assert state["stage"] == 2 and state["step"] == 1
     train(cfg, tmp_path / name, city=tiny_city, progress=False, resume=True)
