@@ -110,7 +110,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     if two_stage and not cfg.model.encoder_skip:
         raise ValueError("train.encoder_first_minutes needs model.encoder_skip=true: the first stage trains the "
                          "encoder through its own read-out")
-    # stage 1 (two-stage training only): the language model is bypassed; stage 2: the whole model.
+    # stage 1 (two-stage training only): the language model is bypassed; stage 2: the language-model side
+    # (train.stage2_freeze holds the encoder and its read-out still).
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "best_val": math.inf, "bad_evals": 0, "elapsed_s": 0.0,
              "step_s": 0.0, "windows": 0, "done": False,  # step_s: time in optimizer steps, validation excluded
              "stage": 1 if two_stage else 2, "stage1": None}
