@@ -30,12 +30,21 @@ import pandas as pd
 
 from stllm.data.city import CityData, DataError
 from stllm.distill.checker import check_explanation
-from stllm.distill.facts import compute_facts, effects_from_dict, estimate_effects, time_text
+from stllm.distill.facts import compute_facts, effects_from_dict, effects_to_dict, estimate_effects, time_text
 from stllm.distill.teachers import FORECAST_SLOT, fill_forecast, horizon_text, render_node_prompt, render_rationale
 
 EFFECTS = "effects.json"     # weather effects in a run folder (stllm.distill.facts.effects_to_dict)
 MODES = ("analytic", "generated")
 _SAMPLED_LIST = re.compile(r"\[[^\[\]]*\d[^\[\]]*\]")   # a bracketed list with digits: a forecast the LM wrote
+
+
+def save_effects(prep, run_dir: str | Path) -> dict:
+    """Estimate the weather effects on a prepared city's training part and write them to run_dir/effects.json
+    ({} for a city without weather). Returns them."""
+    effects = (estimate_effects(prep.city, prep.train_end, prep.t_in, prep.t_out)
+               if prep.city.exog is not None else {})
+    (Path(run_dir) / EFFECTS).write_text(json.dumps(effects_to_dict(effects), indent=1))
+    return effects
 
 
 def load_effects(run_dir: str | Path | None) -> dict | None:

@@ -113,8 +113,7 @@ class STLLM(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that training can change: encoder, projector, heads, LoRA (also when `train.freeze` held
         some of them still in this run). The frozen backbone is not saved."""
-        return {name: p.detach().cpu().contiguous() for name, p in self.named_parameters()
-                if p.requires_grad or not name.startswith("backbone.")}
+        return {name: p.detach().cpu().contiguous() for name, p in self.named_parameters() if _saved(name, p)}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint",
                                   partial: bool = False) -> list[str]:
@@ -126,8 +125,7 @@ class STLLM(nn.Module):
             if not state:
                 raise ValueError(f"{source}: no weight of it belongs to this model")
         unknown = sorted(set(state) - set(own))
-        missing = sorted(name for name, p in own.items()
-                         if (p.requires_grad or not name.startswith("backbone.")) and name not in state)
+        missing = sorted(name for name, p in own.items() if _saved(name, p) and name not in state)
         if unknown or (missing and not partial):
             raise ValueError(f"{source}: weights do not fit this model; unknown: {unknown[:5]}, missing: {missing[:5]}")
         with torch.no_grad():
@@ -194,6 +192,11 @@ class STLLM(nn.Module):
         """Forecasts for a CityData on the original scale; see stllm.infer.predict."""
         from stllm.infer import predict
         return predict(self, city, **kwargs)
+
+
+def _saved(name: str, p: torch.Tensor) -> bool:
+    """A run saves every parameter outside the backbone (even one `train.freeze` held still) and LoRA."""
+    return p.requires_grad or not name.startswith("backbone.")
 
 
 def default_context(cfg: Config) -> dict:

@@ -41,15 +41,14 @@ def build_model(cfg: Config, prep: PreparedCity) -> STLLM:
 
 def freeze(model: STLLM, prefixes: list[str]) -> None:
     """Hold the parameters whose names start with one of `prefixes` (e.g. "encoder", "skip") still."""
-    names = [name for name, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
     for prefix in prefixes:
-        hit = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        hit = [p for n, p in params.items() if n == prefix or n.startswith(prefix + ".")]
         if not hit or prefix.startswith("backbone"):
-            parts = sorted({n.split(".")[0] for n in names} - {"backbone"})
+            parts = sorted({n.split(".")[0] for n in params} - {"backbone"})
             raise ValueError(f"train.freeze: {prefix!r} names no trainable part of this model; parts: {parts}")
-        for name, p in model.named_parameters():
-            if name in hit:
-                p.requires_grad_(False)
+        for p in hit:
+            p.requires_grad_(False)
 
 
 def make_optimizer(model: STLLM, cfg: Config) -> torch.optim.AdamW:
@@ -232,11 +231,8 @@ def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict,
     model.eval()
     model.save_pretrained(out, meta)
     if prep.city.exog is not None and cfg.model.task == "forecast":
-        # weather effects from the training part, for `stllm explain` on this run (stllm.distill.facts)
-        from stllm.distill.facts import effects_to_dict, estimate_effects
-        from stllm.explain import EFFECTS
-        effects = estimate_effects(prep.city, prep.train_end, prep.t_in, prep.t_out)
-        (out / EFFECTS).write_text(json.dumps(effects_to_dict(effects), indent=1))
+        from stllm.explain import save_effects   # weather effects from the training part, for `stllm explain`
+        save_effects(prep, out)
     from stllm.infer import evaluate_with_baselines
     metrics = evaluate_with_baselines(model, prep, "test", batch_size=cfg.train.batch_size)
     metrics["training"] = {"steps": state["step"], "epochs": state["epoch"], "windows": state["windows"],

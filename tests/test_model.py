@@ -117,14 +117,17 @@ def test_encoder_only_ablation_has_no_backbone(tmp_path, tiny_city, tiny_config)
     assert not (tmp_path / "enc" / "adapter").exists()
 
 
+def untrained(cfg, city) -> tuple[STLLM, dict]:
+    """A seeded untrained model in eval mode and a batch of three test windows."""
+    torch.manual_seed(0)
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    return build_model(cfg, prep).eval(), prep.batch(prep.splits["test"][:3])
+
+
 @pytest.mark.parametrize("backbone", ["tiny-gpt2", "tiny-llama"])
 def test_node_groups_give_the_same_result_as_one_sequence(tiny_city, tiny_config, backbone):
     """Big cities are cut into groups of nodes per sequence; each node's output must not change."""
-    cfg = tiny_config([f"backbone.name={backbone}", "model.nodes_per_sequence=0"])
-    torch.manual_seed(0)
-    prep = PreparedCity(tiny_city, cfg.data, cfg.encoder)
-    model = build_model(cfg, prep).eval()
-    batch = prep.batch(prep.splits["test"][:3])
+    model, batch = untrained(tiny_config([f"backbone.name={backbone}", "model.nodes_per_sequence=0"]), tiny_city)
     with torch.no_grad():
         whole = model(batch)
         model.cfg.model.nodes_per_sequence = 4                       # 6 nodes -> groups of 4 and 2
@@ -149,11 +152,7 @@ def test_warm_start_loads_the_encoder_of_an_encoder_only_run(tmp_path, tiny_city
 
 
 def test_skip_read_out_makes_the_untrained_model_the_encoder_only_forecast(tiny_city, tiny_config):
-    cfg = tiny_config()
-    torch.manual_seed(0)
-    prep = PreparedCity(tiny_city, cfg.data, cfg.encoder)
-    model = build_model(cfg, prep).eval()
-    batch = prep.batch(prep.splits["test"][:3])
+    model, batch = untrained(tiny_config(), tiny_city)
     with torch.no_grad():
         full = model(batch)
         encoder_only = model.skip(model.encoder(batch))

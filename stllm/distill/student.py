@@ -31,10 +31,9 @@ from stllm.config import Config
 from stllm.data.city import CityData
 from stllm.data.prepared import PreparedCity
 from stllm.distill.dataset import distill, save_rationales
-from stllm.distill.facts import effects_to_dict, estimate_effects
 from stllm.distill.node_layout import lm_loss, node_forward, node_inputs, slot_vectors
 from stllm.distill.teachers import AnalyticTeacher, HFChatTeacher, OpenAITeacher, Teacher
-from stllm.explain import EFFECTS
+from stllm.explain import save_effects
 from stllm.train import LAST, _to, build_model, make_optimizer, masked_loss, peak_rss_mb
 
 
@@ -94,11 +93,11 @@ def write_rationales(cfg: Config, out_dir: str | Path, city: CityData | None = N
     prep = PreparedCity(city, cfg.data, cfg.encoder)
     teacher = teacher_from_config(cfg.explain)
     t0 = time.time()
-    effects = estimate_effects(city, prep.train_end, prep.t_in, prep.t_out) if city.exog is not None else {}
+    out.mkdir(parents=True, exist_ok=True)
+    effects = save_effects(prep, out)
     pairs = pick_windows(prep, cfg.explain.n_samples, cfg.train.seed)
     _, ds = make_samples(city, prep, pairs, teacher, effects=effects)
     save_rationales(ds, out)
-    (out / EFFECTS).write_text(json.dumps(effects_to_dict(effects), indent=1))
     summary = {"dataset": city.name, "teacher": teacher.name, "n_rationales": len(ds),
                "seconds": round(time.time() - t0, 2), "columns": list(ds.column_names), "out": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -172,8 +171,7 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
         cfg.train, lora_lr=ex.lora_lr or cfg.train.lora_lr)))
     cfg.save(out / "config.yaml")
 
-    effects = estimate_effects(city, prep.train_end, prep.t_in, prep.t_out) if city.exog is not None else {}
-    (out / EFFECTS).write_text(json.dumps(effects_to_dict(effects), indent=1))
+    effects = save_effects(prep, out)
     pairs = pick_windows(prep, ex.n_samples, cfg.train.seed)
     samples, ds = make_samples(city, prep, pairs, teacher_from_config(ex), effects=effects)
     save_rationales(ds, out / "rationales")
