@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -154,7 +155,7 @@ class STLLM(nn.Module):
         for name in ("config.yaml", WEIGHTS, META):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not a stllm run: {name} is missing")
-        cfg = load_config(directory / "config.yaml")
+        cfg = load_config(directory / "config.yaml", _legacy_overrides(directory / "config.yaml"))
         if backbone_overrides:  # e.g. {"quantize": "int8"}: the adapter trained unquantized loads onto it
             cfg.backbone = dataclasses.replace(cfg.backbone, **backbone_overrides)
         meta = json.loads((directory / META).read_text())
@@ -208,3 +209,10 @@ def _decoder(backbone):
     """The transformer body (no LM head) of a causal LM, through a peft wrapper if there is one."""
     model = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
     return model.base_model
+
+
+def _legacy_overrides(config_path: Path) -> list[str]:
+    """Settings that runs saved before a config key existed were trained with (their config.yaml lacks the key,
+    and today's default differs)."""
+    raw = yaml.safe_load(config_path.read_text()) or {}
+    return [] if "mix_hidden" in (raw.get("encoder") or {}) else ["encoder.mix_hidden=0"]

@@ -113,13 +113,14 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     # (train.stage2_freeze holds the encoder and its read-out still).
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "best_val": math.inf, "bad_evals": 0, "elapsed_s": 0.0,
              "step_s": 0.0, "windows": 0, "done": False,  # step_s: time in optimizer steps, validation excluded
-             "stage": 1 if two_stage else 2, "stage1": None}
+             "stage": 1 if two_stage else 2, "stage1": None, "lr_scale": 1.0}
     if resume and (out / LAST).exists():
         tensors, state = checkpoint.load(out / LAST)
         checkpoint.restore_training_state(tensors, raw_model, optimizer)
         accelerator.print(f"resumed {out} at step {state['step']} (epoch {state['epoch']})")
         if two_stage and state["stage"] == 2:
             freeze(raw_model, cfg.train.stage2_freeze)
+        set_lr(optimizer, cfg, state.get("lr_scale", 1.0))
 
     train_starts = prep.splits["train"][:: cfg.train.train_stride]
     if cfg.data.train_days:  # few-shot: only windows whose targets lie in the first train_days days
@@ -145,12 +146,16 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                 checkpoint.atomic_save(raw_model.trainable_state_dict(), out / BEST, {"step": state["step"], "val_error": val})
         else:
             state["bad_evals"] += 1
+            if cfg.train.lr_decay and state["bad_evals"] % cfg.train.lr_decay_after == 0:
+                state["lr_scale"] *= cfg.train.lr_decay
+                set_lr(optimizer, cfg, state["lr_scale"])
         if not main:   # every process validates (same windows, same weights) so all stop together
             loss_sum, loss_n = 0.0, 0
             return
         record = {"step": state["step"], "epoch": state["epoch"], "train_loss": loss_sum / loss_n if loss_n else None,
                   "val_error": val, "best_val_error": state["best_val"], "elapsed_s": round(state["elapsed_s"], 2),
-                  "windows_per_s": round(state["windows"] / max(state["step_s"], 1e-9), 2)}
+                  "windows_per_s": round(state["windows"] / max(state["step_s"], 1e-9), 2),
+                  "lr_scale": state["lr_scale"]}
         log.write(json.dumps(record) + "\n")
         log.flush()
         checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
@@ -206,6 +211,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                 if state["stage"] == 1 and (stage1_over or state["bad_evals"] >= cfg.train.patience):
                     _start_stage2(state, accelerator)
                     freeze(raw_model, cfg.train.stage2_freeze)
+                    set_lr(optimizer, cfg, state["lr_scale"])
                     if main:
                         checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
                     if not (out_of_time or out_of_steps):
@@ -244,11 +250,17 @@ def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict,
     return metrics
 
 
+def set_lr(optimizer: torch.optim.Optimizer, cfg: Config, scale: float) -> None:
+    """The configured learning rates times `scale` (the groups of `make_optimizer`: the rest, then LoRA)."""
+    for group, lr in zip(optimizer.param_groups, (cfg.train.lr, cfg.train.lora_lr)):
+        group["lr"] = lr * scale
+
+
 def _start_stage2(state: dict, accelerator: Accelerator) -> None:
     """End the encoder-only first stage: record where it got to and switch the language model on."""
     state["stage1"] = {"steps": state["step"], "windows": state["windows"], "best_val_error": state["best_val"],
                        "elapsed_s": round(state["elapsed_s"], 2)}
-    state["stage"], state["bad_evals"] = 2, 0
+    state["stage"], state["bad_evals"], state["lr_scale"] = 2, 0, 1.0   # stage 2's parts start at full rates
     accelerator.print(f"stage 1 (encoder only) done at step {state['step']}, best validation error "
                       f"{state['best_val']:.4f}; switching the language model on")
 

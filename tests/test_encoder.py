@@ -104,3 +104,22 @@ def test_wind_graph_reaches_the_encoder(tiny_city):
     base = enc(batch)
     batch["dynamic_adj"] = torch.eye(6).expand(2, 6, 6)
     assert not torch.allclose(base, enc(batch))
+
+
+def test_token_mix_keeps_shapes_and_node_independence():
+    """encoder.mix_hidden adds an MLP over each node's tokens: same shapes, same weights for any number of nodes,
+    and a node's tokens depend on its own other tokens (the recent patch moves when only its week window moves)."""
+    cfg = load_config(None, ["encoder.mix_hidden=32", "encoder.d_enc=8", "encoder.static_graph=false",
+                             "encoder.dynamic_graph=none"])
+    small, big = make_city(n_nodes=5, n_days=15, seed=1), make_city(n_nodes=11, n_days=15, seed=2)
+    prep_s, prep_b = PreparedCity(small, cfg.data, cfg.encoder), PreparedCity(big, cfg.data, cfg.encoder)
+    enc = _encoder(cfg, prep_s)
+    assert enc.mix is not None and enc(prep_b.batch(prep_b.splits["test"][:2])).shape == (2, 11, 3, 8)
+    batch = prep_s.batch(prep_s.splits["test"][:1])
+    moved = dict(batch, periods=batch["periods"].clone())
+    moved["periods"][:, 1] += 3.0                                    # only the week window changes
+    a, b = enc(batch), enc(moved)
+    assert not torch.allclose(a[:, :, 0], b[:, :, 0])               # the recent patch token saw it
+    no_mix = _encoder(load_config(None, ["encoder.mix_hidden=0", "encoder.d_enc=8", "encoder.static_graph=false",
+                                         "encoder.dynamic_graph=none"]), prep_s)
+    assert torch.allclose(no_mix(batch)[:, :, 0], no_mix(moved)[:, :, 0])   # without the mix it could not

@@ -243,3 +243,46 @@ def test_a_run_started_from_weights_keeps_them_when_training_only_hurts(tmp_path
     assert load(tmp_path / "few" / "checkpoints/best.safetensors")[1]["step"] == 0
     src, few = load(tmp_path / "src" / "model.safetensors")[0], load(tmp_path / "few" / "model.safetensors")[0]
     assert all(torch.equal(src[k], few[k]) for k in src)
+
+
+def test_learning_rates_decay_after_validations_without_improvement(tmp_path, tiny_city, tiny_config):
+    """lr_scale halves after every second validation in a row that does not improve; improvement resets the count."""
+    cfg = tiny_config(["train.max_steps=12", "train.eval_every=1", "train.patience=100", "train.lr=0.5",
+                       "train.lr_decay=0.5", "train.lr_decay_after=2", "model.use_llm=false"])
+    train(cfg, tmp_path / "run", city=tiny_city, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    best, bad, scale = float("inf"), 0, 1.0
+    for record in log:
+        if record["val_error"] < best:
+            best, bad = record["val_error"], 0
+        else:
+            bad += 1
+            scale *= 0.5 if bad % 2 == 0 else 1.0
+        assert record["lr_scale"] == scale, record
+    assert scale < 1.0, "the run never decayed: the test says nothing"
+
+
+def test_resume_keeps_the_decayed_learning_rate(tmp_path, tiny_city, tiny_config):
+    from stllm.checkpoint import load
+    cfg = tiny_config(["train.max_steps=10", "train.eval_every=1", "train.patience=100", "train.lr=0.05",
+                       "train.lr_decay=0.5", "train.lr_decay_after=1", "model.use_llm=false"])
+    train(cfg, tmp_path / "whole", city=tiny_city, progress=False)
+    interrupt(cfg, tmp_path / "cut", tiny_city, at_step=7)
+    assert load(tmp_path / "cut" / "checkpoints/last.safetensors")[1]["lr_scale"] < 1.0
+    train(cfg, tmp_path / "cut", city=tiny_city, progress=False, resume=True)
+    whole, cut = (load(tmp_path / name / "checkpoints/last.safetensors") for name in ("whole", "cut"))
+    assert whole[1]["lr_scale"] == cut[1]["lr_scale"]
+    for key in whole[0]:
+        assert torch.allclose(whole[0][key].float(), cut[0][key].float(), atol=1e-6), key
+
+
+def test_a_run_saved_before_the_token_mix_existed_still_loads(tmp_path, tiny_city, tiny_config):
+    import yaml
+    out = tmp_path / "old"
+    train(tiny_config(["encoder.mix_hidden=0", "train.max_steps=1", "model.use_llm=false"]), out, city=tiny_city,
+          progress=False)
+    raw = yaml.safe_load((out / "config.yaml").read_text())
+    del raw["encoder"]["mix_hidden"]                                 # as written before the key existed
+    (out / "config.yaml").write_text(yaml.safe_dump(raw))
+    model, _ = STLLM.from_pretrained(out)
+    assert model.encoder.mix is None and model.cfg.encoder.mix_hidden == 0

@@ -37,6 +37,7 @@ class STEncoder(nn.Module):
         self.period = nn.Sequential(nn.Linear(self.t_out * 2 * n_channels + N_TIME_FEATURES, d), nn.GELU(), nn.Linear(d, d))
         self.token_type = nn.Parameter(torch.randn(self.n_tokens, d) * 0.02)  # closeness patches, day, week
         self.spatial = SpatialBlock(d, enc_cfg.static_graph, enc_cfg.dynamic_graph, enc_cfg.dropout)
+        self.mix = TokenMix(self.n_tokens * d, enc_cfg.mix_hidden, enc_cfg.dropout) if enc_cfg.mix_hidden else None
 
     def _features(self, x, mask, tf, exog, n_nodes: int) -> torch.Tensor:
         """[b, t, N, C] values and masks, [b, t, 4] calendar, [b, t, N|1, E] weather -> [b*N, t, d]."""
@@ -65,4 +66,22 @@ class STEncoder(nn.Module):
                 tokens.append(hp.reshape(b * n_nodes, 1, -1))          # [b*N, 1, d]
         z = torch.cat(tokens, dim=1) + self.token_type                 # [b*N, k, d]
         z = z.reshape(b, n_nodes, self.n_tokens, -1)                   # [b, N, k, d]
-        return self.spatial(z, batch.get("static_adj"), batch.get("dynamic_adj"))
+        z = self.spatial(z, batch.get("static_adj"), batch.get("dynamic_adj"))
+        return z if self.mix is None else self.mix(z)
+
+
+class TokenMix(nn.Module):
+    """An MLP over all of a node's tokens, added to them (residual, LayerNorm): without it the recent patches and
+    the day / week windows meet only in a head. The same weights for every node.
+
+    [b, N, k, d] -> [b, N, k, d], with width = k * d
+    """
+
+    def __init__(self, width: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        flat = z.flatten(2)                                            # [b, N, k*d]
+        return self.norm(flat + self.mlp(flat)).view_as(z)
