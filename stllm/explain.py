@@ -98,7 +98,8 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
     Returns a JSON-ready dict: mode, dataset, node, node_name, channel, unit, at, timestamps [t_out], forecast
     [t_out] (original scale), truth [t_out] (None where unknown), history_timestamps / history [t_in], explanation,
     claims (each with its verdict), faithfulness, numbers_consistent, forecast_consistent, summary, and in
-    generated mode `generation` (new tokens, seconds, tokens per second).
+    generated mode `generation` (new tokens, seconds, tokens per second) and, when the text holds no checkable
+    claim, `warning`.
     """
     from stllm.infer import forecast, prepare
     if mode not in MODES:
@@ -146,6 +147,10 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
            "summary": report.summary()}
     if generation is not None:
         out["generation"] = generation
+        if report.faithfulness is None:   # nothing in the text can be checked: say so instead of passing it off
+            out["warning"] = ("the generated text states no fact the checker can test (only the forecast numbers "
+                              "the program wrote): the run's language model has not learned to explain; "
+                              "train the student longer (configs/*explain*.yaml) or use mode 'analytic'")
     return out
 
 
@@ -182,6 +187,8 @@ def format_explanation(result: dict) -> str:
     for k, (t, f, y) in enumerate(zip(result["timestamps"], result["forecast"], result["truth"]), 1):
         lines.append(f"{k:>4}  {t:16}  {f:>10.2f}  {'' if y is None else f'{y:.2f}':>10}")
     lines += ["", result["explanation"], "", result["summary"]]
+    if "warning" in result:
+        lines.append(f"warning: {result['warning']}")
     if "generation" in result:
         g = result["generation"]
         lines.append(f"generated {g['new_tokens']} tokens in {g['seconds']:.2f} s ({g['tokens_per_s']:.1f} tokens/s)")

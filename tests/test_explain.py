@@ -17,7 +17,7 @@ from stllm.data.city import DataError
 from stllm.data.synthetic import make_city
 from stllm.distill import check_explanation, format_forecast
 from stllm.distill.student import joint_loss, make_samples, make_teacher, pick_windows, train_student
-from stllm.explain import explain, resolve_time
+from stllm.explain import explain, format_explanation, resolve_time
 from stllm.infer import forecast, prepare
 from stllm.model import STLLM
 from stllm.train import build_model, make_optimizer, train
@@ -98,12 +98,15 @@ def test_generated_mode_inserts_the_heads_numbers(run, city):
 def test_sampled_forecast_digits_never_survive(run, city, monkeypatch):
     """A language model that writes its own numbers: the program replaces them with the head's."""
     _, model, meta = run
-    fake = lambda *a, **k: ("It will rise. Forecast: [1.0, 2.0, 3.0]; the end.", {"new_tokens": 9})  # noqa: E731
+    fake = lambda *a, **k: ("It will rise. Forecast: [1.0, 2.0, 3.0]; the end.",  # noqa: E731
+                            {"new_tokens": 9, "seconds": 0.1, "tokens_per_s": 90.0})
     monkeypatch.setattr(explain_module, "generate_rationale", fake)
     r = explain(model, meta, city, 0, AT, mode="generated")
     assert "[1.0, 2.0, 3.0]" not in r["explanation"]
     assert _stated_forecast(r["explanation"]) == pytest.approx(r["forecast"], abs=0.05 + 1e-9)
     assert r["numbers_consistent"] is True
+    assert r["faithfulness"] is None and "no fact the checker can test" in r["warning"]
+    assert "warning: " in format_explanation(r)
 
 
 def test_a_wrong_claim_is_caught(run, city):
