@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--generated", type=int, default=12, help="pairs explained in generated mode")
     parser.add_argument("--max-new-tokens", type=int, default=320)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "explain.json"))
+    parser.add_argument("--note", default="", help="the conditions of this run, kept in the JSON (e.g. what else ran)")
     args = parser.parse_args()
 
     path = Path(args.out)
@@ -167,8 +168,7 @@ def main() -> None:
         print(f"== {key}: {run_dir}", flush=True)
         results[key] = bench_run(key, run_dir, args.pairs, args.generated, args.max_new_tokens)
         results["_machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                               "platform": platform.platform(), "note": "shared 2-core CPU, another training "
-                               "job running at normal priority, this one at nice 19"}
+                               "platform": platform.platform(), "note": args.note}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
     text = table({k: v for k, v in results.items() if not k.startswith("_")})
