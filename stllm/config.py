@@ -134,7 +134,11 @@ class TrainConfig:
 class ExplainConfig:
     enabled: bool = False                    # true: `stllm train` trains the explaining student (stllm.distill.student)
     lm_weight: float = 0.5                   # weight of the rationale LM cross-entropy in the joint loss
-    city_weight: float = 1.0                 # weight of the city-layout regression loss kept alongside (0 = off)
+    own_adapter: bool = True                 # the student trains its own LoRA adapter (a copy of the forecaster's)
+                                             # and nothing else, so the forecasts it explains stay the forecaster's.
+                                             # false: it trains the forecaster's adapter, encoder, projector and head
+                                             # (Beijing recipe: test MAE 26.66 -> 30.48 after 177 student steps)
+    city_weight: float = 1.0                 # own_adapter=false only: weight of the city-layout regression loss
     n_samples: int = 256                     # (window, node) training samples the teacher writes rationales for
     batch_size: int = 4                      # node-layout samples per step (long sequences: keep it small on CPU)
     steps: int = 0                           # student optimizer steps (0 = one pass over the samples)

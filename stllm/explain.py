@@ -158,13 +158,13 @@ def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_
     """Greedy rationale from the node-layout prompt of (node, start); the encoder runs on the whole city batch."""
     import torch
 
-    from stllm.distill.node_layout import generate, node_inputs, slot_vectors
+    from stllm.distill.node_layout import explain_adapter, generate, node_inputs, slot_vectors
     device = next(model.parameters()).device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prep.batch(np.array([start])).items()}
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), explain_adapter(model):
         his, pre, base = slot_vectors(model, batch)                   # [1, N, m, d_llm], [1, N, d_llm], ...
         inputs = node_inputs(model, his, pre, [(0, node)], [prompt], base=base)
         new = generate(model, inputs, max_new_tokens)[0]

@@ -19,6 +19,7 @@ from stllm.prompts import PromptTemplate, city_layout
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 PROMPT = "prompt.txt"
+EXPLAIN_ADAPTER = "explain"   # the student's LoRA adapter (explain.own_adapter); the forecaster's is "default"
 
 
 class STLLM(nn.Module):
@@ -165,6 +166,8 @@ class STLLM(nn.Module):
             backbone, tokenizer = build_backbone(cfg.backbone)
             prompt = PromptTemplate(cfg.model.prompt, (directory / PROMPT).read_text())
         model = cls(cfg, meta["n_channels"], meta["n_exog"], backbone, tokenizer, prompt)
+        if cfg.explain.enabled and cfg.explain.own_adapter:
+            model.add_explain_adapter()
         model.load_trainable_state_dict(load_file(str(directory / WEIGHTS)), str(directory / WEIGHTS))
         model.eval()
         return model, meta
@@ -179,10 +182,29 @@ class STLLM(nn.Module):
             p.data = p.data.to(device)
         return self
 
+    def add_explain_adapter(self) -> None:
+        """A second LoRA adapter, EXPLAIN_ADAPTER, for the node layout (explanations), started as a copy of the
+        forecaster's ("default"). The city layout keeps using the forecaster's adapter, so training the explaining
+        student cannot change the forecasts it explains. `stllm.distill.node_layout.explain_adapter` switches."""
+        import copy
+        if self.backbone is None or not hasattr(self.backbone, "peft_config"):
+            raise ValueError("explain.own_adapter needs a LoRA backbone (model.use_llm=true, backbone.lora_r > 0); "
+                             "set explain.own_adapter=false to train the forecaster's own adapter instead")
+        if EXPLAIN_ADAPTER in self.backbone.peft_config:
+            return
+        self.backbone.add_adapter(EXPLAIN_ADAPTER, copy.deepcopy(self.backbone.peft_config["default"]))
+        params = dict(self.backbone.named_parameters())
+        with torch.no_grad():
+            for name, p in params.items():
+                if "lora_" in name and ".default." in name:
+                    params[name.replace(".default.", f".{EXPLAIN_ADAPTER}.")].copy_(p)
+
     def merge_lora(self) -> "STLLM":
         """Fold the LoRA weights into the backbone (faster inference, same outputs). Not for quantized backbones."""
         if self.backbone is None or not hasattr(self.backbone, "merge_and_unload"):
             raise ValueError("this model has no LoRA adapter to merge")
+        if EXPLAIN_ADAPTER in self.backbone.peft_config:
+            raise ValueError("this run has a second adapter for explanations; merging one would break the other")
         if self.cfg.backbone.quantize != "none":
             raise ValueError(f"cannot merge LoRA into a {self.cfg.backbone.quantize} backbone; "
                              "load the run with quantize=none to merge")
@@ -197,7 +219,7 @@ class STLLM(nn.Module):
 
 def _saved(name: str, p: torch.Tensor) -> bool:
     """A run saves every parameter outside the backbone (even one `train.freeze` held still) and LoRA."""
-    return p.requires_grad or not name.startswith("backbone.")
+    return p.requires_grad or not name.startswith("backbone.") or "lora_" in name
 
 
 def default_context(cfg: Config) -> dict:
@@ -215,4 +237,7 @@ def _legacy_overrides(config_path: Path) -> list[str]:
     """Settings that runs saved before a config key existed were trained with (their config.yaml lacks the key,
     and today's default differs)."""
     raw = yaml.safe_load(config_path.read_text()) or {}
-    return [] if "mix_hidden" in (raw.get("encoder") or {}) else ["encoder.mix_hidden=0"]
+    legacy = [] if "mix_hidden" in (raw.get("encoder") or {}) else ["encoder.mix_hidden=0"]
+    if "own_adapter" not in (raw.get("explain") or {}):
+        legacy.append("explain.own_adapter=false")
+    return legacy

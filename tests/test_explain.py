@@ -247,6 +247,33 @@ def test_train_student_writes_a_run_that_explains(tmp_path, city):
     np.testing.assert_allclose(r["forecast"], pred[0, :, 1, 0], rtol=1e-6)
     assert _stated_forecast(r["explanation"]) == pytest.approx(r["forecast"], abs=0.05 + 1e-9)
 
+    # the student trained its own adapter only: the forecasts it explains are exactly the forecaster's
+    forecaster, fmeta = STLLM.from_pretrained(out / "forecaster")
+    _, fpred, _ = next(forecast(forecaster, prepare(forecaster, fmeta, city), np.array([AT])))
+    np.testing.assert_allclose(pred, fpred, rtol=1e-6)
+    assert metrics["mae"] == pytest.approx(metrics["explain"]["forecaster_test_mae"], rel=1e-6)
+    lora = {k: v for k, v in model.trainable_state_dict().items() if "lora_" in k}
+    student = {k: v for k, v in lora.items() if ".explain." in k}
+    assert student and any(not torch.equal(v, lora[k.replace(".explain.", ".default.")]) for k, v in student.items())
+    from stllm.distill.node_layout import explain_adapter
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        outside = model.backbone(input_ids=ids).logits
+        with explain_adapter(model):
+            inside = model.backbone(input_ids=ids).logits
+    assert not torch.allclose(outside, inside)                # the node layout runs the student's adapter
+    assert model.backbone.active_adapter == "default"
+
+
+def test_student_without_its_own_adapter_trains_the_forecaster(tmp_path, city):
+    out = tmp_path / "shared"
+    cfg = load_config(TINY, LLAMA + ["train.max_steps=3", "explain.enabled=true", "explain.n_samples=6",
+                                     "explain.steps=3", "explain.own_adapter=false"])
+    metrics = train_student(cfg, out, city=city, progress=False)
+    assert metrics["mae"] != pytest.approx(metrics["explain"]["forecaster_test_mae"], rel=1e-6)
+    model, _ = STLLM.from_pretrained(out)
+    assert set(model.backbone.peft_config) == {"default"}
+
 
 def test_stllm_train_dispatches_to_the_student(tmp_path, capsys):
     out = tmp_path / "cli-student"

@@ -9,6 +9,7 @@ Used by `stllm.explain` (greedy generation with the KV cache) and `stllm.distill
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,25 @@ class NodeInputs:
     his_pos: torch.Tensor
     pre_pos: torch.Tensor
     base: torch.Tensor | None = None   # [B, t_out, 1, C] encoder read-out added to the head's forecast
+
+
+@contextmanager
+def explain_adapter(model):
+    """Run the backbone with the run's explain adapter (explain.own_adapter) inside the block, the forecaster's
+    after it; requires_grad flags are as before. Does nothing for a run without one."""
+    from stllm.model import EXPLAIN_ADAPTER
+    backbone = model.backbone
+    if EXPLAIN_ADAPTER not in getattr(backbone, "peft_config", {}):
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in backbone.parameters()]
+    backbone.set_adapter(EXPLAIN_ADAPTER)            # peft also flips requires_grad: restored below
+    try:
+        yield
+    finally:
+        backbone.set_adapter("default")
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def slot_vectors(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
