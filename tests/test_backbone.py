@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -292,14 +291,15 @@ def test_quantized_folder_model_trains_lora(tmp_path, mode):
 
 
 @pytest.mark.slow
-def test_smollm2_from_gguf_is_llama_and_knows_paris(tmp_path):
+def test_smollm2_from_gguf_is_llama_and_knows_paris(tmp_path, monkeypatch):
     bb.find_smollm2_gguf()  # a clear error, not a skip, when the package is missing
     cfg = BackboneConfig(n_layers=0, lora_r=0)  # the real cache: converted once, then reused
     build_backbone(cfg)
-    start = time.perf_counter()
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("the GGUF was converted again instead of loading the safetensors cache")
+    monkeypatch.setattr(bb, "load_gguf", no_second_conversion)   # speed is benchmarked, not asserted here
     model, tok = build_backbone(cfg)
-    load_s = time.perf_counter() - start
-    assert load_s < 5, f"loading from the safetensors cache took {load_s:.1f} s"
     cache = bb.Path(cfg.cache_dir).expanduser()
     assert (cache / bb.SMOLLM2_CACHE_NAME / "model.safetensors").is_file()
     assert not list(cache.glob(f".{bb.SMOLLM2_CACHE_NAME}-*"))  # no temporary folders left behind
