@@ -210,6 +210,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                 model.train()
                 if state["stage"] == 1 and (stage1_over or state["bad_evals"] >= cfg.train.patience):
                     _start_stage2(state, accelerator)
+                    accelerator.wait_for_everyone()
+                    if (out / BEST).exists():   # the language model corrects the best encoder, not the last one
+                        raw_model.load_trainable_state_dict(checkpoint.load(out / BEST)[0], str(out / BEST))
                     freeze(raw_model, cfg.train.stage2_freeze)
                     set_lr(optimizer, cfg, state["lr_scale"])
                     if main:

@@ -286,3 +286,25 @@ def test_a_run_saved_before_the_token_mix_existed_still_loads(tmp_path, tiny_cit
     (out / "config.yaml").write_text(yaml.safe_dump(raw))
     model, _ = STLLM.from_pretrained(out)
     assert model.encoder.mix is None and model.cfg.encoder.mix_hidden == 0
+
+
+def test_stage_two_starts_from_the_best_encoder_not_the_last(tmp_path, tiny_city, tiny_config):
+    from stllm.checkpoint import load
+    cfg = tiny_config(["train.encoder_first_minutes=60", "train.patience=2", "train.eval_every=1",
+                       "train.max_steps=12", "train.lr=0.3", "train.lr_decay=0"])
+    out = tmp_path / "run"
+    log = out / "log.jsonl"
+
+    def stop_after_the_switch(step):
+        if log.exists() and len(log.read_text().splitlines()) >= 1:
+            state = load(out / "checkpoints/last.safetensors")[1]
+            if state["stage"] == 2:
+                raise Interrupt
+    with pytest.raises(Interrupt):
+        train(cfg, out, city=tiny_city, progress=False, on_step=stop_after_the_switch)
+    at_switch, state = load(out / "checkpoints/last.safetensors")
+    best, best_meta = load(out / "checkpoints/best.safetensors")
+    assert best_meta["step"] < state["stage1"]["steps"], "the last stage-1 step was the best: the test says nothing"
+    for key in best:
+        if key.startswith(("encoder.", "skip.")):
+            assert torch.equal(at_switch["model." + key], best[key]), key
