@@ -182,6 +182,10 @@ class STLLM(nn.Module):
             p.data = p.data.to(device)
         return self
 
+    @property
+    def has_explain_adapter(self) -> bool:
+        return self.backbone is not None and EXPLAIN_ADAPTER in getattr(self.backbone, "peft_config", {})
+
     def add_explain_adapter(self) -> None:
         """A second LoRA adapter, EXPLAIN_ADAPTER, for the node layout (explanations), started as a copy of the
         forecaster's ("default"). The city layout keeps using the forecaster's adapter, so training the explaining
@@ -190,7 +194,7 @@ class STLLM(nn.Module):
         if self.backbone is None or not hasattr(self.backbone, "peft_config"):
             raise ValueError("explain.own_adapter needs a LoRA backbone (model.use_llm=true, backbone.lora_r > 0); "
                              "set explain.own_adapter=false to train the forecaster's own adapter instead")
-        if EXPLAIN_ADAPTER in self.backbone.peft_config:
+        if self.has_explain_adapter:
             return
         self.backbone.add_adapter(EXPLAIN_ADAPTER, copy.deepcopy(self.backbone.peft_config["default"]))
         params = dict(self.backbone.named_parameters())
@@ -203,7 +207,7 @@ class STLLM(nn.Module):
         """Fold the LoRA weights into the backbone (faster inference, same outputs). Not for quantized backbones."""
         if self.backbone is None or not hasattr(self.backbone, "merge_and_unload"):
             raise ValueError("this model has no LoRA adapter to merge")
-        if EXPLAIN_ADAPTER in self.backbone.peft_config:
+        if self.has_explain_adapter:
             raise ValueError("this run has a second adapter for explanations; merging one would break the other")
         if self.cfg.backbone.quantize != "none":
             raise ValueError(f"cannot merge LoRA into a {self.cfg.backbone.quantize} backbone; "

@@ -43,10 +43,10 @@ def explain_adapter(model):
     """Run the backbone with the run's explain adapter (explain.own_adapter) inside the block, the forecaster's
     after it; requires_grad flags are as before. Does nothing for a run without one."""
     from stllm.model import EXPLAIN_ADAPTER
-    backbone = model.backbone
-    if EXPLAIN_ADAPTER not in getattr(backbone, "peft_config", {}):
+    if not model.has_explain_adapter:
         yield
         return
+    backbone = model.backbone
     flags = [(p, p.requires_grad) for p in backbone.parameters()]
     backbone.set_adapter(EXPLAIN_ADAPTER)            # peft also flips requires_grad: restored below
     try:

@@ -136,16 +136,11 @@ def joint_loss(model, prep: PreparedCity, samples: list[StudentSample], lm_weigh
     lm = lm_loss(model, hidden, inputs.labels)
     loss = reg + lm_weight * lm
     parts = {"regression": reg.item(), "lm": lm.item()}
-    if city_weight and not own_adapter(model):   # with its own adapter the student cannot move the city layout
+    if city_weight and not model.has_explain_adapter:   # with its own adapter the student cannot move the city layout
         city = masked_loss(model(batch), batch["y"], batch["y_mask"], kind)
         loss = loss + city_weight * city
         parts["city"] = city.item()
     return loss, parts
-
-
-def own_adapter(model) -> bool:
-    from stllm.model import EXPLAIN_ADAPTER
-    return EXPLAIN_ADAPTER in getattr(model.backbone, "peft_config", {})
 
 
 def hold_all_but_the_explain_adapter(model) -> None:
