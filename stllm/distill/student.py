@@ -229,7 +229,8 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
     metrics["training"] = {"steps": state["step"], "wall_s": round(state["elapsed_s"], 2),
                            "peak_rss_mb": peak_rss_mb(), "student": True}
     metrics["explain"] = {"teacher": ex.teacher, "n_samples": len(samples), "lm_weight": ex.lm_weight,
-                          "own_adapter": ex.own_adapter, "city_weight": None if ex.own_adapter else ex.city_weight, "last_step_losses": parts,
+                          "own_adapter": ex.own_adapter,
+                          "city_weight": None if ex.own_adapter else ex.city_weight, "last_step_losses": parts,
                           "init_from": str(init_from) if init_from else None,
                           "forecaster_test_mae": None if forecaster is None else forecaster["mae"]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
