@@ -33,11 +33,17 @@ class STLLM(nn.Module):
                  prompt: PromptTemplate | None = None):
         super().__init__()
         self.cfg, self.n_channels, self.n_exog = cfg, n_channels, n_exog
-        self.encoder = STEncoder(cfg.encoder, cfg.data, n_channels, n_exog)
-        k, d_enc, t_out = self.encoder.n_tokens, cfg.encoder.d_enc, cfg.data.t_out
+        # The encoder and its linear read-out start from the seed alone, whatever was built before them (a
+        # backbone's LoRA init draws random numbers too): stllm's encoder stage then starts exactly where the
+        # encoder-only ablation starts, and with the same data order follows the same path.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            self.encoder = STEncoder(cfg.encoder, cfg.data, n_channels, n_exog)
+            k, d_enc, t_out = self.encoder.n_tokens, cfg.encoder.d_enc, cfg.data.t_out
+            readout = LinearHead(d_enc, k, t_out, n_channels)
         if not cfg.model.use_llm:   # for events the linear head's outputs are logits
             self.backbone = None
-            self.head = LinearHead(d_enc, k, t_out, n_channels)
+            self.head = readout
             return
         if backbone is None or tokenizer is None:
             raise ValueError("model.use_llm=true needs a backbone and its tokenizer (see stllm.backbone.build_backbone)")
@@ -54,7 +60,7 @@ class STLLM(nn.Module):
         # The encoder's own linear read-out, added to the language model's: the backbone then refines a forecast
         # instead of having to rebuild one. Its output layer starts at zero, so at step 0 the model is exactly the
         # encoder-only ablation plus a zero correction (see model.encoder_skip and train.encoder_first_minutes).
-        self.skip = LinearHead(d_enc, k, t_out, n_channels) if cfg.model.encoder_skip else None
+        self.skip = readout if cfg.model.encoder_skip else None
         if self.skip is not None:
             nn.init.zeros_(self.head.w3.weight)
             nn.init.zeros_(self.head.w3.bias)

@@ -94,6 +94,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         loaded = model.load_trainable_state_dict(weights, str(source), partial=True)
         accelerator.print(f"initialised {len(loaded)} tensors from {source}")
     freeze(model, cfg.train.freeze)
+    set_seed(cfg.train.seed)   # the same random stream (dropout) from step 0 whatever building the model drew
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)

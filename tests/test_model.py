@@ -182,6 +182,23 @@ def test_two_stage_training_trains_the_encoder_first_then_everything(tmp_path, t
     assert w2["model.head.w3.weight"].abs().max() > 0
 
 
+def test_the_encoder_stage_follows_the_encoder_only_ablation_step_for_step(tmp_path, tiny_city, tiny_config):
+    """Same seed, same data order: stage 1 of stllm is the ablation, so the language model refines the ablation."""
+    from stllm.checkpoint import load
+    steps = ["train.max_steps=4", "train.eval_every=2", "train.patience=10"]
+    ablation = train(tiny_config(["model.use_llm=false", *steps]), tmp_path / "ablation", city=tiny_city,
+                     progress=False)
+    two_stage = train(tiny_config(["train.encoder_first_minutes=60", *steps]), tmp_path / "stllm", city=tiny_city,
+                      progress=False)
+    a = load(tmp_path / "ablation" / "model.safetensors")[0]
+    s = load(tmp_path / "stllm" / "model.safetensors")[0]
+    encoder = [k for k in a if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(a[k], s[k]) for k in encoder)
+    for name in ("weight", "bias"):                    # the ablation's head is stllm's skip read-out
+        assert torch.equal(a[f"head.lin.{name}"], s[f"skip.lin.{name}"])
+    assert two_stage["mae"] == pytest.approx(ablation["mae"], rel=1e-6)   # and the LM correction is still zero
+
+
 def test_two_stage_training_needs_the_skip_read_out(tmp_path, tiny_city, tiny_config):
     cfg = tiny_config(["train.encoder_first_minutes=5", "model.encoder_skip=false"])
     with pytest.raises(ValueError, match="encoder_skip"):
