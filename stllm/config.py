@@ -112,6 +112,8 @@ class TrainConfig:
     encoder_first_minutes: float = 0.0       # two-stage training: first train encoder + skip read-out alone (5x
                                              # faster on CPU) for at most this long or until early stopping, then
                                              # switch the language model on (0 = one stage; needs encoder_skip)
+    stage2_eval_every: int = 0               # two-stage training: validate every k steps in stage 2 (0 = eval_every);
+                                             # its steps are ~4x slower, so fewer steps per validation
     stage2_freeze: list = field(default_factory=lambda: ["encoder", "skip"])  # two-stage training: parts held
                                              # still in stage 2, so the language model learns a correction to a
                                              # fixed encoder forecast ([] = train everything in stage 2)

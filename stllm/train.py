@@ -132,6 +132,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     bs = cfg.train.batch_size
     steps_per_epoch = math.ceil(len(train_starts) / bs)
     eval_every = cfg.train.eval_every or steps_per_epoch
+    stage2_every = cfg.train.stage2_eval_every or eval_every
     log = (out / "log.jsonl").open("a") if main else None
     events = cfg.model.task == "events"
     t_start, loss_sum, loss_n = time.time() - state["elapsed_s"], 0.0, 0
@@ -202,7 +203,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
             out_of_steps = cfg.train.max_steps and state["step"] >= cfg.train.max_steps
             stage1_over = state["stage"] == 1 and _agree(
                 accelerator, time.time() - t_start > 60 * cfg.train.encoder_first_minutes)
-            if (state["step"] % eval_every == 0 or out_of_time or out_of_steps or stage1_over
+            every = stage2_every if two_stage and state["stage"] == 2 else eval_every
+            if (state["step"] % every == 0 or out_of_time or out_of_steps or stage1_over
                     or i + 1 == steps_per_epoch):
                 if i + 1 == steps_per_epoch:
                     state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
@@ -245,6 +247,14 @@ def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict,
         save_effects(prep, out)
     from stllm.infer import evaluate_with_baselines
     metrics = evaluate_with_baselines(model, prep, "test", batch_size=cfg.train.batch_size)
+    stage1 = state.get("stage1")
+    if stage1 is not None and "encoder" in cfg.train.stage2_freeze and "skip" in cfg.train.stage2_freeze:
+        # Stage 2 held the encoder and its read-out still, so without the language model this is the encoder
+        # stage's forecast: what the language model added on test is the difference.
+        model.llm_active = False
+        test = evaluate(model, prep, prep.splits["test"], batch_size=cfg.train.batch_size)
+        model.llm_active = True
+        stage1["test"] = {k: test[k] for k in ("mae", "rmse", "mape", "macro_f1", "recall") if k in test}
     metrics["training"] = {"steps": state["step"], "epochs": state["epoch"], "windows": state["windows"],
                            "wall_s": round(state["elapsed_s"], 2),  # training incl. validation passes
                            "windows_per_s": round(state["windows"] / max(state["step_s"], 1e-9), 2),  # steps only

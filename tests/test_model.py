@@ -199,6 +199,21 @@ def test_the_encoder_stage_follows_the_encoder_only_ablation_step_for_step(tmp_p
     assert two_stage["mae"] == pytest.approx(ablation["mae"], rel=1e-6)   # and the LM correction is still zero
 
 
+def test_stage_two_validates_on_its_own_schedule_and_reports_the_encoder_stage_on_test(tmp_path, tiny_city,
+                                                                                       tiny_config):
+    ablation = train(tiny_config(["model.use_llm=false", "train.max_steps=1"]), tmp_path / "ablation",
+                     city=tiny_city, progress=False)
+    cfg = tiny_config(["train.encoder_first_minutes=1e-9", "train.max_steps=5", "train.eval_every=1",
+                       "train.stage2_eval_every=2", "train.patience=10", "train.lora_lr=0.01"])
+    metrics = train(cfg, tmp_path / "stllm", city=tiny_city, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "stllm" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 4, 5]      # stage 1 ends at step 1, then every 2nd step and the end
+    encoder_stage = metrics["training"]["encoder_stage"]
+    assert encoder_stage["steps"] == 1
+    # the encoder stage's test figure is the forecast without the language model: the one-step ablation's
+    assert encoder_stage["test"]["mae"] == pytest.approx(ablation["mae"], rel=1e-6)
+
+
 def test_two_stage_training_needs_the_skip_read_out(tmp_path, tiny_city, tiny_config):
     cfg = tiny_config(["train.encoder_first_minutes=5", "model.encoder_skip=false"])
     with pytest.raises(ValueError, match="encoder_skip"):
