@@ -34,12 +34,17 @@ def run(config: str, out: Path, overrides: list[str]) -> dict:
 
 def table(results: dict) -> str:
     """Forecasting rows show MAE / RMSE / MAPE; event-classification rows (nyc-crime) Macro-F1 / Recall."""
-    lines = ["| dataset | model | MAE or Macro-F1 | RMSE or Recall | MAPE % | train min | windows/s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | model | MAE or Macro-F1 | RMSE or Recall | MAPE % | train min | windows/s | peak RSS MB "
+             "| validation: encoder stage -> final | test without the LM |", "|---|---|---|---|---|---|---|---|---|---|"]
     for dataset, rows in results.items():
         for name, m in rows.items():
             t = m.get("training")
             extra = (f"{t['wall_s'] / 60:.1f} | {t['windows_per_s']:.1f} | {t['peak_rss_mb']:.0f}" if t else "- | - | -")
+            stage = (t or {}).get("encoder_stage") or {}
+            test = stage.get("test") or {}
+            extra += (f" | {stage['best_val_error']:.3f} -> {t['best_val_error']:.3f}" if stage
+                      else f" | {t['best_val_error']:.3f}" if t else " | -")
+            extra += f" | {test.get('mae', test.get('macro_f1')):.3f}" if test else " | -"
             scores = (f"{m['macro_f1']:.3f} | {m['recall']:.3f} | -" if "macro_f1" in m
                       else f"{m['mae']:.2f} | {m['rmse']:.2f} | {m['mape']:.1f}")
             lines.append(f"| {dataset} | {name} | {scores} | {extra} |")
