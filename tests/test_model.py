@@ -296,10 +296,13 @@ def test_learning_rates_decay_after_validations_without_improvement(tmp_path, ti
 
 def test_resume_keeps_the_decayed_learning_rate(tmp_path, tiny_city, tiny_config):
     from stllm.checkpoint import load
-    cfg = tiny_config(["train.max_steps=10", "train.eval_every=1", "train.patience=100", "train.lr=0.05",
+    cfg = tiny_config(["train.max_steps=12", "train.eval_every=1", "train.patience=100", "train.lr=0.5",
                        "train.lr_decay=0.5", "train.lr_decay_after=1", "model.use_llm=false"])
     train(cfg, tmp_path / "whole", city=tiny_city, progress=False)
-    interrupt(cfg, tmp_path / "cut", tiny_city, at_step=7)
+    log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    decayed = [r["step"] for r in log if r["lr_scale"] < 1.0]
+    assert decayed and decayed[0] < 11, "the run never decayed before its last steps: the test says nothing"
+    interrupt(cfg, tmp_path / "cut", tiny_city, at_step=decayed[0] + 1)   # cut after the first decayed checkpoint
     assert load(tmp_path / "cut" / "checkpoints/last.safetensors")[1]["lr_scale"] < 1.0
     train(cfg, tmp_path / "cut", city=tiny_city, progress=False, resume=True)
     whole, cut = (load(tmp_path / name / "checkpoints/last.safetensors") for name in ("whole", "cut"))
