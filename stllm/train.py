@@ -252,8 +252,10 @@ def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict,
         # Stage 2 held the encoder and its read-out still, so without the language model this is the encoder
         # stage's forecast: what the language model added on test is the difference.
         model.llm_active = False
-        test = evaluate(model, prep, prep.splits["test"], batch_size=cfg.train.batch_size)
-        model.llm_active = True
+        try:
+            test = evaluate(model, prep, prep.splits["test"], batch_size=cfg.train.batch_size)
+        finally:
+            model.llm_active = True
         stage1["test"] = {k: test[k] for k in ("mae", "rmse", "mape", "macro_f1", "recall") if k in test}
     metrics["training"] = {"steps": state["step"], "epochs": state["epoch"], "windows": state["windows"],
                            "wall_s": round(state["elapsed_s"], 2),  # training incl. validation passes

@@ -212,6 +212,8 @@ def test_stage_two_validates_on_its_own_schedule_and_reports_the_encoder_stage_o
     assert encoder_stage["steps"] == 1
     # the encoder stage's test figure is the forecast without the language model: the one-step ablation's
     assert encoder_stage["test"]["mae"] == pytest.approx(ablation["mae"], rel=1e-6)
+    assert metrics["mae"] != pytest.approx(ablation["mae"], rel=1e-3), \
+        "stage 2 kept no correction, so the figure with and without the language model is one: the test says nothing"
 
 
 def test_two_stage_training_needs_the_skip_read_out(tmp_path, tiny_city, tiny_config):
