@@ -156,6 +156,10 @@ class ExplainConfig:
     teacher_url: str = ""                    # openai teacher: server URL, e.g. http://localhost:8000/v1
     teacher_key_env: str = "OPENAI_API_KEY"  # openai teacher: environment variable holding the API key
     teacher_trust_remote_code: bool = False  # hf teacher: allow the model folder's own code (off by default)
+    fact_slots: bool = True                  # the analytic teacher writes computed facts as fact slots ({recent},
+                                             # {drivers}, ...) that the program fills; the student writes the
+                                             # words around them (stllm.distill.teachers). false: plain text, so the
+                                             # student must write every number itself
     mode: str = "analytic"                   # default explanation mode of the run: analytic | generated
     max_new_tokens: int = 320                # bound on generated rationale tokens
 

@@ -30,8 +30,10 @@ import pandas as pd
 
 from stllm.data.city import CityData, DataError
 from stllm.distill.checker import check_explanation
-from stllm.distill.facts import compute_facts, effects_from_dict, effects_to_dict, estimate_effects, time_text
-from stllm.distill.teachers import FORECAST_SLOT, fill_forecast, horizon_text, render_node_prompt, render_rationale
+from stllm.distill.facts import (compute_facts, effects_from_dict, effects_to_dict, estimate_effects,
+                                 forecast_direction, time_text)
+from stllm.distill.teachers import (FORECAST_SLOT, fact_text, format_forecast, horizon_text, render_node_prompt,
+                                    render_rationale)
 
 EFFECTS = "effects.json"     # weather effects in a run folder (stllm.distill.facts.effects_to_dict)
 MODES = ("analytic", "generated")
@@ -122,27 +124,33 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
     facts = compute_facts(city, i, s, t_in=t_in, t_out=t_out, effects=effects, channel=c)
 
     generation = None
-    if mode == "analytic":
-        text = render_rationale(facts, values, fill=False)          # the head's direction, the slot kept
+    if mode == "analytic":                                            # the head's direction, the slot kept
+        segments = [(render_rationale(facts, values, fill=False), True)]
     else:
-        text, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), max_new_tokens)
-        text = _SAMPLED_LIST.sub(FORECAST_SLOT, text).strip()
-        if FORECAST_SLOT not in text:
-            text += f"\nForecast for the next {horizon_text(facts)} ({facts.unit or 'no unit'}): {FORECAST_SLOT}"
-    text = fill_forecast(text, values)                                # the head's numbers, written by the program
+        direction = forecast_direction(facts.last_value, values)
+        segments, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), max_new_tokens,
+                                                  fill=lambda name: fact_text(facts, name, direction))
+        segments = [(t if by_program else _SAMPLED_LIST.sub(FORECAST_SLOT, t), by_program) for t, by_program in segments]
+        if not any(FORECAST_SLOT in t for t, _ in segments):
+            segments.append((f"\nForecast for the next {horizon_text(facts)} ({facts.unit or 'no unit'}): "
+                             f"{FORECAST_SLOT}", True))
+    text, program_spans = _join(segments, format_forecast(values))   # the head's numbers, written by the program
     report = check_explanation(text, city, i, s, forecast=values, t_in=t_in, t_out=t_out, channel=c,
                                effects=effects)
+    by = lambda x: "program" if any(a <= x.span[0] and x.span[1] <= b for a, b in program_spans) else "model"  # noqa: E731
 
     claims = [{"kind": x.kind, "quantity": x.quantity, "text": x.text, "stated": x.stated, "actual": x.actual,
-               "verdict": "holds" if x.holds else "fails"} for x in report.claims]
+               "verdict": "holds" if x.holds else "fails", "written_by": by(x)} for x in report.claims]
     claims += [{"kind": x.kind, "quantity": x.quantity, "text": x.text, "stated": x.stated, "actual": x.actual,
-                "verdict": "unchecked"} for x in report.unchecked]
+                "verdict": "unchecked", "written_by": by(x)} for x in report.unchecked]
+    own = [c["verdict"] == "holds" for c in claims if c["verdict"] != "unchecked" and c["written_by"] == "model"]
     step = lambda k: time_text(pd.Timestamp(city.timestamps[0]) + k * city.interval)  # noqa: E731
     out = {"mode": mode, "dataset": city.name, "node": facts.node_id, "node_name": facts.node_name,
            "channel": city.channels[c], "unit": city.units[c], "at": step(s),
            "timestamps": [step(s + k) for k in range(t_out)], "forecast": values, "truth": truth,
            "history_timestamps": [step(s - t_in + k) for k in range(t_in)], "history": facts.history,
            "explanation": text, "claims": claims, "faithfulness": report.faithfulness,
+           "model_claims": len(own), "model_faithfulness": sum(own) / len(own) if own else None,
            "numbers_consistent": report.numbers_consistent, "forecast_consistent": report.forecast_consistent,
            "summary": report.summary()}
     if generation is not None:
@@ -154,11 +162,14 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
     return out
 
 
-def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_tokens: int = 256) -> tuple[str, dict]:
-    """Greedy rationale from the node-layout prompt of (node, start); the encoder runs on the whole city batch."""
+def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_tokens: int = 256,
+                       fill=lambda name: None) -> tuple[list[tuple[str, bool]], dict]:
+    """Greedy rationale from the node-layout prompt of (node, start); the encoder runs on the whole city batch.
+    `fill(slot name)` writes the fact slots the model writes (`generate_with_facts`). Returns the segments
+    [(text, written_by_program)] and generation counts and timing."""
     import torch
 
-    from stllm.distill.node_layout import explain_adapter, generate, node_inputs, slot_vectors
+    from stllm.distill.node_layout import explain_adapter, generate_with_facts, node_inputs, slot_vectors
     device = next(model.parameters()).device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prep.batch(np.array([start])).items()}
     was_training = model.training
@@ -167,12 +178,29 @@ def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_
     with torch.inference_mode(), explain_adapter(model):
         his, pre, base = slot_vectors(model, batch)                   # [1, N, m, d_llm], [1, N, d_llm], ...
         inputs = node_inputs(model, his, pre, [(0, node)], [prompt], base=base)
-        new = generate(model, inputs, max_new_tokens)[0]
+        segments, counts = generate_with_facts(model, inputs, fill, max_new_tokens)
     seconds = time.perf_counter() - t0
     model.train(was_training)
-    text = model.tokenizer.decode(new, skip_special_tokens=True)
-    return text, {"new_tokens": len(new), "prompt_tokens": int(inputs.embeds.shape[1]), "seconds": round(seconds, 3),
-                  "tokens_per_s": round(len(new) / max(seconds, 1e-9), 2)}
+    return segments, {**counts, "prompt_tokens": int(inputs.embeds.shape[1]), "seconds": round(seconds, 3),
+                      "tokens_per_s": round(counts["new_tokens"] / max(seconds, 1e-9), 2)}
+
+
+def _join(segments: list[tuple[str, bool]], forecast_text: str) -> tuple[str, list[tuple[int, int]]]:
+    """The explanation from its segments, FORECAST_SLOT written as `forecast_text`, stripped; and the (start, end)
+    spans the program wrote (its segments and the forecast numbers)."""
+    pieces = []
+    for text, by_program in segments:
+        parts = text.split(FORECAST_SLOT)
+        for k, part in enumerate(parts):
+            pieces += [(forecast_text, True)] if k else []
+            pieces.append((part, by_program))
+    text, spans = "", []
+    for piece, by_program in pieces:
+        if by_program:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    lead = len(text) - len(text.lstrip())
+    return text.strip(), [(a - lead, b - lead) for a, b in spans]
 
 
 # -------------------------------------------------------------------------------------------- presenting

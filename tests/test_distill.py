@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import threading
@@ -18,6 +19,7 @@ from stllm.distill import (FORECAST_SLOT, AnalyticTeacher, Facts, HFChatTeacher,
                            TeacherError, compute_facts, distill, estimate_effects, future_facts, load_rationales,
                            render_node_prompt, render_rationale, save_rationales)
 from stllm.distill.facts import Effect
+from stllm.distill.teachers import fact_text, fill_facts
 
 START = 7 * 24 + 20          # 2024-03-11 20:00, a Monday: the history is 08:00..19:00 that day
 
@@ -182,6 +184,30 @@ def test_rationale_follows_the_forecast_direction(city):
     assert FORECAST_SLOT in render_rationale(facts)                    # no numbers yet: the slot stays
 
 
+GOLDEN_SLOTTED_FACTORS = (
+    "4. Factors: Pushing up: the recent rise. Pushing down: {hours:yesterday}; {hours:last_week}; the fall at the "
+    "nearest sensors; the rise in wind speed {effect:wind_speed}. The upward pushes outweigh the downward ones.\n")
+
+
+def test_fact_slots_give_back_the_plain_rationale(city):
+    facts = compute_facts(city, "Dongsi", START, effects=WIND_EFFECT)
+    slotted = render_rationale(facts, FORECAST, fill=False, fact_slots=True)
+    assert slotted.startswith("1. Question: {question}\n2. Drivers: {drivers}\n3. Recent data: {recent}\n"
+                              + GOLDEN_SLOTTED_FACTORS + "5. Conclusion: {conclusion} Forecast")
+    segments = fill_facts(slotted, facts, FORECAST)
+    assert "".join(t for t, _ in segments) == render_rationale(facts, FORECAST, fill=False)
+    words = "".join(t for t, by_program in segments if not by_program)
+    assert not re.search(r"\d\.\d", words.replace("PM2.5", "")) and "{" not in words.replace(FORECAST_SLOT, "")
+    assert [t for t, by_program in segments if by_program][-1] == \
+        "PM2.5 at Dongsi is expected to rise over the next 12 hours."          # {conclusion}: FORECAST's direction
+    assert "expected to fall" in "".join(t for t, _ in fill_facts(slotted, facts, [90.0] * 12))
+    assert fact_text(facts, "effect:no_such_weather", "up") == "" and fact_text(facts, "colour", "up") is None
+    plain = AnalyticTeacher().explain(city, "Dongsi", START, effects=WIND_EFFECT)
+    slots = AnalyticTeacher(fact_slots=True).explain(city, "Dongsi", START, effects=WIND_EFFECT)
+    assert slots.text != plain.text and slots.filled() == plain.filled()     # the true future falls
+    assert "expected to rise" in slots.filled(FORECAST)   # {conclusion} follows the numbers it is filled with
+
+
 # ---------------------------------------------------------------------------------------------- teachers
 
 
@@ -327,7 +353,10 @@ def test_distill_command_writes_checkable_rationales(tmp_path, capsys):
     city = make_city(n_nodes=6, n_days=21, seed=0)             # tiny.yaml's city
     effects = effects_from_dict(json.loads((out / "effects.json").read_text()))
     for row in ds:                                              # every claim the teacher wrote holds on the data
-        report = check_explanation(row["rationale"], city, row["node"], pd.Timestamp(row["start"]), effects=effects)
+        assert "{recent}" in row["rationale"]                   # explain.fact_slots (default): written by the program
+        text = "".join(t for t, _ in fill_facts(row["rationale"], Facts.from_dict(json.loads(row["facts"])),
+                                                row["target"]))
+        report = check_explanation(text, city, row["node"], pd.Timestamp(row["start"]), effects=effects)
         assert report.claims and report.faithfulness == 1.0
 
 

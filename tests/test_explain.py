@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,8 @@ from stllm.cli import main
 from stllm.config import load_config
 from stllm.data.city import DataError
 from stllm.data.synthetic import make_city
-from stllm.distill import check_explanation, format_forecast
+from stllm.distill import FORECAST_SLOT, check_explanation, format_forecast
+from stllm.distill.node_layout import target_ids
 from stllm.distill.student import joint_loss, make_samples, make_teacher, pick_windows, train_student
 from stllm.explain import explain, format_explanation, resolve_time
 from stllm.infer import forecast, prepare
@@ -98,7 +100,7 @@ def test_generated_mode_inserts_the_heads_numbers(run, city):
 def test_sampled_forecast_digits_never_survive(run, city, monkeypatch):
     """A language model that writes its own numbers: the program replaces them with the head's."""
     _, model, meta = run
-    fake = lambda *a, **k: ("It will rise. Forecast: [1.0, 2.0, 3.0]; the end.",  # noqa: E731
+    fake = lambda *a, **k: ([("It will rise. Forecast: [1.0, 2.0, 3.0]; the end.", False)],  # noqa: E731
                             {"new_tokens": 9, "seconds": 0.1, "tokens_per_s": 90.0})
     monkeypatch.setattr(explain_module, "generate_rationale", fake)
     r = explain(model, meta, city, 0, AT, mode="generated")
@@ -107,6 +109,62 @@ def test_sampled_forecast_digits_never_survive(run, city, monkeypatch):
     assert r["numbers_consistent"] is True
     assert r["faithfulness"] is None and "no fact the checker can test" in r["warning"]
     assert "warning: " in format_explanation(r)
+
+
+class _ScriptedBackbone:
+    """Stands in for a language model: call k puts the largest logit on script[k] (then EOS), whatever it is fed;
+    records the token ids fed to it after the prompt."""
+
+    def __init__(self, script: list[int], vocab: int, eos: int):
+        self.script, self.vocab, self.fed = script + [eos], vocab, []
+
+    def __call__(self, input_ids=None, inputs_embeds=None, past_key_values=None, **_):
+        if input_ids is not None:
+            self.fed.append(input_ids[0].tolist())
+        logits = torch.zeros(1, 1, self.vocab)
+        logits[0, -1, self.script[min(len(self.fed), len(self.script) - 1)]] = 1.0
+        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+
+
+def test_generation_fills_fact_slots_as_they_are_written(run):
+    from stllm.distill.node_layout import NodeInputs, generate_with_facts
+    tok = run[1].tokenizer
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    first, second = ids("3. Recent data: {recent}"), ids("\n4. Factors: {hours:yesterday}; the recent rise.")
+    backbone = _ScriptedBackbone(first + second, len(tok), tok.eos_token_id)
+    inputs = NodeInputs(torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 3), None, None)
+    facts = {"recent": "Flow rose by 5.0."}                     # {hours:yesterday}: unknown here, stays as written
+    segments, counts = generate_with_facts(SimpleNamespace(tokenizer=tok, backbone=backbone), inputs, facts.get)
+    assert segments == [("3. Recent data: ", False), ("Flow rose by 5.0.", True),
+                        ("\n4. Factors: {hours:yesterday}; the recent rise.", False)]
+    assert counts == {"new_tokens": len(first + second), "filled_tokens": len(ids("Flow rose by 5.0."))}
+    # the program's text is fed right after the slot's last token, as in training (target_ids)
+    assert backbone.fed[len(first) - 1] == [first[-1]] + ids("Flow rose by 5.0.")
+    assert [x for feed in backbone.fed for x in feed] == first + ids("Flow rose by 5.0.") + second
+
+
+def test_generated_claims_say_who_wrote_them(run, city, monkeypatch):
+    """The program's fact text is checked like the rest; the claims in the model's own words are counted apart."""
+    _, model, meta = run
+    trend = explain(model, meta, city, 0, AT)
+    rising = "the recent rise" in trend["explanation"]
+    right, wrong = ("the recent rise", "the recent fall") if rising else ("the recent fall", "the recent rise")
+
+    def fake(model, prep, node, start, prompt, max_new_tokens, fill):
+        return ([("3. Recent data: ", False), (fill("recent"), True),
+                 (f"\n4. Factors: Pushing one way: {right}. Pushing the other: {wrong}.", False)],
+                {"new_tokens": 20, "filled_tokens": 60, "seconds": 0.1, "tokens_per_s": 200.0})
+
+    monkeypatch.setattr(explain_module, "generate_rationale", fake)
+    r = explain(model, meta, city, 0, AT, mode="generated")
+    assert "The latest reading is" in r["explanation"] and "{recent}" not in r["explanation"]
+    by = {c["written_by"] for c in r["claims"]}
+    assert by == {"program", "model"}
+    own = [c for c in r["claims"] if c["written_by"] == "model" and c["verdict"] != "unchecked"]
+    assert r["model_claims"] == len(own) == 2 and r["model_faithfulness"] == 0.5
+    assert [c["text"] for c in own if c["verdict"] == "fails"] == [wrong[len("the "):]]
+    assert all(c["verdict"] == "holds" for c in r["claims"] if c["written_by"] == "program")
+    assert 0.5 < r["faithfulness"] < 1.0 and r["numbers_consistent"] is True
 
 
 def test_a_wrong_claim_is_caught(run, city):
@@ -180,23 +238,32 @@ def test_cli_errors(run, capsys):
 # ------------------------------------------------------------------------------------------------- student
 
 
-def test_node_layout_places_slots_and_labels_only_the_rationale(run, city):
+@pytest.mark.parametrize("fact_slots", [False, True])
+def test_node_layout_places_slots_and_labels_only_the_rationale(run, city, fact_slots):
     from stllm.distill.node_layout import node_inputs, slot_vectors
     _, model, meta = run
     prep = prepare(model, meta, city)
-    samples, _ = make_samples(city, prep, [(AT, 1), (AT + 5, 4)], make_teacher("analytic"))
+    samples, _ = make_samples(city, prep, [(AT, 1), (AT + 5, 4)], make_teacher("analytic", fact_slots=fact_slots))
     batch = prep.batch(np.array([AT, AT + 5]))
     with torch.no_grad():
         his, pre, base = slot_vectors(model, batch)                             # [2, N, m, d], [2, N, d], ...
         inputs = node_inputs(model, his, pre, [(0, 1), (1, 4)], [x.prompt for x in samples],
-                             [x.rationale for x in samples], base=base)
+                             [x.target for x in samples], base=base)
     for k, (w, n) in enumerate([(0, 1), (1, 4)]):
         torch.testing.assert_close(inputs.embeds[k, inputs.his_pos[k]], his[w, n])
         torch.testing.assert_close(inputs.embeds[k, inputs.pre_pos[k]], pre[w, n])
         torch.testing.assert_close(inputs.base[k, :, 0], base[w, :, n])            # the node's encoder read-out
         labelled = inputs.labels[k][inputs.labels[k] != -100].tolist()
         assert labelled[-1] == model.tokenizer.eos_token_id
-        assert model.tokenizer.decode(labelled[:-1]) == samples[k].rationale        # only the rationale is learned
+        # only the rationale is learned; with fact slots, the slot names but not the text the program writes for them
+        written = "".join(t for t, by_program in samples[k].target if not by_program)
+        assert written == samples[k].rationale
+        assert model.tokenizer.decode(labelled[:-1]) == written
+        if fact_slots:                                          # the program's text for {recent} is context, not a target
+            ids, labels = target_ids(model.tokenizer, samples[k].target)
+            assert "{recent}" in written and "The latest reading is" not in written
+            assert "The latest reading is" in model.tokenizer.decode([i for i, x in zip(ids, labels) if x == -100])
+            assert [x for x in labels if x != -100] == labelled
         assert inputs.labels[k, : inputs.pre_pos[k] + 1].eq(-100).all()
         n_real = int(inputs.attention_mask[k].sum())
         assert inputs.labels[k, n_real:].eq(-100).all()                           # padding is not learned

@@ -5,7 +5,7 @@ The node's text context (prompts/node.txt, rendered by `stllm.distill.render_nod
 (`STLLM.encoder`, `projector`, `pre_query`, `pre_proj`, `head`) on the whole-city batch, so a node's ST-tokens
 have seen its neighbours through the encoder's graph convolution exactly as in the city layout.
 
-Used by `stllm.explain` (greedy generation with the KV cache) and `stllm.distill.student` (the joint loss).
+Used by `stllm.explain` (greedy generation with the KV cache, fact slots filled as they come) and `stllm.distill.student` (the joint loss).
 """
 from __future__ import annotations
 
@@ -87,11 +87,24 @@ def tokenize_prompt(tokenizer, text: str, n_tokens: int) -> tuple[list[int], lis
     return ids, his_pos, pre_pos
 
 
+def target_ids(tokenizer, target: str | list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a target text and EOS. A target given as segments [(text, written_by_program)]
+    (`stllm.distill.teachers.fill_facts`) is tokenized segment by segment, as `generate_with_facts` feeds it;
+    the program's segments are context, labelled -100."""
+    segments = [(target, False)] if isinstance(target, str) else target
+    ids, labels = [], []
+    for text, by_program in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids += piece
+        labels += [-100] * len(piece) if by_program else piece
+    return ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
+
+
 def node_inputs(model, his: torch.Tensor, pre: torch.Tensor, rows: list[tuple[int, int]], prompts: list[str],
-                targets: list[str] | None = None, base: torch.Tensor | None = None) -> NodeInputs:
+                targets: list | None = None, base: torch.Tensor | None = None) -> NodeInputs:
     """Sequences for `rows` [(window index into his/pre, node position)]: prompt, then (when given) the target
-    text and EOS, which alone are labelled. his [b, N, m, d_llm], pre [b, N, d_llm], base [b, t_out, N, C] or
-    None, from `slot_vectors`."""
+    and EOS, which alone are labelled (a target is a text, or segments whose program-written parts are not, see
+    `target_ids`). his [b, N, m, d_llm], pre [b, N, d_llm], base [b, t_out, N, C] or None, from `slot_vectors`."""
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     m = his.shape[2]
@@ -100,8 +113,8 @@ def node_inputs(model, his: torch.Tensor, pre: torch.Tensor, rows: list[tuple[in
         ids, hp, pp = tokenize_prompt(tok, prompt, m)
         lab = [-100] * len(ids)
         if targets is not None:
-            tgt = tok(targets[k], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids, lab = ids + tgt, lab + tgt
+            tgt, tgt_labels = target_ids(tok, targets[k])
+            ids, lab = ids + tgt, lab + tgt_labels
         seqs.append(ids)
         labels.append(lab)
         his_pos.append(hp)
@@ -146,15 +159,38 @@ def lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate(model, inputs: NodeInputs, max_new_tokens: int = 200) -> list[list[int]]:
-    """Greedy continuation of each (unpadded, B = 1 recommended) node-layout prompt with the KV cache.
-    Returns the new token ids per sequence, without the EOS."""
-    tok = model.tokenizer
-    out = model.backbone.generate(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
-                                  max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                  temperature=None, top_p=None, top_k=None)
-    result = []
-    for row in out.tolist():                                            # only new tokens: no input_ids were given
-        result.append(row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row)
-    return result
+def generate_with_facts(model, inputs: NodeInputs, fill, max_new_tokens: int = 200) -> tuple[list[tuple[str, bool]], dict]:
+    """Greedy continuation of one node-layout prompt (B = 1) with the KV cache, filling fact slots as they come:
+    as soon as the text the model wrote since the last slot holds a fact slot ("{recent}"; FACT_SLOT of
+    `stllm.distill.teachers`), `fill(name)` gives the slot's text, which is fed to the model as context (as in
+    training, see `target_ids`) and generation goes on after it. `fill` returns None for a name it does not
+    know; the slot then stays in the text as written.
+
+    Returns (segments [(text, written_by_program)] without the slot names and EOS, counts {"new_tokens": tokens
+    the model chose, "filled_tokens": tokens the program wrote})."""
+    from stllm.distill.teachers import FACT_SLOT
+    tok, backbone = model.tokenizer, model.backbone
+    if inputs.embeds.shape[0] != 1:
+        raise ValueError(f"generate_with_facts takes one sequence, got a batch of {inputs.embeds.shape[0]}")
+    out = backbone(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, use_cache=True)
+    segments, written, carry, n_new, n_filled = [], [], "", 0, 0
+    while n_new < max_new_tokens:
+        nxt = int(out.logits[0, -1].argmax())
+        if nxt == tok.eos_token_id:
+            break
+        written.append(nxt)
+        n_new += 1
+        feed = [nxt]
+        text = carry + tok.decode(written)
+        m = FACT_SLOT.search(text)
+        fact = None if m is None else fill(m.group(1))
+        if fact is not None:
+            segments += [(text[:m.start()], False), (fact, True)]
+            carry, written = text[m.end():], []                      # rare: the slot's token ran past the brace
+            fact_ids = tok(fact, add_special_tokens=False)["input_ids"] if fact else []
+            feed += fact_ids
+            n_filled += len(fact_ids)
+        out = backbone(input_ids=torch.tensor([feed], device=inputs.embeds.device), past_key_values=out.past_key_values,
+                       use_cache=True)
+    segments.append((carry + tok.decode(written), False))
+    return [(t, p) for t, p in segments if t], {"new_tokens": n_new, "filled_tokens": n_filled}

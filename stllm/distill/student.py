@@ -3,7 +3,10 @@
 Samples are (window start, node) pairs from the training split. A teacher (the analytic one by default) writes
 each one's five-stage rationale knowing the true future; the target text keeps FORECAST_SLOT as the literal
 "{forecast}", so the student learns to write the slot and never digits of its own forecast (the program fills the
-slot with the regression head's numbers, see `stllm.explain`). The input is the node-layout prompt
+slot with the regression head's numbers, see `stllm.explain`). With explain.fact_slots (default) the analytic
+teacher also writes its computed facts as fact slots: the program's text for each slot is part of the training
+sequence as context (labelled -100), so the student learns to call for a fact and to word what follows from it,
+exactly as `stllm.distill.node_layout.generate_with_facts` runs it at explain time. The input is the node-layout prompt
 (prompts/node.txt) with the node's ST-tokens and <ST_PRE> query spliced in (`stllm.distill.node_layout`).
 
 Joint loss (per step, on a batch of samples):
@@ -37,7 +40,8 @@ from stllm.data.city import CityData
 from stllm.data.prepared import PreparedCity
 from stllm.distill.dataset import distill, save_rationales
 from stllm.distill.node_layout import explain_adapter, lm_loss, node_forward, node_inputs, slot_vectors
-from stllm.distill.teachers import AnalyticTeacher, HFChatTeacher, OpenAITeacher, Teacher
+from stllm.distill.facts import Facts
+from stllm.distill.teachers import AnalyticTeacher, HFChatTeacher, OpenAITeacher, Teacher, fill_facts
 from stllm.explain import save_effects
 from stllm.train import LAST, _to, build_model, make_optimizer, masked_loss, peak_rss_mb
 
@@ -47,7 +51,9 @@ class StudentSample:
     start: int          # window start: index of the first target step
     node: int           # node position
     prompt: str         # node-layout prompt with <ST_HIS> / <ST_PRE>
-    rationale: str      # the teacher's rationale, FORECAST_SLOT kept as text
+    rationale: str      # the teacher's rationale, FORECAST_SLOT (and any fact slots) kept as text
+    target: list        # what the student is trained on: [(text, written_by_program)] (teachers.fill_facts with
+                        # keep_slots: it writes the slot names, the program the text after each)
 
 
 def pick_windows(prep: PreparedCity, n_samples: int, seed: int = 0, channel: int = 0) -> list[tuple[int, int]]:
@@ -66,11 +72,12 @@ def pick_windows(prep: PreparedCity, n_samples: int, seed: int = 0, channel: int
 
 
 def make_teacher(name: str, url: str = "", key_env: str = "OPENAI_API_KEY",
-                 trust_remote_code: bool = False) -> Teacher:
+                 trust_remote_code: bool = False, fact_slots: bool = False) -> Teacher:
     """"analytic", "hf:<local model folder>" (a chat model through transformers) or "openai:<model name>" (an
-    OpenAI-compatible server at `url`, API key from the environment variable `key_env`)."""
+    OpenAI-compatible server at `url`, API key from the environment variable `key_env`). fact_slots: the analytic
+    teacher writes its facts as fact slots (stllm.distill.teachers)."""
     if name == "analytic":
-        return AnalyticTeacher()
+        return AnalyticTeacher(fact_slots=fact_slots)
     if name.startswith("openai:"):
         if not url:
             raise ValueError(f"teacher {name!r} needs the server's URL (explain.teacher_url)")
@@ -85,7 +92,7 @@ def make_teacher(name: str, url: str = "", key_env: str = "OPENAI_API_KEY",
 
 def teacher_from_config(ex) -> Teacher:
     """The teacher an `explain:` config section names."""
-    return make_teacher(ex.teacher, ex.teacher_url, ex.teacher_key_env, ex.teacher_trust_remote_code)
+    return make_teacher(ex.teacher, ex.teacher_url, ex.teacher_key_env, ex.teacher_trust_remote_code, ex.fact_slots)
 
 
 def write_rationales(cfg: Config, out_dir: str | Path, city: CityData | None = None) -> dict:
@@ -114,7 +121,11 @@ def make_samples(city: CityData, prep: PreparedCity, pairs: list[tuple[int, int]
     """The teacher's rationales for `pairs` as (samples, the `datasets.Dataset` of stllm.distill)."""
     ds = distill(city, teacher, [(i, s) for s, i in pairs], t_in=prep.t_in, t_out=prep.t_out, channel=channel,
                  effects=effects)
-    return [StudentSample(s, i, row["prompt"], row["rationale"]) for (s, i), row in zip(pairs, ds)], ds
+    samples = []
+    for (s, i), row in zip(pairs, ds):     # fact slots -> the program's text, which the student reads, not writes
+        target = fill_facts(row["rationale"], Facts.from_dict(json.loads(row["facts"])), row["target"], keep_slots=True)
+        samples.append(StudentSample(s, i, row["prompt"], row["rationale"], target))
+    return samples, ds
 
 
 def joint_loss(model, prep: PreparedCity, samples: list[StudentSample], lm_weight: float = 0.5,
@@ -125,7 +136,7 @@ def joint_loss(model, prep: PreparedCity, samples: list[StudentSample], lm_weigh
     batch = _to(prep.batch(np.array(starts), mask_zeros), device)
     his, pre, base = slot_vectors(model, batch)                                  # [b, N, m, d], [b, N, d], ...
     rows = [(starts.index(x.start), x.node) for x in samples]
-    inputs = node_inputs(model, his, pre, rows, [x.prompt for x in samples], [x.rationale for x in samples],
+    inputs = node_inputs(model, his, pre, rows, [x.prompt for x in samples], [x.target for x in samples],
                          base=base)
     with explain_adapter(model):                 # the student's own adapter, when it has one
         hidden, y_node = node_forward(model, inputs)                             # y_node [B, t_out, 1, C]

@@ -6,12 +6,23 @@ The numbers of the forecast are never written by a language model: every rationa
 FORECAST_SLOT ("{forecast}"), which the program fills (the true future for distillation targets, the regression
 head's numbers at inference; see `fill_forecast`).
 
+Fact slots (`render_rationale(..., fact_slots=True)`, the student's training form): the same rationale with every
+sentence or phrase that states computed numbers replaced by a named slot, e.g. "3. Recent data: {recent}". A
+student learns to write the slot names and the words between them; the program writes each slot's text from the
+data (`fill_facts`, at training time into the context, at generation time as soon as the slot is written, see
+`stllm.distill.node_layout.generate_with_facts`). Slots: {question} (stage 1), {drivers} (stage 2), {recent}
+(stage 3), {hours:yesterday} / {hours:last_week} (the mean of the same hours one period earlier against the latest
+reading), {effect:<weather name>} (the typical effect of that weather change) and {conclusion} (the direction of
+the forecast being explained). What the student still words itself: which factors push up or down ("the recent
+fall", "the rise in wind speed"), and how they balance; the checker tests those words like any other claim.
+
 The sentences written here are the phrasings `stllm.distill.checker` knows how to find and test.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +36,7 @@ from stllm.distill.facts import (Effect, Facts, FutureFacts, compute_facts, fore
 from stllm.prompts import PromptTemplate
 
 FORECAST_SLOT = "{forecast}"
+FACT_SLOT = re.compile(r"\{(question|drivers|recent|conclusion|hours:(?:yesterday|last_week)|effect:[\w.\- ]+)\}")
 QUESTION = "What will {channel} be at {node} over the next {horizon} (from {start} to {end}), and why?"
 PUSH_WORDS = {"up": "Pushing up", "down": "Pushing down"}
 
@@ -40,8 +52,13 @@ class Rationale:
     target: list = field(default_factory=list)
 
     def filled(self, values=None) -> str:
-        """The text with FORECAST_SLOT replaced by `values` (default: the true future)."""
-        return fill_forecast(self.text, self.target if values is None else values)
+        """The text with its fact slots written out and FORECAST_SLOT replaced by `values` (default: the true
+        future)."""
+        values = self.target if values is None else values
+        text = self.text
+        if FACT_SLOT.search(text):
+            text = "".join(t for t, _ in fill_facts(text, Facts.from_dict(self.facts), values))
+        return fill_forecast(text, values)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,27 +213,43 @@ def recent_text(facts: Facts) -> str:
     return " ".join(out)
 
 
-def _factor_phrase(facts: Facts, kind: str, push: str, name: str) -> str:
-    u = _unit(facts)
+def _hours_phrase(facts: Facts, kind: str) -> str:
+    """"the same hours yesterday averaged 46.9 ug/m3, above the latest reading" ("" when unknown)."""
+    p = facts.yesterday if kind == "yesterday" else facts.last_week
+    if p is None or p.ahead_mean is None or p.ahead_relation is None:
+        return ""
+    relation = {"above": "above", "below": "below"}.get(p.ahead_relation, "about the same as")
+    return f"the same hours {p.label} averaged {fmt(p.ahead_mean)}{_unit(facts)}, {relation} the latest reading"
+
+
+def _effect_phrase(facts: Facts, name: str) -> str:
+    """"(a change of +1.1 m/s usually moves PM2.5 by -22.0 over the next 12 hours)" ("" when unknown)."""
+    w = next((w for w in facts.weather if w.name == name), None)
+    if w is None or w.effect is None:
+        return ""
+    unit = f" {w.unit}" if w.unit else ""
+    return (f"(a change of {fmt_signed(w.change)}{unit} usually moves {facts.channel} by {fmt_signed(w.effect)} "
+            f"over the next {horizon_text(facts)})")
+
+
+def _factor_phrase(facts: Facts, kind: str, push: str, name: str, slots: bool = False) -> str:
     if kind == "trend":
         return "the recent rise" if push == "up" else "the recent fall"
     if kind in ("yesterday", "last_week"):
-        p = facts.yesterday if kind == "yesterday" else facts.last_week
-        return (f"the same hours {p.label} averaged {fmt(p.ahead_mean)}{u}, "
-                f"{'above' if push == 'up' else 'below'} the latest reading")
+        return f"{{hours:{kind}}}" if slots else _hours_phrase(facts, kind)
     if kind == "neighbours":
         return f"the {'rise' if facts.neighbours.direction == 'up' else 'fall'} at the nearest sensors"
     w = next(w for w in facts.weather if w.label == name)
-    unit = f" {w.unit}" if w.unit else ""
-    return (f"the {'rise' if w.change > 0 else 'fall'} in {w.label} (a change of {fmt_signed(w.change)}{unit} "
-            f"usually moves {facts.channel} by {fmt_signed(w.effect)} over the next {horizon_text(facts)})")
+    effect = f"{{effect:{w.name}}}" if slots else _effect_phrase(facts, w.name)
+    return f"the {'rise' if w.change > 0 else 'fall'} in {w.label} {effect}"
 
 
-def factors_text(facts: Facts, direction: str | None) -> str:
-    """Stage 4: the factors grouped by push, those agreeing with `direction` first, then how they balance."""
+def factors_text(facts: Facts, direction: str | None, slots: bool = False) -> str:
+    """Stage 4: the factors grouped by push, those agreeing with `direction` first, then how they balance.
+    slots=True: the numbers stay fact slots ({hours:...}, {effect:...}) for the program to fill."""
     groups = {"up": [], "down": []}
     for f in facts.factors:
-        groups[f.push].append(_factor_phrase(facts, f.kind, f.push, f.name))
+        groups[f.push].append(_factor_phrase(facts, f.kind, f.push, f.name, slots))
     if not groups["up"] and not groups["down"]:
         return "No factor in the data pushes clearly up or down."
     order = ["down", "up"] if direction == "down" else ["up", "down"]
@@ -237,19 +270,56 @@ def conclusion_text(facts: Facts, direction: str | None) -> str:
     return f"{facts.channel} at {facts.node_name} is expected to {verb} over the next {horizon_text(facts)}."
 
 
-def render_rationale(facts: Facts, forecast_values=None, template: str = "rationale", fill: bool = True) -> str:
+def render_rationale(facts: Facts, forecast_values=None, template: str = "rationale", fill: bool = True,
+                     fact_slots: bool = False) -> str:
     """The five-stage rationale (prompts/rationale.txt) for `facts`, concluding in the direction of
     `forecast_values` [t_out] (mean against the last observed value). With fill=False, or without values, the
-    FORECAST_SLOT stays in the text for the program to fill."""
+    FORECAST_SLOT stays in the text for the program to fill. fact_slots=True: the computed facts stay fact slots
+    too (the student's training form, see the module docstring); `fill_facts` turns them back into this text."""
     direction = None if forecast_values is None else forecast_direction(facts.last_value, forecast_values)
     slot = format_forecast(forecast_values) if fill and forecast_values is not None else FORECAST_SLOT
+    if fact_slots:
+        asked, drivers, recent, conclusion = "{question}", "{drivers}", "{recent}", "{conclusion}"
+    else:
+        asked, drivers, recent = question(facts), drivers_text(facts), recent_text(facts)
+        conclusion = _sentence(conclusion_text(facts, direction))
     return PromptTemplate.load(template).render(
-        question=question(facts), drivers=drivers_text(facts), recent=recent_text(facts),
-        factors=factors_text(facts, direction), conclusion=_sentence(conclusion_text(facts, direction)),
-        horizon=horizon_text(facts), unit=facts.unit or "no unit", forecast=slot)
+        question=asked, drivers=drivers, recent=recent, factors=factors_text(facts, direction, fact_slots),
+        conclusion=conclusion, horizon=horizon_text(facts), unit=facts.unit or "no unit", forecast=slot)
 
 
-# ------------------------------------------------------------------------------------------------ teachers
+def fact_text(facts: Facts, slot: str, direction: str | None) -> str | None:
+    """The text the program writes for one fact slot name (FACT_SLOT), "" when the data cannot say it, None for a
+    name that is not a fact slot. `direction`: of the forecast being explained (for {conclusion})."""
+    if slot == "question":
+        return question(facts)
+    if slot == "drivers":
+        return drivers_text(facts)
+    if slot == "recent":
+        return recent_text(facts)
+    if slot == "conclusion":
+        return _sentence(conclusion_text(facts, direction))
+    kind, _, name = slot.partition(":")
+    if kind == "hours" and name in ("yesterday", "last_week"):
+        return _hours_phrase(facts, name)
+    if kind == "effect" and name:
+        return _effect_phrase(facts, name)
+    return None
+
+
+def fill_facts(text: str, facts: Facts, forecast_values=None, keep_slots: bool = False) -> list[tuple[str, bool]]:
+    """Split a rationale with fact slots into segments [(text, written_by_program)]: the words around the slots
+    (False) and each slot's text from `fact_text` (True). Joining the segments gives the plain rationale
+    (render_rationale with fact_slots=False). keep_slots=True: each slot name stays at the end of the words
+    before it: the student's training target, which writes the name and reads the program's text after it."""
+    direction = None if forecast_values is None else forecast_direction(facts.last_value, forecast_values)
+    out, pos = [], 0
+    for m in FACT_SLOT.finditer(text):
+        words = text[pos:m.end() if keep_slots else m.start()]
+        out += [(words, False), (fact_text(facts, m.group(1), direction) or "", True)]
+        pos = m.end()
+    out.append((text[pos:], False))
+    return [(t, by_program) for t, by_program in out if t]
 
 
 class TeacherError(RuntimeError):
@@ -276,12 +346,16 @@ class Teacher:
 
 
 class AnalyticTeacher(Teacher):
-    """Deterministic: states only facts computed from the data, and concludes in the true future's direction."""
+    """Deterministic: states only facts computed from the data, and concludes in the true future's direction.
+    fact_slots=True: writes the facts as fact slots (the student's training form, see the module docstring)."""
 
     name = "analytic"
 
+    def __init__(self, fact_slots: bool = False):
+        self.fact_slots = fact_slots
+
     def write(self, facts: Facts, future: FutureFacts) -> str:
-        return render_rationale(facts, future.values, fill=False)
+        return render_rationale(facts, future.values, fill=False, fact_slots=self.fact_slots)
 
 
 TEACHER_SYSTEM = (
