@@ -13,8 +13,11 @@ turn: `stllm.explain.explain` in analytic mode, reporting
   does) next to the city layout's MAE on the same windows from `stllm.infer.forecast`. Explain mode reads the
   same head on the same city layout, so the two are equal by construction; the benchmark checks that they are;
 - seconds per explanation.
-Then generated mode (the run's language model writes the rationale, greedy, KV cache) on the first `--generated`
-pairs: tokens per second, seconds per explanation, faithfulness of what it wrote and the numbers check. Student
+Then generated mode (the run's language model writes the rationale, greedy, KV cache, fact slots filled by the
+program as the model writes them) on the first `--generated` pairs: tokens per second (tokens the model chose),
+seconds per explanation, faithfulness of the text and the numbers check. Faithfulness is reported per explanation
+(mean) and per claim (pooled), and separately for the claims in the model's own words (not inside a fact slot's
+text or the forecast numbers the program wrote). Student
 runs (trained by `stllm train` with an `explain:` section) are measured the same way; NAME is any label.
 Writes benchmarks/results/explain.json and prints a markdown table.
 """
@@ -58,12 +61,21 @@ def masked_mae(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.abs(pred - true)[ok].mean())
 
 
+def _share(flags: list[bool]) -> float | None:
+    return float(np.mean(flags)) if flags else None
+
+
 def summarise(results: list[dict], seconds: list[float]) -> dict:
     faith = [r["faithfulness"] for r in results if r["faithfulness"] is not None]
-    checked = [sum(c["verdict"] != "unchecked" and not c["kind"].startswith("forecast") for c in r["claims"])
-               for r in results]
+    data = [[c for c in r["claims"] if c["verdict"] != "unchecked" and not c["kind"].startswith("forecast")]
+            for r in results]                                       # checked data claims, per explanation
+    checked = [len(claims) for claims in data]
+    own = [c["verdict"] == "holds" for claims in data for c in claims if c.get("written_by") == "model"]
     out = {"n": len(results),
            "faithfulness_mean": float(np.mean(faith)) if faith else None,
+           "claims_hold_share": _share([c["verdict"] == "holds" for claims in data for c in claims]),
+           "model_written_claims_per_explanation": len(own) / len(results),
+           "model_written_claims_hold_share": _share(own),
            "all_claims_hold_share": float(np.mean([f == 1.0 for f in faith])) if faith else None,
            "with_checkable_claims_share": len(faith) / len(results),
            "checked_claims_per_explanation": float(np.mean(checked)),
@@ -75,6 +87,7 @@ def summarise(results: list[dict], seconds: list[float]) -> dict:
     if gen:
         tokens, secs = sum(g["new_tokens"] for g in gen), sum(g["seconds"] for g in gen)
         out.update({"new_tokens_per_explanation": tokens / len(gen), "tokens_per_s": tokens / max(secs, 1e-9),
+                    "filled_tokens_per_explanation": sum(g.get("filled_tokens", 0) for g in gen) / len(gen),
                     "prompt_tokens": float(np.mean([g["prompt_tokens"] for g in gen])),
                     "example": results[0]["explanation"]})
     return out
@@ -133,8 +146,9 @@ def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_t
 def table(results: dict) -> str:
     def f(x, fmt=".3f"):
         return "-" if x is None else format(x, fmt)
-    lines = ["| dataset (run) | mode | pairs | faithfulness | all claims hold | claims/expl. | numbers = head | "
-             "MAE explain / city layout | s/expl. | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset (run) | mode | pairs | faithfulness | all claims hold | claims/expl. | model-written claims/expl.: "
+             "hold | numbers = head | MAE explain / city layout | s/expl. | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         for mode in ("analytic", "generated"):
             m = r.get(mode)
@@ -144,7 +158,9 @@ def table(results: dict) -> str:
             mae_text = "-" if not mae else f"{mae['explain_mode']:.2f} / {mae['city_layout']:.2f}"
             lines.append(f"| {key} | {mode} | {m['n']} | {f(m['faithfulness_mean'])} | "
                          f"{f(m['all_claims_hold_share'], '.2f')} | "
-                         f"{m['checked_claims_per_explanation']:.1f} | {m['numbers_equal_head_share']:.2f} | "
+                         f"{m['checked_claims_per_explanation']:.1f} | "
+                         f"{m.get('model_written_claims_per_explanation', 0):.1f}: "
+                         f"{f(m.get('model_written_claims_hold_share'))} | {m['numbers_equal_head_share']:.2f} | "
                          f"{mae_text} | "
                          f"{m['seconds_per_explanation']:.2f} | {f(m.get('tokens_per_s'), '.1f')} |")
     return "\n".join(lines)

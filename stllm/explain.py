@@ -143,7 +143,8 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
                "verdict": "holds" if x.holds else "fails", "written_by": by(x)} for x in report.claims]
     claims += [{"kind": x.kind, "quantity": x.quantity, "text": x.text, "stated": x.stated, "actual": x.actual,
                 "verdict": "unchecked", "written_by": by(x)} for x in report.unchecked]
-    own = [c["verdict"] == "holds" for c in claims if c["verdict"] != "unchecked" and c["written_by"] == "model"]
+    own = [c["verdict"] == "holds" for c in claims          # data claims in the model's own words, as `faithfulness`
+           if c["verdict"] != "unchecked" and c["written_by"] == "model" and not c["kind"].startswith("forecast")]
     step = lambda k: time_text(pd.Timestamp(city.timestamps[0]) + k * city.interval)  # noqa: E731
     out = {"mode": mode, "dataset": city.name, "node": facts.node_id, "node_name": facts.node_name,
            "channel": city.channels[c], "unit": city.units[c], "at": step(s),
