@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,8 @@ def summarise(results: list[dict], seconds: list[float]) -> dict:
            "checked_claims_per_explanation": float(np.mean(checked)),
            "failed_claims": sum(c["verdict"] == "fails" and not c["kind"].startswith("forecast")
                                 for r in results for c in r["claims"]),
+           "failed_by_kind": dict(Counter(f"{c['written_by']}: {c['kind']}.{c['quantity']}" for claims in data
+                                          for c in claims if c["verdict"] == "fails").most_common()),
            "numbers_equal_head_share": float(np.mean([r["numbers_consistent"] is True for r in results])),
            "seconds_per_explanation": float(np.mean(seconds))}
     gen = [r["generation"] for r in results if "generation" in r]

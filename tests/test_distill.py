@@ -70,10 +70,10 @@ GOLDEN_RATIONALE = (
     "reading is 109.0 ug/m3 at 19:00. It is about the same as at the same hour yesterday (106.0) and 21.0 ug/m3 "
     "(+24%) higher than at the same hour last week (88.0). The 2 nearest sensors (Tiantan, Guanyuan) fell by 8.2 "
     "ug/m3 on average (-13%).\n"
-    "4. Factors: Pushing up: the recent rise. Pushing down: the same hours yesterday averaged 89.0 ug/m3, below the "
-    "latest reading; the same hours last week averaged 71.0 ug/m3, below the latest reading; the fall at the "
-    "nearest sensors; the rise in wind speed (a change of +1.1 m/s usually moves PM2.5 by -22.0 over the next 12 "
-    "hours). The upward pushes outweigh the downward ones.\n"
+    "4. Factors: Pushing up: PM2.5 rose over the last 12 hours. Pushing down: the same hours yesterday averaged 89.0 "
+    "ug/m3, below the latest reading; the same hours last week averaged 71.0 ug/m3, below the latest reading; the "
+    "nearest sensors fell on average; wind speed rose (a change of +1.1 m/s usually moves PM2.5 by -22.0 over the "
+    "next 12 hours). The upward pushes outweigh the downward ones.\n"
     "5. Conclusion: PM2.5 at Dongsi is expected to rise over the next 12 hours. Forecast for the next 12 hours "
     "(ug/m3): [110.0, 112.5, 115.0, 117.2, NA, 120.0, 121.0, 122.0, 123.0, 124.0, 125.0, 126.0]\n"
 )
@@ -185,8 +185,9 @@ def test_rationale_follows_the_forecast_direction(city):
 
 
 GOLDEN_SLOTTED_FACTORS = (
-    "4. Factors: Pushing up: the recent rise. Pushing down: {hours:yesterday}; {hours:last_week}; the fall at the "
-    "nearest sensors; the rise in wind speed {effect:wind_speed}. The upward pushes outweigh the downward ones.\n")
+    "4. Factors: Pushing up: PM2.5 rose over the last 12 hours. Pushing down: {hours:yesterday}; {hours:last_week}; "
+    "the nearest sensors fell on average; wind speed rose {effect:wind_speed}. The upward pushes outweigh the "
+    "downward ones.\n")
 
 
 def test_fact_slots_give_back_the_plain_rationale(city):

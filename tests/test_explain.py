@@ -16,7 +16,7 @@ from stllm.cli import main
 from stllm.config import load_config
 from stllm.data.city import DataError
 from stllm.data.synthetic import make_city
-from stllm.distill import FORECAST_SLOT, check_explanation, format_forecast
+from stllm.distill import FORECAST_SLOT, check_explanation, compute_facts, format_forecast
 from stllm.distill.node_layout import target_ids
 from stllm.distill.student import joint_loss, make_samples, make_teacher, pick_windows, train_student
 from stllm.explain import explain, format_explanation, resolve_time
@@ -130,13 +130,13 @@ def test_generation_fills_fact_slots_as_they_are_written(run):
     from stllm.distill.node_layout import NodeInputs, generate_with_facts
     tok = run[1].tokenizer
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    first, second = ids("3. Recent data: {recent}"), ids("\n4. Factors: {hours:yesterday}; the recent rise.")
+    first, second = ids("3. Recent data: {recent}"), ids("\n4. Factors: {hours:yesterday}; flow rose.")
     backbone = _ScriptedBackbone(first + second, len(tok), tok.eos_token_id)
     inputs = NodeInputs(torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 3), None, None)
     facts = {"recent": "Flow rose by 5.0."}                     # {hours:yesterday}: unknown here, stays as written
     segments, counts = generate_with_facts(SimpleNamespace(tokenizer=tok, backbone=backbone), inputs, facts.get)
     assert segments == [("3. Recent data: ", False), ("Flow rose by 5.0.", True),
-                        ("\n4. Factors: {hours:yesterday}; the recent rise.", False)]
+                        ("\n4. Factors: {hours:yesterday}; flow rose.", False)]
     assert counts == {"new_tokens": len(first + second), "filled_tokens": len(ids("Flow rose by 5.0."))}
     # the program's text is fed right after the slot's last token, as in training (target_ids)
     assert backbone.fed[len(first) - 1] == [first[-1]] + ids("Flow rose by 5.0.")
@@ -146,9 +146,8 @@ def test_generation_fills_fact_slots_as_they_are_written(run):
 def test_generated_claims_say_who_wrote_them(run, city, monkeypatch):
     """The program's fact text is checked like the rest; the claims in the model's own words are counted apart."""
     _, model, meta = run
-    trend = explain(model, meta, city, 0, AT)
-    rising = "the recent rise" in trend["explanation"]
-    right, wrong = ("the recent rise", "the recent fall") if rising else ("the recent fall", "the recent rise")
+    rising = compute_facts(city, 0, AT).trend.direction == "up"
+    right, wrong = ("flow rose recently", "flow fell recently")[::1 if rising else -1]
 
     def fake(model, prep, node, start, prompt, max_new_tokens, fill):
         return ([("3. Recent data: ", False), (fill("recent"), True),
@@ -162,7 +161,7 @@ def test_generated_claims_say_who_wrote_them(run, city, monkeypatch):
     assert by == {"program", "model"}
     own = [c for c in r["claims"] if c["written_by"] == "model" and c["verdict"] != "unchecked"]
     assert r["model_claims"] == len(own) == 2 and r["model_faithfulness"] == 0.5
-    assert [c["text"] for c in own if c["verdict"] == "fails"] == [wrong[len("the "):]]
+    assert [c["text"] for c in own if c["verdict"] == "fails"] == [wrong.split()[1]]
     assert all(c["verdict"] == "holds" for c in r["claims"] if c["written_by"] == "program")
     assert 0.5 < r["faithfulness"] < 1.0 and r["numbers_consistent"] is True
 

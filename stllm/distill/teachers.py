@@ -13,8 +13,8 @@ data (`fill_facts`, at training time into the context, at generation time as soo
 `stllm.distill.node_layout.generate_with_facts`). Slots: {question} (stage 1), {drivers} (stage 2), {recent}
 (stage 3), {hours:yesterday} / {hours:last_week} (the mean of the same hours one period earlier against the latest
 reading), {effect:<weather name>} (the typical effect of that weather change) and {conclusion} (the direction of
-the forecast being explained). What the student still words itself: which factors push up or down ("the recent
-fall", "the rise in wind speed"), and how they balance; the checker tests those words like any other claim.
+the forecast being explained). What the student still words itself: which factors push up or down ("PM2.5 fell over
+the last 12 hours", "wind speed rose"), and how they balance; the checker tests those words like any other claim.
 
 The sentences written here are the phrasings `stllm.distill.checker` knows how to find and test.
 """
@@ -233,15 +233,17 @@ def _effect_phrase(facts: Facts, name: str) -> str:
 
 
 def _factor_phrase(facts: Facts, kind: str, push: str, name: str, slots: bool = False) -> str:
+    """One factor of stage 4, its subject first ("wind speed rose ..."): a student writing it left to right names
+    the quantity before its direction, which it can then read from the facts stated above."""
     if kind == "trend":
-        return "the recent rise" if push == "up" else "the recent fall"
+        return f"{facts.channel} {'rose' if push == 'up' else 'fell'} over the last {history_text(facts)}"
     if kind in ("yesterday", "last_week"):
         return f"{{hours:{kind}}}" if slots else _hours_phrase(facts, kind)
     if kind == "neighbours":
-        return f"the {'rise' if facts.neighbours.direction == 'up' else 'fall'} at the nearest sensors"
+        return f"the nearest sensors {'rose' if facts.neighbours.direction == 'up' else 'fell'} on average"
     w = next(w for w in facts.weather if w.label == name)
     effect = f"{{effect:{w.name}}}" if slots else _effect_phrase(facts, w.name)
-    return f"the {'rise' if w.change > 0 else 'fall'} in {w.label} {effect}"
+    return f"{w.label} {'rose' if w.change > 0 else 'fell'} {effect}"
 
 
 def factors_text(facts: Facts, direction: str | None, slots: bool = False) -> str:
