@@ -66,6 +66,7 @@ def _expected_kinds(f: Facts, target: list) -> set[str]:
     kinds |= {"vs_last_week"} if f.last_week and f.last_week.reference is not None else set()
     kinds |= {"period_mean"} if any(x.kind in ("yesterday", "last_week") for x in f.factors) else set()
     kinds |= {"effect"} if any(x.kind == "weather" for x in f.factors) else set()
+    kinds |= {"push"} if f.factors else set()
     return kinds
 
 
@@ -89,7 +90,8 @@ def test_every_analytic_claim_is_found_and_holds(synth):
             if "." in m.group(0) or text[m.end():m.end() + 1] == "%":
                 assert any(a <= m.start() < b for a, b in spans), f"{m.group(0)} at {m.start()} unchecked in\n{text}"
     assert kinds_seen == {"trend", "last_value", "vs_yesterday", "vs_last_week", "period_mean", "neighbours",
-                          "weather", "wind_direction", "calendar", "effect", "forecast_numbers", "forecast_direction"}
+                          "weather", "wind_direction", "calendar", "effect", "push", "forecast_numbers",
+                          "forecast_direction"}
 
 
 def _first_window(city, effects, want):
@@ -111,6 +113,8 @@ def _first_window(city, effects, want):
     ("wrong comparison", lambda t: t.replace("lower than at the same hour yesterday",
                                              "higher than at the same hour yesterday", 1), "vs_yesterday"),
     ("neighbours", lambda t: re.sub(r"(nearest sensors \([^)]*\)) rose", r"\1 fell", t, count=1), "neighbours"),
+    ("wrong push", lambda t: re.sub(r"(reading, which pushes )(up|down)",
+                                    lambda m: m.group(1) + {"up": "down", "down": "up"}[m.group(2)], t, count=1), "push"),
 ])
 def test_a_wrong_claim_is_caught(synth, name, edit, kind):
     city, effects = synth
@@ -185,6 +189,9 @@ def test_forecast_numbers_other_than_the_heads_are_flagged(synth):
     ("The rise in pressure helps.", "weather", "pressure.direction", True),
     ("A 2 m/s rise in wind speed usually lowers PM2.5 by about 20.", "effect", "wind_speed", True),
     ("A 2 m/s rise in wind speed usually lowers PM2.5 by about 5.", "effect", "wind_speed", False),
+    ("The nearest sensors rose, which pushes it up.", "push", "neighbours", True),
+    ("The nearest sensors rose on average, which pushes down.", "push", "neighbours", False),
+    ("PM2.5 fell over the last 12 hours, which pushes up.", "push", "trend", False),
     ("PM2.5 is expected to fall.", "forecast_direction", "direction", True),
     ("PM2.5 will likely rise.", "forecast_direction", "direction", False),
     ("We expect PM2.5 to average about 133.", "forecast_numbers", "value", True),

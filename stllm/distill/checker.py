@@ -20,6 +20,11 @@ Claim kinds (Claim.kind, with Claim.quantity naming what is tested):
   calendar            weekday | day_type ("on a Tuesday", "(weekend)")
   effect              typical effect of a weather change, needs `effects` ("a change of +1.2 m/s usually moves
                       PM2.5 by -3.4"; "a 2 m/s rise in wind speed usually lowers PM2.5 by about 5")
+  push                a factor's push on the forecast, stated after it in the same ';'-item ("wind speed rose (a
+                      change of +1.1 m/s usually moves PM2.5 by -22.0 ...), which pushes down"): quantity names the
+                      factor (effect.<variable> | period_mean.<period> | neighbours | trend); it holds when the
+                      push is the factor's own (the sign of the effect, above / below the latest reading, the
+                      direction of the neighbours or of the trend); a weather change without an effect is unchecked
   forecast_numbers    a bracketed list or a single number stated as the forecast: values | value
   forecast_direction  "is expected to rise": the forecast's mean against the last observed value
 
@@ -111,6 +116,7 @@ _NOUN_UP = {"rise", "increase", "climb", "jump", "upturn"}
 _ADJ_UP = {"rising", "increasing", "climbing", "growing", "strengthening", "warming"}
 _ADJ = re.compile(r"\b(?P<adj>rising|increasing|climbing|growing|strengthening|warming|falling|dropping|decreasing|"
                   r"declining|easing|weakening|cooling|slowing)\s+(?P<what>[\w .-]{1,40})", re.I)
+_PUSH = re.compile(r"\b(?:push(?:es|ing)?|drives?|driving)\s+(?:[\w.]+\s+){0,2}?(?P<p>up|down)(?:wards?)?\b", re.I)
 _FORECAST_CONTEXT = re.compile(r"\b(?:forecast|predict\w*|expect\w*|outlook|projection|next\s+\d+)", re.I)
 _LIST = re.compile(r"\[(?P<body>[^\]]*)\]")
 _SINGLE = re.compile(rf"\b(?:forecasts?|expect(?:s|ed)?|predict(?:s|ed)?|project(?:s|ed)?|will|should|likely)\b"
@@ -285,6 +291,7 @@ class _Context:
 
     # ---- one sentence
     def sentence(self, off: int, sent: str) -> None:
+        first = len(self.found)
         self.forecast_numbers(off, sent)
         self.comparisons(off, sent)
         self.last_value(off, sent)
@@ -297,6 +304,32 @@ class _Context:
             self.effect(off + c_off, clause)
             self.nouns(off + c_off, clause)
         self.verbs(off, sent, clauses)
+        self.pushes(off, sent, self.found[first:])
+
+    def pushes(self, off: int, sent: str, found: list[Claim]) -> None:
+        """"<factor>, which pushes up|down": tested against the factor claimed in the same ';'-item before it."""
+        for m in _PUSH.finditer(sent):
+            item_start = off + sent.rfind(";", 0, m.start()) + 1
+            item = [c for c in found if item_start <= c.span[0] and c.span[1] <= off + m.start()]
+            stated = m.group("p").lower()
+            push = {"above": "up", "below": "down", "same": "flat"}
+            by_kind = {c.kind + "." + c.quantity.split(".")[-1]: c for c in item}
+            if effect := next((c for c in item if c.kind == "effect"), None):
+                what = f"effect.{effect.quantity}"
+                actual = None if effect.actual is None else "up" if effect.actual > 0 else "down" \
+                    if effect.actual < 0 else "flat"
+            elif period := by_kind.get("period_mean.relation"):
+                what, actual = f"period_mean.{period.quantity.split('.')[0]}", push.get(period.actual)
+            elif "neighbours.direction" in by_kind:
+                what = "neighbours"
+                actual = None if self.truth.neighbours is None else self.truth.neighbours.direction
+            elif "trend.direction" in by_kind:
+                what, actual = "trend", None if self.truth.trend is None else self.truth.trend.direction
+            elif item:                                   # a weather change alone: its push is not in the data
+                what, actual = item[-1].kind, None
+            else:
+                continue
+            self.add("push", what, off, m.span(), stated, actual, None if actual is None else stated == actual)
 
     def forecast_numbers(self, off: int, sent: str) -> None:
         lists = _LIST.finditer(sent) if _FORECAST_CONTEXT.search(sent) else ()

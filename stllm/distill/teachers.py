@@ -38,7 +38,6 @@ from stllm.prompts import PromptTemplate
 FORECAST_SLOT = "{forecast}"
 FACT_SLOT = re.compile(r"\{(question|drivers|recent|conclusion|hours:(?:yesterday|last_week)|effect:[\w.\- ]+)\}")
 QUESTION = "What will {channel} be at {node} over the next {horizon} (from {start} to {end}), and why?"
-PUSH_WORDS = {"up": "Pushing up", "down": "Pushing down"}
 
 
 @dataclass
@@ -247,18 +246,16 @@ def _factor_phrase(facts: Facts, kind: str, push: str, name: str, slots: bool = 
 
 
 def factors_text(facts: Facts, direction: str | None, slots: bool = False) -> str:
-    """Stage 4: the factors grouped by push, those agreeing with `direction` first, then how they balance.
+    """Stage 4: each factor, then its push ("..., which pushes up"), then how they balance toward `direction`.
     slots=True: the numbers stay fact slots ({hours:...}, {effect:...}) for the program to fill."""
-    groups = {"up": [], "down": []}
-    for f in facts.factors:
-        groups[f.push].append(_factor_phrase(facts, f.kind, f.push, f.name, slots))
-    if not groups["up"] and not groups["down"]:
+    items = [f"{_factor_phrase(facts, f.kind, f.push, f.name, slots)}, which pushes {f.push}" for f in facts.factors]
+    if not items:
         return "No factor in the data pushes clearly up or down."
-    order = ["down", "up"] if direction == "down" else ["up", "down"]
-    parts = [f"{PUSH_WORDS[d]}: {'; '.join(groups[d])}." if groups[d] else f"Nothing pushes {d}." for d in order]
+    parts = ["; ".join(items) + "."]
+    pushes = {f.push for f in facts.factors}
     if direction in ("up", "down"):
         other = "down" if direction == "up" else "up"
-        parts.append(f"The {direction}ward pushes outweigh the {other}ward ones." if groups[direction]
+        parts.append(f"The {direction}ward pushes outweigh the {other}ward ones." if direction in pushes
                      else f"The move {direction} comes from influences outside these facts.")
     elif direction == "flat":
         parts.append("These pushes roughly cancel out.")
