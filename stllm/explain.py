@@ -220,7 +220,11 @@ def format_explanation(result: dict) -> str:
         lines.append(f"warning: {result['warning']}")
     if "generation" in result:
         g = result["generation"]
-        lines.append(f"generated {g['new_tokens']} tokens in {g['seconds']:.2f} s ({g['tokens_per_s']:.1f} tokens/s)")
+        own = result["model_faithfulness"]
+        lines.append(f"claims in the model's own words: {result['model_claims']}"
+                     + ("" if own is None else f", {own:.2f} of them hold"))
+        lines.append(f"generated {g['new_tokens']} tokens in {g['seconds']:.2f} s ({g['tokens_per_s']:.1f} tokens/s), "
+                     f"{g.get('filled_tokens', 0)} more written by the program")
     return "\n".join(lines)
 
 

@@ -223,6 +223,7 @@ def test_cli_json_and_plot(run, city, tmp_path, capsys):
                  "--max-new-tokens", "8"]) == 0
     text = capsys.readouterr().out
     assert "mode generated" in text and "forecast numbers consistent: True" in text and "tokens/s" in text
+    assert "claims in the model's own words: " in text
 
 
 def test_cli_errors(run, capsys):
