@@ -98,7 +98,10 @@ def summarise(results: list[dict], seconds: list[float]) -> dict:
 
 def _run_metrics(run_dir: str) -> dict:
     """What the run's own metrics.json says: test-split MAE (all windows), training budget, student settings."""
-    m = json.loads((Path(run_dir) / "metrics.json").read_text())
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():          # a run whose final test evaluation did not finish: nothing to report
+        return {}
+    m = json.loads(path.read_text())
     return {"test_mae": m.get("mae"), "test_windows": m.get("n_windows"), "training": m.get("training"),
             "explain": m.get("explain")}
 

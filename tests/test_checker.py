@@ -112,7 +112,7 @@ def _first_window(city, effects, want):
     ("wrong weather change", lambda t: re.sub(r"temperature fell by", "temperature rose by", t, count=1), "weather"),
     ("wrong comparison", lambda t: t.replace("lower than at the same hour yesterday",
                                              "higher than at the same hour yesterday", 1), "vs_yesterday"),
-    ("neighbours", lambda t: re.sub(r"(nearest sensors) rose by", r"\1 fell by", t, count=1), "neighbours"),
+    ("neighbours", lambda t: re.sub(r"(nearest sensors \([^)]*\)) rose", r"\1 fell", t, count=1), "neighbours"),
     ("wrong push", lambda t: re.sub(r"(reading, which pushes )(up|down)",
                                     lambda m: m.group(1) + {"up": "down", "down": "up"}[m.group(2)], t, count=1), "push"),
 ])

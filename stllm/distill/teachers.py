@@ -13,9 +13,8 @@ data (`fill_facts`, at training time into the context, at generation time as soo
 `stllm.distill.node_layout.generate_with_facts`). Slots: {question} (stage 1), {drivers} (stage 2), {recent}
 (stage 3), {hours:yesterday} / {hours:last_week} (the mean of the same hours one period earlier against the latest
 reading), {effect:<weather name>} (the typical effect of that weather change) and {conclusion} (the direction of
-the forecast being explained). What the student still words itself: each factor's direction and push, quantity
-first ("over the last 12 hours, PM2.5 fell, which pushes down"; "wind speed rose {effect:wind_speed}, which
-pushes up"), and how they balance; the checker tests those words like any other claim.
+the forecast being explained). What the student still words itself: which factors push up or down ("PM2.5 fell over
+the last 12 hours", "wind speed rose"), and how they balance; the checker tests those words like any other claim.
 
 The sentences written here are the phrasings `stllm.distill.checker` knows how to find and test.
 """
@@ -209,7 +208,7 @@ def recent_text(facts: Facts) -> str:
             move = f"held steady on average ({fmt_signed(nb.mean_change)})"
         else:
             move = f"{'rose' if nb.direction == 'up' else 'fell'} by {fmt(abs(nb.mean_change))}{u} on average{pct}"
-        out.append(f"The {len(nb.names)} nearest sensors {move}: {', '.join(nb.names)}.")
+        out.append(f"The {len(nb.names)} nearest sensors ({', '.join(nb.names)}) {move}.")
     return " ".join(out)
 
 
@@ -235,8 +234,8 @@ def _effect_phrase(facts: Facts, name: str) -> str:
 def _factor_phrase(facts: Facts, kind: str, push: str, name: str, slots: bool = False) -> str:
     """One factor of stage 4, its subject first ("wind speed rose ..."): a student writing it left to right names
     the quantity before its direction, which it can then read from the facts stated above."""
-    if kind == "trend":          # the words of stage 3's trend sentence, so the direction is the word after them
-        return f"over the last {history_text(facts)}, {facts.channel} {'rose' if push == 'up' else 'fell'}"
+    if kind == "trend":
+        return f"{facts.channel} {'rose' if push == 'up' else 'fell'} over the last {history_text(facts)}"
     if kind in ("yesterday", "last_week"):
         return f"{{hours:{kind}}}" if slots else _hours_phrase(facts, kind)
     if kind == "neighbours":
