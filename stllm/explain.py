@@ -130,14 +130,17 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
         direction = forecast_direction(facts.last_value, values)
         segments, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), max_new_tokens,
                                                   fill=lambda name: fact_text(facts, name, direction))
-        segments = [(t if by_program else _SAMPLED_LIST.sub(FORECAST_SLOT, t), by_program) for t, by_program in segments]
+        segments = [(t if by_program else _SAMPLED_LIST.sub(FORECAST_SLOT, t), by_program)
+                    for t, by_program in segments]
         if not any(FORECAST_SLOT in t for t, _ in segments):
             segments.append((f"\nForecast for the next {horizon_text(facts)} ({facts.unit or 'no unit'}): "
                              f"{FORECAST_SLOT}", True))
     text, program_spans = _join(segments, format_forecast(values))   # the head's numbers, written by the program
     report = check_explanation(text, city, i, s, forecast=values, t_in=t_in, t_out=t_out, channel=c,
                                effects=effects)
-    by = lambda x: "program" if any(a <= x.span[0] and x.span[1] <= b for a, b in program_spans) else "model"  # noqa: E731
+
+    def by(claim) -> str:                                             # who wrote the claim's text
+        return "program" if any(a <= claim.span[0] and claim.span[1] <= b for a, b in program_spans) else "model"
 
     claims = [{"kind": x.kind, "quantity": x.quantity, "text": x.text, "stated": x.stated, "actual": x.actual,
                "verdict": "holds" if x.holds else "fails", "written_by": by(x)} for x in report.claims]

@@ -312,14 +312,14 @@ class _Context:
             item_start = off + sent.rfind(";", 0, m.start()) + 1
             item = [c for c in found if item_start <= c.span[0] and c.span[1] <= off + m.start()]
             stated = m.group("p").lower()
-            push = {"above": "up", "below": "down", "same": "flat"}
             by_kind = {c.kind + "." + c.quantity.split(".")[-1]: c for c in item}
             if effect := next((c for c in item if c.kind == "effect"), None):
                 what = f"effect.{effect.quantity}"
                 actual = None if effect.actual is None else "up" if effect.actual > 0 else "down" \
                     if effect.actual < 0 else "flat"
             elif period := by_kind.get("period_mean.relation"):
-                what, actual = f"period_mean.{period.quantity.split('.')[0]}", push.get(period.actual)
+                what = f"period_mean.{period.quantity.split('.')[0]}"
+                actual = {"above": "up", "below": "down", "same": "flat"}.get(period.actual)
             elif "neighbours.direction" in by_kind:
                 what = "neighbours"
                 actual = None if self.truth.neighbours is None else self.truth.neighbours.direction

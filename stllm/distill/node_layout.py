@@ -5,7 +5,8 @@ The node's text context (prompts/node.txt, rendered by `stllm.distill.render_nod
 (`STLLM.encoder`, `projector`, `pre_query`, `pre_proj`, `head`) on the whole-city batch, so a node's ST-tokens
 have seen its neighbours through the encoder's graph convolution exactly as in the city layout.
 
-Used by `stllm.explain` (greedy generation with the KV cache, fact slots filled as they come) and `stllm.distill.student` (the joint loss).
+Used by `stllm.explain` (greedy generation with the KV cache, fact slots filled as they come) and
+`stllm.distill.student` (the joint loss).
 """
 from __future__ import annotations
 
@@ -159,7 +160,8 @@ def lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate_with_facts(model, inputs: NodeInputs, fill, max_new_tokens: int = 200) -> tuple[list[tuple[str, bool]], dict]:
+def generate_with_facts(model, inputs: NodeInputs, fill,
+                        max_new_tokens: int = 200) -> tuple[list[tuple[str, bool]], dict]:
     """Greedy continuation of one node-layout prompt (B = 1) with the KV cache, filling fact slots as they come:
     as soon as the text the model wrote since the last slot holds a fact slot ("{recent}"; FACT_SLOT of
     `stllm.distill.teachers`), `fill(name)` gives the slot's text, which is fed to the model as context (as in
@@ -190,7 +192,7 @@ def generate_with_facts(model, inputs: NodeInputs, fill, max_new_tokens: int = 2
             fact_ids = tok(fact, add_special_tokens=False)["input_ids"] if fact else []
             feed += fact_ids
             n_filled += len(fact_ids)
-        out = backbone(input_ids=torch.tensor([feed], device=inputs.embeds.device), past_key_values=out.past_key_values,
-                       use_cache=True)
+        out = backbone(input_ids=torch.tensor([feed], device=inputs.embeds.device),
+                       past_key_values=out.past_key_values, use_cache=True)
     segments.append((carry + tok.decode(written), False))
     return [(t, p) for t, p in segments if t], {"new_tokens": n_new, "filled_tokens": n_filled}

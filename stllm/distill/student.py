@@ -6,8 +6,8 @@ each one's five-stage rationale knowing the true future; the target text keeps F
 slot with the regression head's numbers, see `stllm.explain`). With explain.fact_slots (default) the analytic
 teacher also writes its computed facts as fact slots: the program's text for each slot is part of the training
 sequence as context (labelled -100), so the student learns to call for a fact and to word what follows from it,
-exactly as `stllm.distill.node_layout.generate_with_facts` runs it at explain time. The input is the node-layout prompt
-(prompts/node.txt) with the node's ST-tokens and <ST_PRE> query spliced in (`stllm.distill.node_layout`).
+exactly as `stllm.distill.node_layout.generate_with_facts` runs it at explain time. The input is the node-layout
+prompt (prompts/node.txt) with the node's ST-tokens and <ST_PRE> query spliced in (`stllm.distill.node_layout`).
 
 Joint loss (per step, on a batch of samples):
     regression at <ST_PRE> of the node layout, through the model's head (masked MAE on the scaled axis, as
@@ -123,7 +123,8 @@ def make_samples(city: CityData, prep: PreparedCity, pairs: list[tuple[int, int]
                  effects=effects)
     samples = []
     for (s, i), row in zip(pairs, ds):     # fact slots -> the program's text, which the student reads, not writes
-        target = fill_facts(row["rationale"], Facts.from_dict(json.loads(row["facts"])), row["target"], keep_slots=True)
+        facts = Facts.from_dict(json.loads(row["facts"]))
+        target = fill_facts(row["rationale"], facts, row["target"], keep_slots=True)
         samples.append(StudentSample(s, i, row["prompt"], row["rationale"], target))
     return samples, ds
 
