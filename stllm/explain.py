@@ -9,8 +9,9 @@ numbers `stllm predict` writes). The explanation's text comes from one of two mo
 - "analytic": the five-stage rationale rendered from facts computed from the data, concluding in the head's
   direction (`render_rationale`); no text is generated. Works for every run.
 - "generated": the run's language model (backbone + LoRA) writes the rationale greedily from the node-layout
-  prompt (prompts/node.txt with the node's ST-tokens and <ST_PRE> query), with the KV cache.
-Either way the program writes the head's numbers into the FORECAST_SLOT (`fill_forecast`); bracketed number
+  prompt (prompts/node.txt with the node's ST-tokens and <ST_PRE> query), with the KV cache; the program writes
+  each fact slot the model names (`stllm.distill.node_layout.generate_with_facts`).
+Either way the program writes the head's numbers into the FORECAST_SLOT (`_join`); bracketed number
 lists the language model wrote itself are replaced by the slot first, so no sampled forecast digit survives.
 Then `check_explanation` tests every checkable claim against the data.
 

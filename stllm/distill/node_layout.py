@@ -183,7 +183,7 @@ def generate_with_facts(model, inputs: NodeInputs, fill,
         written.append(nxt)
         n_new += 1
         feed = [nxt]
-        text = carry + tok.decode(written)
+        text = carry + tok.decode(written, skip_special_tokens=True)
         m = FACT_SLOT.search(text)
         fact = None if m is None else fill(m.group(1))
         if fact is not None:
@@ -194,5 +194,5 @@ def generate_with_facts(model, inputs: NodeInputs, fill,
             n_filled += len(fact_ids)
         out = backbone(input_ids=torch.tensor([feed], device=inputs.embeds.device),
                        past_key_values=out.past_key_values, use_cache=True)
-    segments.append((carry + tok.decode(written), False))
+    segments.append((carry + tok.decode(written, skip_special_tokens=True), False))
     return [(t, p) for t, p in segments if t], {"new_tokens": n_new, "filled_tokens": n_filled}
