@@ -186,9 +186,9 @@ def test_rationale_follows_the_forecast_direction(city):
 
 
 GOLDEN_SLOTTED_FACTORS = (
-    "4. Factors: PM2.5 rose over the last 12 hours, which pushes up; {hours:yesterday}, which pushes down; "
-    "{hours:last_week}, which pushes down; the nearest sensors fell on average, which pushes down; wind speed rose "
-    "{effect:wind_speed}, which pushes down. The upward pushes outweigh the downward ones.\n")
+    "4. Factors: {trend}, which pushes up; {hours:yesterday}, which pushes down; {hours:last_week}, which pushes "
+    "down; {neighbours}, which pushes down; {weather:wind_speed}, which pushes down. The upward pushes outweigh the "
+    "downward ones.\n")
 
 
 def test_fact_slots_give_back_the_plain_rationale(city):
@@ -204,6 +204,9 @@ def test_fact_slots_give_back_the_plain_rationale(city):
         "PM2.5 at Dongsi is expected to rise over the next 12 hours."          # {conclusion}: FORECAST's direction
     assert "expected to fall" in "".join(t for t, _ in fill_facts(slotted, facts, [90.0] * 12))
     assert fact_text(facts, "effect:no_such_weather", "up") == "" and fact_text(facts, "colour", "up") is None
+    assert fact_text(facts, "weather:no_such_weather", "up") == ""
+    effect = fact_text(facts, "effect:wind_speed", "up")
+    assert fact_text(facts, "weather:wind_speed", "up") == f"wind speed rose {effect}"
     plain = AnalyticTeacher().explain(city, "Dongsi", START, effects=WIND_EFFECT)
     slots = AnalyticTeacher(fact_slots=True).explain(city, "Dongsi", START, effects=WIND_EFFECT)
     assert slots.text != plain.text and slots.filled() == plain.filled()     # the true future falls

@@ -11,10 +11,12 @@ sentence or phrase that states computed numbers replaced by a named slot, e.g. "
 student learns to write the slot names and the words between them; the program writes each slot's text from the
 data (`fill_facts`, at training time into the context, at generation time as soon as the slot is written, see
 `stllm.distill.node_layout.generate_with_facts`). Slots: {question} (stage 1), {drivers} (stage 2), {recent}
-(stage 3), {hours:yesterday} / {hours:last_week} (the mean of the same hours one period earlier against the latest
-reading), {effect:<weather name>} (the typical effect of that weather change) and {conclusion} (the direction of
-the forecast being explained). What the student still words itself: which factors push up or down ("PM2.5 fell over
-the last 12 hours", "wind speed rose"), and how they balance; the checker tests those words like any other claim.
+(stage 3); in stage 4 one slot per factor: {trend} ("PM2.5 fell over the last 12 hours"), {hours:yesterday} /
+{hours:last_week} (the mean of the same hours one period earlier against the latest reading), {neighbours} (their
+average direction), {weather:<name>} (the change of that weather variable and its typical effect); and
+{conclusion} (the direction of the forecast being explained). What the student words itself: which factors it
+names, the way each pushes ("..., which pushes down") and how they balance; the checker tests each push against
+its factor like any other claim. ({effect:<name>} is the effect alone, for students trained before {weather:...}.)
 
 The sentences written here are the phrasings `stllm.distill.checker` knows how to find and test.
 """
@@ -36,7 +38,8 @@ from stllm.distill.facts import (Effect, Facts, FutureFacts, compute_facts, fore
 from stllm.prompts import PromptTemplate
 
 FORECAST_SLOT = "{forecast}"
-FACT_SLOT = re.compile(r"\{(question|drivers|recent|conclusion|hours:(?:yesterday|last_week)|effect:[\w.\- ]+)\}")
+FACT_SLOT = re.compile(r"\{(question|drivers|recent|conclusion|trend|neighbours|hours:(?:yesterday|last_week)"
+                       r"|(?:effect|weather):[\w.\- ]+)\}")
 QUESTION = "What will {channel} be at {node} over the next {horizon} (from {start} to {end}), and why?"
 
 
@@ -231,24 +234,46 @@ def _effect_phrase(facts: Facts, name: str) -> str:
             f"over the next {horizon_text(facts)})")
 
 
-def _factor_phrase(facts: Facts, kind: str, push: str, name: str, slots: bool = False) -> str:
-    """One factor of stage 4, its subject first ("wind speed rose ..."): a student writing it left to right names
-    the quantity before its direction, which it can then read from the facts stated above."""
-    if kind == "trend":
-        return f"{facts.channel} {'rose' if push == 'up' else 'fell'} over the last {history_text(facts)}"
+def _trend_phrase(facts: Facts) -> str:
+    """"PM2.5 rose over the last 12 hours" ("" when there is no trend)."""
+    if facts.trend is None:
+        return ""
+    verb = {"up": "rose", "down": "fell"}.get(facts.trend.direction, "held steady")
+    return f"{facts.channel} {verb} over the last {history_text(facts)}"
+
+
+def _neighbours_phrase(facts: Facts) -> str:
+    """"the nearest sensors fell on average" ("" without neighbours)."""
+    nb = facts.neighbours
+    if nb is None or nb.mean_change is None:
+        return ""
+    return f"the nearest sensors {({'up': 'rose', 'down': 'fell'}).get(nb.direction, 'held steady')} on average"
+
+
+def _weather_phrase(facts: Facts, name: str) -> str:
+    """"wind speed rose (a change of +1.1 m/s usually moves PM2.5 by -22.0 ...)" ("" when unknown)."""
+    w = next((w for w in facts.weather if w.name == name), None)
+    if w is None:
+        return ""
+    return f"{w.label} {'rose' if w.change > 0 else 'fell'} {_effect_phrase(facts, name)}".strip()
+
+
+def _factor_phrase(facts: Facts, kind: str, name: str, slots: bool = False) -> str:
+    """One factor of stage 4, its subject and direction first ("wind speed rose ..."), before the push the student
+    words itself. slots=True: the fact slot the program fills with that phrase."""
+    if kind in ("trend", "neighbours"):
+        return f"{{{kind}}}" if slots else _trend_phrase(facts) if kind == "trend" else _neighbours_phrase(facts)
     if kind in ("yesterday", "last_week"):
         return f"{{hours:{kind}}}" if slots else _hours_phrase(facts, kind)
-    if kind == "neighbours":
-        return f"the nearest sensors {'rose' if facts.neighbours.direction == 'up' else 'fell'} on average"
     w = next(w for w in facts.weather if w.label == name)
-    effect = f"{{effect:{w.name}}}" if slots else _effect_phrase(facts, w.name)
-    return f"{w.label} {'rose' if w.change > 0 else 'fell'} {effect}"
+    return f"{{weather:{w.name}}}" if slots else _weather_phrase(facts, w.name)
 
 
 def factors_text(facts: Facts, direction: str | None, slots: bool = False) -> str:
     """Stage 4: each factor, then its push ("..., which pushes up"), then how they balance toward `direction`.
-    slots=True: the numbers stay fact slots ({hours:...}, {effect:...}) for the program to fill."""
-    items = [f"{_factor_phrase(facts, f.kind, f.push, f.name, slots)}, which pushes {f.push}" for f in facts.factors]
+    slots=True: each factor is a fact slot ({trend}, {hours:...}, {neighbours}, {weather:...}) for the program to
+    fill; the student writes which factors, their pushes and the balance."""
+    items = [f"{_factor_phrase(facts, f.kind, f.name, slots)}, which pushes {f.push}" for f in facts.factors]
     if not items:
         return "No factor in the data pushes clearly up or down."
     parts = ["; ".join(items) + "."]
@@ -298,10 +323,16 @@ def fact_text(facts: Facts, slot: str, direction: str | None) -> str | None:
         return recent_text(facts)
     if slot == "conclusion":
         return _sentence(conclusion_text(facts, direction))
+    if slot == "trend":
+        return _trend_phrase(facts)
+    if slot == "neighbours":
+        return _neighbours_phrase(facts)
     kind, _, name = slot.partition(":")
     if kind == "hours" and name in ("yesterday", "last_week"):
         return _hours_phrase(facts, name)
-    if kind == "effect" and name:
+    if kind == "weather" and name:
+        return _weather_phrase(facts, name)
+    if kind == "effect" and name:            # students trained before {weather:...} write "wind speed rose {effect:..}"
         return _effect_phrase(facts, name)
     return None
 
