@@ -84,6 +84,10 @@ def summarise(results: list[dict], seconds: list[float]) -> dict:
                                 for r in results for c in r["claims"]),
            "failed_by_kind": dict(Counter(f"{c['written_by']}: {c['kind']}.{c['quantity']}" for claims in data
                                           for c in claims if c["verdict"] == "fails").most_common()),
+           "program_failures": [{"at": r["at"], "node": r["node"], **{k: c[k] for k in ("kind", "quantity", "text",
+                                                                                         "stated", "actual")}}
+                                for r in results for c in r["claims"]
+                                if c["verdict"] == "fails" and c.get("written_by") == "program"][:5],
            "numbers_equal_head_share": float(np.mean([r["numbers_consistent"] is True for r in results])),
            "seconds_per_explanation": float(np.mean(seconds))}
     gen = [r["generation"] for r in results if "generation" in r]
