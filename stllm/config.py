@@ -107,6 +107,9 @@ class TrainConfig:
     loss: str = "mae"                        # mae | huber (masked, on scaled values)
     mask_zeros: bool = True                  # ignore zero targets in the loss, as the evaluation does
     grad_clip: float = 5.0                   # max gradient norm (0 = off)
+    ema: float = 0.0                         # keep an exponential moving average of the trainable weights with
+                                             # this decay (e.g. 0.999); validation, the best checkpoint and the
+                                             # saved model use the average (0 = off)
     seed: int = 0                            # seeds python, numpy, torch and the data order
     num_threads: int = 0                     # torch threads (0 = leave torch's default)
     encoder_first_minutes: float = 0.0       # two-stage training: first train encoder + skip read-out alone (5x
@@ -127,6 +130,8 @@ class TrainConfig:
             raise ConfigError(f"train.loss must be mae|huber, got {self.loss!r}")
         if self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("train.batch_size must be >= 1 and train.lr > 0")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"train.ema must be in [0, 1) (0 = off, e.g. 0.999), got {self.ema}")
         if not 0 <= self.lr_decay < 1 or self.lr_decay_after < 1:
             raise ConfigError(f"train.lr_decay must be in [0, 1) and train.lr_decay_after >= 1, got "
                               f"{self.lr_decay}, {self.lr_decay_after}")

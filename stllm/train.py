@@ -5,6 +5,8 @@ import json
 import math
 import resource
 import time
+import contextlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,54 @@ def make_optimizer(model: STLLM, cfg: Config) -> torch.optim.AdamW:
     if lora:
         groups.append({"params": lora, "lr": cfg.train.lora_lr})
     return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+
+
+class WeightAverage:
+    """Exponential moving average of the trainable weights (train.ema). Validation and the best checkpoint use the
+    average (`swapped_in`); the raw weights go on training. The decay ramps up over the first steps, (1 + n) /
+    (10 + n) until it reaches `decay`, so the average does not drag the initial weights along."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.n = decay, 0
+        self.reset(model)
+
+    def reset(self, model: torch.nn.Module) -> None:
+        """Start again from the model's current trainable weights (e.g. when a new stage trains other parts)."""
+        self.avg = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.n = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.n += 1
+        decay = min(self.decay, (1 + self.n) / (10 + self.n))
+        for name, p in model.named_parameters():
+            if name in self.avg:
+                self.avg[name].lerp_(p.detach(), 1 - decay)
+
+    @contextmanager
+    def swapped_in(self, model: torch.nn.Module):
+        """The average in the model's parameters for the duration of the block, the raw weights back after it."""
+        params = dict(model.named_parameters())
+        raw = {n: params[n].detach().clone() for n in self.avg}
+        with torch.no_grad():
+            for n, v in self.avg.items():
+                params[n].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in raw.items():
+                    params[n].copy_(v)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{n}": v for n, v in self.avg.items()} | {"ema_n": torch.tensor(self.n)}
+
+    def load(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        avg = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if set(avg) != set(self.avg):
+            raise ValueError(f"{source}: its weight average (train.ema) does not cover this model's trainable "
+                             f"weights; was it written with another train.ema or model?")
+        self.avg, self.n = avg, int(tensors["ema_n"])
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData | None = None,
@@ -122,6 +172,13 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         if two_stage and state["stage"] == 2:
             freeze(raw_model, cfg.train.stage2_freeze)
         set_lr(optimizer, cfg, state.get("lr_scale", 1.0))
+    ema = WeightAverage(raw_model, cfg.train.ema) if cfg.train.ema else None
+    if ema is not None and resume and (out / LAST).exists():
+        ema.load(tensors, str(out / LAST))
+
+    def training_state() -> dict[str, torch.Tensor]:
+        """What LAST holds: weights, optimizer moments, RNG and the weight average."""
+        return checkpoint.training_state(raw_model, optimizer) | (ema.state() if ema is not None else {})
 
     train_starts = prep.splits["train"][:: cfg.train.train_stride]
     if cfg.data.train_days:  # few-shot: only windows whose targets lie in the first train_days days
@@ -139,13 +196,16 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
 
     def validate_and_checkpoint() -> None:
         nonlocal loss_sum, loss_n
-        val = selection_error(evaluate(raw_model, prep, val_starts, batch_size=bs)) if len(val_starts) else loss_sum / max(loss_n, 1)
+        with ema.swapped_in(raw_model) if ema is not None else contextlib.nullcontext():   # validate the average
+            val = selection_error(evaluate(raw_model, prep, val_starts, batch_size=bs)) if len(val_starts) \
+                else loss_sum / max(loss_n, 1)
+            improved = val < state["best_val"]
+            if improved and main:
+                checkpoint.atomic_save(raw_model.trainable_state_dict(), out / BEST,
+                                       {"step": state["step"], "val_error": val})
         state["elapsed_s"] = time.time() - t_start
-        improved = val < state["best_val"]
         if improved:
             state["best_val"], state["bad_evals"] = val, 0
-            if main:
-                checkpoint.atomic_save(raw_model.trainable_state_dict(), out / BEST, {"step": state["step"], "val_error": val})
         else:
             state["bad_evals"] += 1
             if cfg.train.lr_decay and state["bad_evals"] % cfg.train.lr_decay_after == 0:
@@ -160,7 +220,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                   "lr_scale": state["lr_scale"]}
         log.write(json.dumps(record) + "\n")
         log.flush()
-        checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
+        checkpoint.atomic_save(training_state(), out / LAST, state)
         loss_sum, loss_n = 0.0, 0
 
     if cfg.train.init_from and state["step"] == 0 and len(val_starts):
@@ -191,6 +251,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                 accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(raw_model)
             state["step"] += 1
             state["epoch_step"] = i + 1
             state["windows"] += len(starts)
@@ -217,15 +279,17 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                     if (out / BEST).exists():   # the language model corrects the best encoder, not the last one
                         raw_model.load_trainable_state_dict(checkpoint.load(out / BEST)[0], str(out / BEST))
                     freeze(raw_model, cfg.train.stage2_freeze)
+                    if ema is not None:
+                        ema.reset(raw_model)     # stage 2 averages its own parts, from the best stage-1 weights
                     set_lr(optimizer, cfg, state["lr_scale"])
                     if main:
-                        checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
+                        checkpoint.atomic_save(training_state(), out / LAST, state)
                     if not (out_of_time or out_of_steps):
                         continue
                 if state["bad_evals"] >= cfg.train.patience or out_of_time or out_of_steps:
                     state["done"] = True
                     if main:
-                        checkpoint.atomic_save(checkpoint.training_state(raw_model, optimizer), out / LAST, state)
+                        checkpoint.atomic_save(training_state(), out / LAST, state)
                     break
         bar.close()
     accelerator.wait_for_everyone()

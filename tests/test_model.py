@@ -89,9 +89,10 @@ def interrupt(cfg, out, city, at_step: int) -> None:
         train(cfg, out, city=city, progress=False, on_step=stop)
 
 
-def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, tiny_city, tiny_config):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, tiny_city, tiny_config, ema):
     from stllm.checkpoint import load
-    cfg = tiny_config(["train.max_steps=8", "train.eval_every=2", "encoder.dropout=0.2"])
+    cfg = tiny_config(["train.max_steps=8", "train.eval_every=2", "encoder.dropout=0.2", f"train.ema={ema}"])
     train(cfg, tmp_path / "whole", city=tiny_city, progress=False)
 
     interrupt(cfg, tmp_path / "cut", tiny_city, at_step=5)
@@ -105,6 +106,7 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, tiny_city
     cut, cut_state = load(tmp_path / "cut" / "checkpoints/last.safetensors")
     assert whole_state["step"] == cut_state["step"] == 8
     assert set(whole) == set(cut)
+    assert any(k.startswith("ema.") for k in whole) == bool(ema)      # the weight average is resumed too
     for key in whole:
         assert torch.allclose(whole[key].float(), cut[key].float(), atol=1e-6), key
 
@@ -345,3 +347,34 @@ def test_stage_two_starts_from_the_best_encoder_not_the_last(tmp_path, tiny_city
     for key in best:
         if key.startswith(("encoder.", "skip.")):
             assert torch.equal(at_switch["model." + key], best[key]), key
+
+
+def test_weight_average_follows_its_formula_and_gives_the_raw_weights_back():
+    from stllm.train import WeightAverage
+    layer = torch.nn.Linear(2, 1)
+    w0 = layer.weight.detach().clone()
+    ema = WeightAverage(layer, decay=0.5)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update(layer)                                   # decay ramps up: min(0.5, (1 + 1) / (10 + 1)) = 2/11
+    expected = w0 + (1 - 2 / 11) * 1.0
+    assert torch.allclose(ema.avg["weight"], expected)
+    with ema.swapped_in(layer):
+        assert torch.allclose(layer.weight, expected)
+    assert torch.allclose(layer.weight, w0 + 1.0)      # training goes on from the raw weights
+    for _ in range(20):
+        ema.update(layer)                               # the ramp is capped at `decay`: the gap halves each step
+    assert torch.allclose(ema.avg["weight"], w0 + 1.0, atol=1e-3)
+
+
+def test_with_a_weight_average_the_saved_model_is_the_average(tmp_path, tiny_city, tiny_config):
+    from stllm.checkpoint import load
+    cfg = tiny_config(["train.max_steps=1", "train.eval_every=1", "train.ema=0.5", "model.use_llm=false",
+                       "train.lr=0.05"])
+    train(cfg, tmp_path / "run", city=tiny_city, progress=False)    # one step, one validation: the best
+    last = load(tmp_path / "run" / "checkpoints/last.safetensors")[0]
+    saved = load(tmp_path / "run" / "model.safetensors")[0]
+    assert saved and all(torch.equal(v, last["ema." + k]) for k, v in saved.items())   # the average was saved,
+    assert any(not torch.equal(v, last["model." + k]) for k, v in saved.items())       # not the raw weights
+    with pytest.raises(Exception, match="train.ema"):
+        tiny_config(["train.ema=1.0"])
