@@ -130,7 +130,7 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
     else:
         direction = forecast_direction(facts.last_value, values)
         segments, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), max_new_tokens,
-                                                  fill=lambda name: fact_text(facts, name, direction))
+                                                  fill=lambda name, written: fact_text(facts, name, direction, written))
         segments = [(t if by_program else _SAMPLED_LIST.sub(FORECAST_SLOT, t), by_program)
                     for t, by_program in segments]
         if not any(FORECAST_SLOT in t for t, _ in segments):
@@ -168,9 +168,9 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
 
 
 def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_tokens: int = 256,
-                       fill=lambda name: None) -> tuple[list[tuple[str, bool]], dict]:
+                       fill=lambda name, written: None) -> tuple[list[tuple[str, bool]], dict]:
     """Greedy rationale from the node-layout prompt of (node, start); the encoder runs on the whole city batch.
-    `fill(slot name)` writes the fact slots the model writes (`generate_with_facts`). Returns the segments
+    `fill(slot name, text so far)` writes the fact slots the model writes (`generate_with_facts`). Returns the segments
     [(text, written_by_program)] and generation counts and timing."""
     import torch
 

@@ -73,9 +73,9 @@ GOLDEN_RATIONALE = (
     "4. Factors: PM2.5 rose over the last 12 hours, which pushes up; the same hours yesterday averaged 89.0 ug/m3, "
     "below the latest reading, which pushes down; the same hours last week averaged 71.0 ug/m3, below the latest "
     "reading, which pushes down; the nearest sensors fell on average, which pushes down; wind speed rose (a change "
-    "of +1.1 m/s usually moves PM2.5 by -22.0 over the next 12 hours), which pushes down. The upward pushes "
-    "outweigh the downward ones.\n"
-    "5. Conclusion: PM2.5 at Dongsi is expected to rise over the next 12 hours. Forecast for the next 12 hours "
+    "of +1.1 m/s usually moves PM2.5 by -22.0 over the next 12 hours), which pushes down.\n"
+    "5. Conclusion: The upward pushes outweigh the downward ones. PM2.5 at Dongsi is expected to rise over the next "
+    "12 hours. Forecast for the next 12 hours "
     "(ug/m3): [110.0, 112.5, 115.0, 117.2, NA, 120.0, 121.0, 122.0, 123.0, 124.0, 125.0, 126.0]\n"
 )
 
@@ -187,8 +187,7 @@ def test_rationale_follows_the_forecast_direction(city):
 
 GOLDEN_SLOTTED_FACTORS = (
     "4. Factors: {trend}, which pushes up; {hours:yesterday}, which pushes down; {hours:last_week}, which pushes "
-    "down; {neighbours}, which pushes down; {weather:wind_speed}, which pushes down. The upward pushes outweigh the "
-    "downward ones.\n")
+    "down; {neighbours}, which pushes down; {weather:wind_speed}, which pushes down.\n")
 
 
 def test_fact_slots_give_back_the_plain_rationale(city):
@@ -201,10 +200,15 @@ def test_fact_slots_give_back_the_plain_rationale(city):
     words = "".join(t for t, by_program in segments if not by_program)
     assert not re.search(r"\d\.\d", words.replace("PM2.5", "")) and "{" not in words.replace(FORECAST_SLOT, "")
     assert [t for t, by_program in segments if by_program][-1] == \
-        "PM2.5 at Dongsi is expected to rise over the next 12 hours."          # {conclusion}: FORECAST's direction
+        "The upward pushes outweigh the downward ones. PM2.5 at Dongsi is expected to rise over the next 12 hours."
     assert "expected to fall" in "".join(t for t, _ in fill_facts(slotted, facts, [90.0] * 12))
     assert fact_text(facts, "effect:no_such_weather", "up") == "" and fact_text(facts, "colour", "up") is None
     assert fact_text(facts, "weather:no_such_weather", "up") == ""
+    # {conclusion} balances the pushes stated before it (the student's, at generation) toward the forecast
+    assert fact_text(facts, "conclusion", "down", "4. Factors: {trend}, which pushes up.").startswith(
+        "The move down comes from influences outside these facts. PM2.5 at Dongsi is expected to fall")
+    assert fact_text(facts, "conclusion", "down", "... which pushes up; ... which pushes down.").startswith(
+        "The downward pushes outweigh the upward ones.")
     effect = fact_text(facts, "effect:wind_speed", "up")
     assert fact_text(facts, "weather:wind_speed", "up") == f"wind speed rose {effect}"
     plain = AnalyticTeacher().explain(city, "Dongsi", START, effects=WIND_EFFECT)

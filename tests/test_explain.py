@@ -133,8 +133,15 @@ def test_generation_fills_fact_slots_as_they_are_written(run):
     first, second = ids("3. Recent data: {recent}"), ids("\n4. Factors: {hours:yesterday}; flow rose.")
     backbone = _ScriptedBackbone(first + second, len(tok), tok.eos_token_id)
     inputs = NodeInputs(torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 3), None, None)
-    facts = {"recent": "Flow rose by 5.0."}                     # {hours:yesterday}: unknown here, stays as written
-    segments, counts = generate_with_facts(SimpleNamespace(tokenizer=tok, backbone=backbone), inputs, facts.get)
+    facts, asked = {"recent": "Flow rose by 5.0."}, []          # {hours:yesterday}: unknown here, stays as written
+
+    def fill(name, written):
+        asked.append((name, written))
+        return facts.get(name)
+
+    segments, counts = generate_with_facts(SimpleNamespace(tokenizer=tok, backbone=backbone), inputs, fill)
+    assert asked == [("recent", "3. Recent data: "),                # each slot sees the text written before it
+                     ("hours:yesterday", "3. Recent data: Flow rose by 5.0.\n4. Factors: ")]
     assert segments == [("3. Recent data: ", False), ("Flow rose by 5.0.", True),
                         ("\n4. Factors: {hours:yesterday}; flow rose.", False)]
     assert counts == {"new_tokens": len(first + second), "filled_tokens": len(ids("Flow rose by 5.0."))}
@@ -150,7 +157,7 @@ def test_generated_claims_say_who_wrote_them(run, city, monkeypatch):
     right, wrong = ("flow rose recently", "flow fell recently")[::1 if rising else -1]
 
     def fake(model, prep, node, start, prompt, max_new_tokens, fill):
-        return ([("3. Recent data: ", False), (fill("recent"), True),
+        return ([("3. Recent data: ", False), (fill("recent", "3. Recent data: "), True),
                  (f"\n4. Factors: Pushing one way: {right}. Pushing the other: {wrong}.", False)],
                 {"new_tokens": 20, "filled_tokens": 60, "seconds": 0.1, "tokens_per_s": 200.0})
 

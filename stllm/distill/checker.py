@@ -26,7 +26,9 @@ Claim kinds (Claim.kind, with Claim.quantity naming what is tested):
                       push is the factor's own (the sign of the effect, above / below the latest reading, the
                       direction of the neighbours or of the trend); a weather change without an effect is unchecked
   forecast_numbers    a bracketed list or a single number stated as the forecast: values | value
-  forecast_direction  "is expected to rise": the forecast's mean against the last observed value
+  forecast_direction  "is expected to rise": the forecast's mean against the last observed value; so is how the
+                      pushes balance ("the upward pushes outweigh the downward ones" states a rise, "these pushes
+                      roughly cancel out" a level forecast, "the move down comes from influences outside ..." a fall)
 
 Numbers hold when |stated - actual| <= half a unit of the stated last digit + tolerance * |actual|; forecast
 numbers get no relative tolerance (they must equal the head's numbers up to rounding). Directions hold by sign
@@ -116,6 +118,8 @@ _NOUN_UP = {"rise", "increase", "climb", "jump", "upturn"}
 _ADJ_UP = {"rising", "increasing", "climbing", "growing", "strengthening", "warming"}
 _ADJ = re.compile(r"\b(?P<adj>rising|increasing|climbing|growing|strengthening|warming|falling|dropping|decreasing|"
                   r"declining|easing|weakening|cooling|slowing)\s+(?P<what>[\w .-]{1,40})", re.I)
+_BALANCE = re.compile(r"\bthe (?P<up>up|down)wards? (?:pushes|factors|influences) outweigh\b"
+                      r"|\bthe move (?P<move>up|down) comes from\b|\bpushes roughly cancel(?: each other)? out\b", re.I)
 _PUSH = re.compile(r"\b(?:push(?:es|ing)?|drives?|driving)\s+(?:[\w.]+\s+){0,2}?(?P<p>up|down)(?:wards?)?\b", re.I)
 _FORECAST_CONTEXT = re.compile(r"\b(?:forecast|predict\w*|expect\w*|outlook|projection|next\s+\d+)", re.I)
 _LIST = re.compile(r"\[(?P<body>[^\]]*)\]")
@@ -305,6 +309,8 @@ class _Context:
             self.nouns(off + c_off, clause)
         self.verbs(off, sent, clauses)
         self.pushes(off, sent, self.found[first:])
+        for m in _BALANCE.finditer(sent):
+            self.forecast_direction(off, m.span(), (m.group("up") or m.group("move") or "flat").lower())
 
     def pushes(self, off: int, sent: str, found: list[Claim]) -> None:
         """"<factor>, which pushes up|down": tested against the factor claimed in the same ';'-item before it."""

@@ -164,9 +164,10 @@ def generate_with_facts(model, inputs: NodeInputs, fill,
                         max_new_tokens: int = 200) -> tuple[list[tuple[str, bool]], dict]:
     """Greedy continuation of one node-layout prompt (B = 1) with the KV cache, filling fact slots as they come:
     as soon as the text the model wrote since the last slot holds a fact slot ("{recent}"; FACT_SLOT of
-    `stllm.distill.teachers`), `fill(name)` gives the slot's text, which is fed to the model as context (as in
-    training, see `target_ids`) and generation goes on after it. `fill` returns None for a name it does not
-    know; the slot then stays in the text as written.
+    `stllm.distill.teachers`), `fill(name, written)` gives the slot's text (`written`: the rationale so far, the
+    program's text included), which is fed to the model as context (as in training, see `target_ids`) and
+    generation goes on after it. `fill` returns None for a name it does not know; the slot then stays in the
+    text as written.
 
     Returns (segments [(text, written_by_program)] without the slot names and EOS, counts {"new_tokens": tokens
     the model chose, "filled_tokens": tokens the program wrote})."""
@@ -185,14 +186,23 @@ def generate_with_facts(model, inputs: NodeInputs, fill,
         feed = [nxt]
         text = carry + tok.decode(written, skip_special_tokens=True)
         m = FACT_SLOT.search(text)
-        fact = None if m is None else fill(m.group(1))
-        if fact is not None:
-            segments += [(text[:m.start()], False), (fact, True)]
+        if m is not None:
+            fact = fill(m.group(1), "".join(t for t, _ in segments) + text[:m.start()])
+            if fact is None:                                         # not a slot `fill` knows: kept as written
+                segments.append((text[:m.end()], False))
+            else:
+                segments += [(text[:m.start()], False), (fact, True)]
+                fact_ids = tok(fact, add_special_tokens=False)["input_ids"] if fact else []
+                feed += fact_ids
+                n_filled += len(fact_ids)
             carry, written = text[m.end():], []                      # rare: the slot's token ran past the brace
-            fact_ids = tok(fact, add_special_tokens=False)["input_ids"] if fact else []
-            feed += fact_ids
-            n_filled += len(fact_ids)
         out = backbone(input_ids=torch.tensor([feed], device=inputs.embeds.device),
                        past_key_values=out.past_key_values, use_cache=True)
     segments.append((carry + tok.decode(written, skip_special_tokens=True), False))
-    return [(t, p) for t, p in segments if t], {"new_tokens": n_new, "filled_tokens": n_filled}
+    merged = []                                                      # one segment per run of the same writer
+    for t, p in segments:
+        if merged and merged[-1][1] == p:
+            merged[-1] = (merged[-1][0] + t, p)
+        elif t:
+            merged.append((t, p))
+    return merged, {"new_tokens": n_new, "filled_tokens": n_filled}

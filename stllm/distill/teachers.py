@@ -14,9 +14,9 @@ data (`fill_facts`, at training time into the context, at generation time as soo
 (stage 3); in stage 4 one slot per factor: {trend} ("PM2.5 fell over the last 12 hours"), {hours:yesterday} /
 {hours:last_week} (the mean of the same hours one period earlier against the latest reading), {neighbours} (their
 average direction), {weather:<name>} (the change of that weather variable and its typical effect); and
-{conclusion} (the direction of the forecast being explained). What the student words itself: which factors it
-names, the way each pushes ("..., which pushes down") and how they balance; the checker tests each push against
-its factor like any other claim. ({effect:<name>} is the effect alone, for students trained before {weather:...}.)
+{conclusion} (how the pushes stated in stage 4 balance toward the direction of the forecast being explained,
+and that direction). What the student words itself: which factors it names and the way each pushes ("..., which
+pushes down"); the checker tests each push against its factor like any other claim. ({effect:<name>} is the effect alone, for students trained before {weather:...}.)
 
 The sentences written here are the phrasings `stllm.distill.checker` knows how to find and test.
 """
@@ -269,22 +269,25 @@ def _factor_phrase(facts: Facts, kind: str, name: str, slots: bool = False) -> s
     return f"{{weather:{w.name}}}" if slots else _weather_phrase(facts, w.name)
 
 
-def factors_text(facts: Facts, direction: str | None, slots: bool = False) -> str:
-    """Stage 4: each factor, then its push ("..., which pushes up"), then how they balance toward `direction`.
-    slots=True: each factor is a fact slot ({trend}, {hours:...}, {neighbours}, {weather:...}) for the program to
-    fill; the student writes which factors, their pushes and the balance."""
+def factors_text(facts: Facts, slots: bool = False) -> str:
+    """Stage 4: each factor, then its push ("..., which pushes up"). slots=True: each factor is a fact slot
+    ({trend}, {hours:...}, {neighbours}, {weather:...}) for the program to fill; the student writes which factors
+    and their pushes."""
     items = [f"{_factor_phrase(facts, f.kind, f.name, slots)}, which pushes {f.push}" for f in facts.factors]
-    if not items:
-        return "No factor in the data pushes clearly up or down."
-    parts = ["; ".join(items) + "."]
-    pushes = {f.push for f in facts.factors}
+    return "; ".join(items) + "." if items else "No factor in the data pushes clearly up or down."
+
+
+STATED_PUSH = re.compile(r"\bpushes (up|down)\b")
+
+
+def balance_text(direction: str | None, pushes) -> str:
+    """How the stated pushes (a set of "up" / "down") balance toward the forecast's `direction`: the first
+    sentence of stage 5, written by the program from the forecast it concludes ("" for no direction)."""
     if direction in ("up", "down"):
         other = "down" if direction == "up" else "up"
-        parts.append(f"The {direction}ward pushes outweigh the {other}ward ones." if direction in pushes
-                     else f"The move {direction} comes from influences outside these facts.")
-    elif direction == "flat":
-        parts.append("These pushes roughly cancel out.")
-    return " ".join(parts)
+        return (f"The {direction}ward pushes outweigh the {other}ward ones." if direction in pushes
+                else f"The move {direction} comes from influences outside these facts.")
+    return "These pushes roughly cancel out." if direction == "flat" and pushes else ""
 
 
 def conclusion_text(facts: Facts, direction: str | None) -> str:
@@ -292,6 +295,12 @@ def conclusion_text(facts: Facts, direction: str | None) -> str:
     if verb is None:
         return f"The forecast for {facts.channel} at {facts.node_name} follows."
     return f"{facts.channel} at {facts.node_name} is expected to {verb} over the next {horizon_text(facts)}."
+
+
+def _conclusion(facts: Facts, direction: str | None, pushes=None) -> str:
+    """Stage 5 before the numbers: the balance of `pushes` (default: the facts' own factors) and the direction."""
+    pushes = {f.push for f in facts.factors} if pushes is None else pushes
+    return " ".join(t for t in (balance_text(direction, pushes), _sentence(conclusion_text(facts, direction))) if t)
 
 
 def render_rationale(facts: Facts, forecast_values=None, template: str = "rationale", fill: bool = True,
@@ -306,15 +315,17 @@ def render_rationale(facts: Facts, forecast_values=None, template: str = "ration
         asked, drivers, recent, conclusion = "{question}", "{drivers}", "{recent}", "{conclusion}"
     else:
         asked, drivers, recent = question(facts), drivers_text(facts), recent_text(facts)
-        conclusion = _sentence(conclusion_text(facts, direction))
+        conclusion = _conclusion(facts, direction)
     return PromptTemplate.load(template).render(
-        question=asked, drivers=drivers, recent=recent, factors=factors_text(facts, direction, fact_slots),
+        question=asked, drivers=drivers, recent=recent, factors=factors_text(facts, fact_slots),
         conclusion=conclusion, horizon=horizon_text(facts), unit=facts.unit or "no unit", forecast=slot)
 
 
-def fact_text(facts: Facts, slot: str, direction: str | None) -> str | None:
+def fact_text(facts: Facts, slot: str, direction: str | None, written: str | None = None) -> str | None:
     """The text the program writes for one fact slot name (FACT_SLOT), "" when the data cannot say it, None for a
-    name that is not a fact slot. `direction`: of the forecast being explained (for {conclusion})."""
+    name that is not a fact slot. `direction`: of the forecast being explained, and `written`: the rationale so
+    far, for {conclusion}: how the pushes stated in `written` ("which pushes up") balance toward `direction`
+    (without `written`: the pushes of the facts' own factors, as the teacher states them)."""
     if slot == "question":
         return question(facts)
     if slot == "drivers":
@@ -322,7 +333,7 @@ def fact_text(facts: Facts, slot: str, direction: str | None) -> str | None:
     if slot == "recent":
         return recent_text(facts)
     if slot == "conclusion":
-        return _sentence(conclusion_text(facts, direction))
+        return _conclusion(facts, direction, None if written is None else set(STATED_PUSH.findall(written)))
     if slot == "trend":
         return _trend_phrase(facts)
     if slot == "neighbours":
@@ -346,7 +357,7 @@ def fill_facts(text: str, facts: Facts, forecast_values=None, keep_slots: bool =
     out, pos = [], 0
     for m in FACT_SLOT.finditer(text):
         words = text[pos:m.end() if keep_slots else m.start()]
-        out += [(words, False), (fact_text(facts, m.group(1), direction) or "", True)]
+        out += [(words, False), (fact_text(facts, m.group(1), direction, text[:m.start()]) or "", True)]
         pos = m.end()
     out.append((text[pos:], False))
     return [(t, by_program) for t, by_program in out if t]
