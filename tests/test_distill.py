@@ -211,6 +211,7 @@ def test_fact_slots_give_back_the_plain_rationale(city):
         "The downward pushes outweigh the upward ones.")
     effect = fact_text(facts, "effect:wind_speed", "up")
     assert fact_text(facts, "weather:wind_speed", "up") == f"wind speed rose {effect}"
+    assert fact_text(facts, "weather:rain", "up") == "rain held steady"    # 0.0 -> 0.0 mm, no effect known
     plain = AnalyticTeacher().explain(city, "Dongsi", START, effects=WIND_EFFECT)
     slots = AnalyticTeacher(fact_slots=True).explain(city, "Dongsi", START, effects=WIND_EFFECT)
     assert slots.text != plain.text and slots.filled() == plain.filled()     # the true future falls

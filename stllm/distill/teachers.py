@@ -255,7 +255,8 @@ def _weather_phrase(facts: Facts, name: str) -> str:
     w = next((w for w in facts.weather if w.name == name), None)
     if w is None:
         return ""
-    return f"{w.label} {'rose' if w.change > 0 else 'fell'} {_effect_phrase(facts, name)}".strip()
+    verb = {"up": "rose", "down": "fell"}.get(w.direction, "held steady")      # as stage 2 states it
+    return f"{w.label} {verb} {_effect_phrase(facts, name)}".strip()
 
 
 def _factor_phrase(facts: Facts, kind: str, name: str, slots: bool = False) -> str:
