@@ -89,6 +89,7 @@ def summarise(results: list[dict], seconds: list[float]) -> dict:
                                 for r in results for c in r["claims"]
                                 if c["verdict"] == "fails" and c.get("written_by") == "program"][:5],
            "numbers_equal_head_share": float(np.mean([r["numbers_consistent"] is True for r in results])),
+           "forecast_consistent_share": float(np.mean([r["forecast_consistent"] is True for r in results])),
            "seconds_per_explanation": float(np.mean(seconds))}
     gen = [r["generation"] for r in results if "generation" in r]
     if gen:
