@@ -129,8 +129,11 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
         segments = [(render_rationale(facts, values, fill=False), True)]
     else:
         direction = forecast_direction(facts.last_value, values)
-        segments, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), max_new_tokens,
-                                                  fill=lambda name, written: fact_text(facts, name, direction, written))
+
+        def fill(name: str, written: str) -> str | None:
+            return fact_text(facts, name, direction, written)
+
+        segments, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), max_new_tokens, fill)
         segments = [(t if by_program else _SAMPLED_LIST.sub(FORECAST_SLOT, t), by_program)
                     for t, by_program in segments]
         if not any(FORECAST_SLOT in t for t, _ in segments):
@@ -170,8 +173,8 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
 def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_tokens: int = 256,
                        fill=lambda name, written: None) -> tuple[list[tuple[str, bool]], dict]:
     """Greedy rationale from the node-layout prompt of (node, start); the encoder runs on the whole city batch.
-    `fill(slot name, text so far)` writes the fact slots the model writes (`generate_with_facts`). Returns the segments
-    [(text, written_by_program)] and generation counts and timing."""
+    `fill(slot name, text so far)` writes the fact slots the model writes (`generate_with_facts`). Returns the
+    segments [(text, written_by_program)] and generation counts and timing."""
     import torch
 
     from stllm.distill.node_layout import explain_adapter, generate_with_facts, node_inputs, slot_vectors

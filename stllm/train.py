@@ -1,11 +1,11 @@
 """One explicit training loop (accelerate): AdamW, masked loss, clipping, early stopping, atomic checkpoints, resume."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
 import time
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 

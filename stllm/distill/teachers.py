@@ -16,7 +16,8 @@ data (`fill_facts`, at training time into the context, at generation time as soo
 average direction), {weather:<name>} (the change of that weather variable and its typical effect); and
 {conclusion} (how the pushes stated in stage 4 balance toward the direction of the forecast being explained,
 and that direction). What the student words itself: which factors it names and the way each pushes ("..., which
-pushes down"); the checker tests each push against its factor like any other claim. ({effect:<name>} is the effect alone, for students trained before {weather:...}.)
+pushes down"); the checker tests each push against its factor like any other claim. ({effect:<name>}, the effect
+alone, is still filled for students trained before {weather:...}.)
 
 The sentences written here are the phrasings `stllm.distill.checker` knows how to find and test.
 """
