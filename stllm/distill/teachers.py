@@ -235,12 +235,16 @@ def _effect_phrase(facts: Facts, name: str) -> str:
             f"over the next {horizon_text(facts)})")
 
 
+def _moved(direction: str) -> str:
+    """"rose" / "fell" / "held steady" for a direction up / down / flat."""
+    return {"up": "rose", "down": "fell"}.get(direction, "held steady")
+
+
 def _trend_phrase(facts: Facts) -> str:
     """"PM2.5 rose over the last 12 hours" ("" when there is no trend)."""
     if facts.trend is None:
         return ""
-    verb = {"up": "rose", "down": "fell"}.get(facts.trend.direction, "held steady")
-    return f"{facts.channel} {verb} over the last {history_text(facts)}"
+    return f"{facts.channel} {_moved(facts.trend.direction)} over the last {history_text(facts)}"
 
 
 def _neighbours_phrase(facts: Facts) -> str:
@@ -248,7 +252,7 @@ def _neighbours_phrase(facts: Facts) -> str:
     nb = facts.neighbours
     if nb is None or nb.mean_change is None:
         return ""
-    return f"the nearest sensors {({'up': 'rose', 'down': 'fell'}).get(nb.direction, 'held steady')} on average"
+    return f"the nearest sensors {_moved(nb.direction)} on average"
 
 
 def _weather_phrase(facts: Facts, name: str) -> str:
@@ -256,8 +260,7 @@ def _weather_phrase(facts: Facts, name: str) -> str:
     w = next((w for w in facts.weather if w.name == name), None)
     if w is None:
         return ""
-    verb = {"up": "rose", "down": "fell"}.get(w.direction, "held steady")      # as stage 2 states it
-    return f"{w.label} {verb} {_effect_phrase(facts, name)}".strip()
+    return f"{w.label} {_moved(w.direction)} {_effect_phrase(facts, name)}".strip()   # the direction of stage 2
 
 
 def _factor_phrase(facts: Facts, kind: str, name: str, slots: bool = False) -> str:
