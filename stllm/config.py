@@ -75,6 +75,8 @@ class ModelConfig:
     tokens_per_node: int = 1                 # <ST_HIS> tokens per node in the prompt (the k encoder tokens are
                                              # projected into this many; fewer tokens = shorter sequences)
     nodes_per_sequence: int = 256            # cut big cities into groups of this many nodes per sequence (0 = all)
+    cross_node: bool = False                 # let each node's tokens in the language model attend to the other
+                                             # nodes' <ST_HIS> tokens of its sequence (false: each node alone)
     head_hidden: int = 256                   # width of W1 and W2 in the regression head
     encoder_skip: bool = True                # add the encoder's linear read-out to the head's output, so the
                                              # language model learns a correction (false = the head alone)

@@ -83,7 +83,8 @@ class STLLM(nn.Module):
         group = self.cfg.model.nodes_per_sequence or n
         h_his, h_pre = [], []
         # Nodes are cut into groups of at most `group` per sequence so the sequence length stays bounded; the
-        # layout's mask makes every node independent of the others, so grouping does not change the result.
+        # layout's mask makes every node independent of the others, so grouping does not change the result
+        # (with model.cross_node a node sees the other nodes of its group).
         for lo in range(0, n, group):
             hi = min(lo + group, n)
             a, p = self._run_backbone(his[:, lo:hi], pre[:, lo:hi], batch.get("context") or {})
@@ -114,7 +115,8 @@ class STLLM(nn.Module):
         key = (text, n_nodes)
         if key not in self._layouts:   # cached tensors must be usable by training too: no inference tensors
             with torch.inference_mode(False):
-                self._layouts[key] = city_layout(text, self.tokenizer, n_nodes, self.cfg.model.tokens_per_node)
+                self._layouts[key] = city_layout(text, self.tokenizer, n_nodes, self.cfg.model.tokens_per_node,
+                                                 self.cfg.model.cross_node)
         return self._layouts[key]
 
     # ---- parameters and saving ------------------------------------------------------------------------------

@@ -52,7 +52,10 @@ class CityLayout:
     mask:         [L, L] bool, True where query i may attend to key j: the instruction causally, and a
                   node block causally within itself. No node sees another node in the language model
                   (the encoder's graph convolution already mixed them), so a node's output does not depend
-                  on how many nodes share its sequence or in which order.
+                  on how many nodes share its sequence or in which order. With cross_node=True every token
+                  of a node block may also attend to the <ST_HIS> tokens of every other node in the sequence
+                  (all of them, whatever their order: a node's output depends on the set of nodes it shares
+                  the sequence with, not on their order).
     """
 
     ids: torch.Tensor
@@ -62,8 +65,9 @@ class CityLayout:
     mask: torch.Tensor
 
 
-def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int) -> CityLayout:
-    """Tokenize a rendered city prompt once; the <NODES> block is repeated n_nodes times."""
+def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int, cross_node: bool = False) -> CityLayout:
+    """Tokenize a rendered city prompt once; the <NODES> block is repeated n_nodes times. cross_node: node
+    blocks also see the other nodes' <ST_HIS> tokens (see CityLayout.mask)."""
     if text.count(NODES_OPEN) != 1 or text.count(NODES_CLOSE) != 1:
         raise PromptError(f"a city-layout prompt needs exactly one {NODES_OPEN}...{NODES_CLOSE} block")
     head, rest = text.split(NODES_OPEN)
@@ -108,6 +112,10 @@ def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int) -> CityLayout
     same_block = block[:, None] == block[None, :]
     to_head = (block[None, :] == -1).expand(len(ids), -1)
     mask = causal & (same_block | to_head)
+    if cross_node and his_pos:
+        is_his = torch.zeros(len(ids), dtype=torch.bool)
+        is_his[torch.tensor(his_pos).reshape(-1)] = True
+        mask |= (block[:, None] >= 0) & is_his[None, :]          # node tokens -> every node's history tokens
     return CityLayout(torch.tensor(ids), torch.tensor(his_pos), torch.tensor(pre_pos), position_ids, mask)
 
 

@@ -138,6 +138,27 @@ def test_node_groups_give_the_same_result_as_one_sequence(tiny_city, tiny_config
     assert not torch.allclose(whole, torch.zeros_like(whole))
 
 
+@pytest.mark.parametrize("backbone", ["tiny-gpt2", "tiny-llama"])
+def test_cross_node_lets_a_node_read_the_others_in_any_order(tiny_city, tiny_config, backbone):
+    """model.cross_node: a node's language-model output depends on the other nodes' tokens, not on their order;
+    without it, it depends on its own tokens only."""
+    torch.manual_seed(1)
+    for cross in (False, True):
+        model, _ = untrained(tiny_config([f"backbone.name={backbone}", f"model.cross_node={cross}"]), tiny_city)
+        d = model.backbone.get_input_embeddings().weight.shape[1]
+        his, pre = torch.randn(1, 4, model.cfg.model.tokens_per_node, d), torch.randn(1, 4, d)
+        other = his.clone()
+        other[:, 3] += torch.randn_like(other[:, 3])                   # change node 3 only
+        flip = torch.tensor([0, 3, 2, 1])                              # node 0 stays first, the others reversed
+        with torch.no_grad():
+            h = model._run_backbone(his, pre, {})[1]                 # [1, 4, d] at the <ST_PRE> slots
+            h_other = model._run_backbone(other, pre, {})[1]
+            h_flip = model._run_backbone(his[:, flip], pre[:, flip], {})[1]
+        assert torch.allclose(h[:, flip], h_flip, atol=1e-5)          # the order of the nodes does not matter
+        assert torch.allclose(h[:, 3], h_other[:, 3]) is False        # its own tokens always count
+        assert torch.allclose(h[:, 0], h_other[:, 0], atol=1e-6) is not cross
+
+
 def test_warm_start_loads_the_encoder_of_an_encoder_only_run(tmp_path, tiny_city, tiny_config):
     from stllm.checkpoint import load
     train(tiny_config(["model.use_llm=false", "train.max_steps=2"]), tmp_path / "enc", city=tiny_city, progress=False)

@@ -49,6 +49,22 @@ def test_city_layout_positions_and_mask():
     assert torch.equal(m[:h, :h], torch.ones(h, h, dtype=torch.bool).tril())
 
 
+def test_city_layout_cross_node_mask_sees_every_nodes_history():
+    tok = build_tiny_tokenizer()
+    text = "Head text. Sensors: <NODES><ST_HIS> then <ST_PRE>;</NODES>\n"
+    own = city_layout(text, tok, n_nodes=3, n_tokens=2)
+    cross = city_layout(text, tok, n_nodes=3, n_tokens=2, cross_node=True)
+    m, h = cross.mask, len(tok("Head text. Sensors: ")["input_ids"])
+    his = cross.his_pos.reshape(-1)
+    for node in range(3):                 # each node's <ST_PRE> sees all history tokens, earlier and later nodes'
+        assert m[cross.pre_pos[node], his].all()
+        assert not m[cross.pre_pos[node], cross.pre_pos[(node + 1) % 3]]       # never another node's slot
+    assert not m[:h, his].any()                                                 # the instruction sees no node
+    # everything else is the per-node mask: the only additions are attention to history tokens
+    extra = m & ~own.mask
+    assert extra.any() and not extra[:, [p for p in range(len(cross.ids)) if p not in set(his.tolist())]].any()
+
+
 def test_city_layout_needs_one_block_with_both_slots():
     tok = build_tiny_tokenizer()
     with pytest.raises(PromptError, match="exactly one"):
