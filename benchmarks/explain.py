@@ -2,7 +2,7 @@
 
     STLLM_DATA_ROOT=../shared/data python benchmarks/explain.py \
         --runs beijing-pm25=runs/bench/beijing-pm25/stllm nyc-taxi-60min=runs/bench/nyc-taxi-60min/stllm \
-        [--pairs 200] [--generated 12] [--max-new-tokens 320]
+        [--pairs 200] [--generated 12] [--max-new-tokens 320] [--push-accuracy 24]
 
 For each trained run, over `--pairs` (sensor, time) pairs drawn (seeded) from its test split, channels taken in
 turn: `stllm.explain.explain` in analytic mode, reporting
@@ -19,6 +19,9 @@ seconds per explanation, faithfulness of the text and the numbers check. Faithfu
 (mean) and per claim (pooled), and separately for the claims in the model's own words (not inside a fact slot's
 text or the forecast numbers the program wrote). Student
 runs (trained by `stllm train` with an `explain:` section) are measured the same way; NAME is any label.
+`--push-accuracy N` adds, teacher-forced on N training and N test pairs, how often the run's language model ranks
+the teacher's "pushes up|down" word above the other (`stllm.distill.student.push_accuracy`; about 0.5 for a
+student that has not learned which way a factor pushes).
 Writes benchmarks/results/explain.json and prints a markdown table.
 """
 from __future__ import annotations
@@ -111,7 +114,23 @@ def _run_metrics(run_dir: str) -> dict:
             "explain": m.get("explain")}
 
 
-def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_tokens: int) -> dict:
+def push_accuracies(model, prep, city, effects, n: int, seed: int = 0) -> dict:
+    """Teacher-forced push accuracy (`stllm.distill.student.push_accuracy`) on n (window, node) pairs of the
+    training split and n of the test split, channel 0, with the analytic teacher's rationales in the run's form."""
+    from stllm.distill.student import make_samples, make_teacher, push_accuracy
+    fact_slots = getattr(model.cfg.explain, "fact_slots", True)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split in ("train", "test"):
+        pairs = [(int(rng.choice(prep.splits[split])), int(rng.integers(prep.n_nodes))) for _ in range(n)]
+        samples, _ = make_samples(city, prep, pairs, make_teacher("analytic", fact_slots=fact_slots),
+                                  effects=effects)
+        out[split] = push_accuracy(model, prep, samples)
+    return out
+
+
+def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_tokens: int,
+              n_push: int = 0) -> dict:
     t0 = time.time()
     model, meta = STLLM.from_pretrained(run_dir)
     city = load_city(model.cfg.data)
@@ -142,6 +161,9 @@ def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_t
     explained = np.array([r["forecast"] for r in results])
     out["mae"] = {"explain_mode": masked_mae(explained, truth), "city_layout": masked_mae(city_pred, truth),
                   "max_abs_diff_explain_vs_city_layout": float(np.abs(explained - city_pred).max())}
+    if n_push and model.backbone is not None:
+        out["push_accuracy_teacher_forced"] = push_accuracies(model, prep, city, effects, n_push)
+        print(f"  {name} push accuracy, teacher-forced: {out['push_accuracy_teacher_forced']}", flush=True)
     if n_generated and model.backbone is not None:
         results, seconds = [], []
         for s, i, c in pairs[:n_generated]:
@@ -183,6 +205,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--generated", type=int, default=12, help="pairs explained in generated mode")
     parser.add_argument("--max-new-tokens", type=int, default=320)
+    parser.add_argument("--push-accuracy", type=int, default=0, metavar="N",
+                        help="teacher-forced push accuracy on N training and N test pairs (student runs)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "explain.json"))
     parser.add_argument("--note", default="", help="the conditions of this run, kept in the JSON (e.g. what else ran)")
     args = parser.parse_args()
@@ -193,7 +217,7 @@ def main() -> None:
     for item in args.runs:
         key, run_dir = item.split("=", 1)
         print(f"== {key}: {run_dir}", flush=True)
-        results[key] = bench_run(key, run_dir, args.pairs, args.generated, args.max_new_tokens)
+        results[key] = bench_run(key, run_dir, args.pairs, args.generated, args.max_new_tokens, args.push_accuracy)
         results["_machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                "platform": platform.platform(), "note": args.note}
         path.parent.mkdir(parents=True, exist_ok=True)

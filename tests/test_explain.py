@@ -301,6 +301,36 @@ def test_joint_loss_decreases_on_a_tiny_model(city):
     assert history[-1]["city"] < history[0]["city"]
 
 
+def test_push_accuracy_reads_each_push_the_teacher_states(city, monkeypatch):
+    """A student that always says "up" is right exactly on the teacher's upward pushes, one that always says
+    "down" on the others."""
+    import re
+    from types import SimpleNamespace
+
+    from stllm.data.prepared import PreparedCity
+    from stllm.distill import student
+    torch.manual_seed(0)
+    cfg = load_config(TINY, LLAMA)
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    model = build_model(cfg, prep).eval()
+    samples, _ = make_samples(city, prep, pick_windows(prep, 6), make_teacher("analytic"))
+    stated = re.findall(r"pushes (up|down)", " ".join(x.rationale for x in samples))
+    assert stated.count("up") and stated.count("down")                       # both kinds occur in this fixture
+    tok = model.tokenizer
+    up, down = (tok(f" {w}", add_special_tokens=False)["input_ids"] for w in ("up", "down"))
+    k = next(j for j, (a, b) in enumerate(zip(up, down)) if a != b)
+    for favoured in ("up", "down"):
+        def logits(h, favoured=favoured):
+            out = torch.zeros(len(tok))
+            out[(up if favoured == "up" else down)[k]] = 1.0
+            return out
+        fake = SimpleNamespace(get_output_embeddings=lambda: logits)
+        monkeypatch.setattr(student, "base_model", lambda backbone: fake)
+        acc = student.push_accuracy(model, prep, samples)
+        assert acc["total"] == len(stated)
+        assert acc["correct"] == stated.count(favoured)
+
+
 def test_train_student_writes_a_run_that_explains(tmp_path, city):
     out = tmp_path / "student"
     cfg = load_config(TINY, LLAMA + ["train.max_steps=3", "explain.enabled=true", "explain.n_samples=6",

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from stllm import checkpoint
+from stllm.backbone import base_model
 from stllm.config import Config
 from stllm.data.city import CityData
 from stllm.data.prepared import PreparedCity
@@ -132,13 +133,7 @@ def make_samples(city: CityData, prep: PreparedCity, pairs: list[tuple[int, int]
 def joint_loss(model, prep: PreparedCity, samples: list[StudentSample], lm_weight: float = 0.5,
                city_weight: float = 1.0, kind: str = "mae", mask_zeros: bool = True) -> tuple[torch.Tensor, dict]:
     """The joint loss on a batch of samples, and its parts {"regression", "lm", "city"} as floats."""
-    device = next(model.parameters()).device
-    starts = sorted({x.start for x in samples})
-    batch = _to(prep.batch(np.array(starts), mask_zeros), device)
-    his, pre, base = slot_vectors(model, batch)                                  # [b, N, m, d], [b, N, d], ...
-    rows = [(starts.index(x.start), x.node) for x in samples]
-    inputs = node_inputs(model, his, pre, rows, [x.prompt for x in samples], [x.target for x in samples],
-                         base=base)
+    batch, rows, inputs = _student_inputs(model, prep, samples, mask_zeros)
     with explain_adapter(model):                 # the student's own adapter, when it has one
         hidden, y_node = node_forward(model, inputs)                             # y_node [B, t_out, 1, C]
     w, n = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
@@ -153,6 +148,44 @@ def joint_loss(model, prep: PreparedCity, samples: list[StudentSample], lm_weigh
         loss = loss + city_weight * city
         parts["city"] = city.item()
     return loss, parts
+
+
+def _student_inputs(model, prep: PreparedCity, samples: list[StudentSample], mask_zeros: bool = True):
+    """(city batch of the samples' windows, rows [(window in batch, node)], NodeInputs with the targets)."""
+    device = next(model.parameters()).device
+    starts = sorted({x.start for x in samples})
+    batch = _to(prep.batch(np.array(starts), mask_zeros), device)
+    his, pre, base = slot_vectors(model, batch)                                  # [b, N, m, d], [b, N, d], ...
+    rows = [(starts.index(x.start), x.node) for x in samples]
+    inputs = node_inputs(model, his, pre, rows, [x.prompt for x in samples], [x.target for x in samples],
+                         base=base)
+    return batch, rows, inputs
+
+
+@torch.no_grad()
+def push_accuracy(model, prep: PreparedCity, samples: list[StudentSample], batch_size: int = 4) -> dict:
+    """Teacher-forced: with the teacher's rationale as context up to each "which pushes", how often the student
+    ranks the teacher's word ("up" or "down") above the other. It tells a student that has not learned which
+    way a factor pushes (about 0.5) from one that has, without generating. Returns {"correct", "total", "share"}."""
+    tok = model.tokenizer
+    words = {w: tok(f" {w}", add_special_tokens=False)["input_ids"] for w in ("up", "down")}
+    cue = tok(" pushes", add_special_tokens=False)["input_ids"]
+    k = next(j for j, (a, b) in enumerate(zip(words["up"], words["down"])) if a != b)   # where the words part
+    head = base_model(model.backbone).get_output_embeddings()
+    correct = total = 0
+    for lo in range(0, len(samples), batch_size):
+        _, _, inputs = _student_inputs(model, prep, samples[lo:lo + batch_size])
+        with explain_adapter(model):
+            hidden, _ = node_forward(model, inputs)                              # [B, L, d_llm]
+        for r, row in enumerate(inputs.labels.tolist()):
+            for p in range(len(cue), len(row)):
+                said = [w for w, ids in words.items() if row[p:p + len(ids)] == ids]
+                if said and row[p - len(cue):p] == cue:
+                    logits = head(hidden[r, p + k - 1])                          # predicts token p + k
+                    says_up = bool(logits[words["up"][k]] > logits[words["down"][k]])
+                    correct += int(says_up == (said[0] == "up"))
+                    total += 1
+    return {"correct": correct, "total": total, "share": correct / total if total else None}
 
 
 def hold_all_but_the_explain_adapter(model) -> None:
