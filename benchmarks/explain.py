@@ -69,6 +69,18 @@ def _share(flags: list[bool]) -> float | None:
     return float(np.mean(flags)) if flags else None
 
 
+STAGES = [f"{k}. {name}:" for k, name in enumerate(("Question", "Drivers", "Recent data", "Factors", "Conclusion"), 1)]
+
+
+def well_formed(text: str) -> bool:
+    """The five stages, each once and in order, the forecast line last, and no brace left over from a slot the
+    program did not know (a run-off)."""
+    at = [text.find(s) for s in STAGES]
+    return (all(text.count(s) == 1 for s in STAGES) and at == sorted(at) and at[0] >= 0
+            and "{" not in text and "}" not in text and text.rstrip().endswith("]")
+            and text.count("Forecast for the next") == 1)
+
+
 def summarise(results: list[dict], seconds: list[float]) -> dict:
     faith = [r["faithfulness"] for r in results if r["faithfulness"] is not None]
     data = [[c for c in r["claims"] if c["verdict"] != "unchecked" and not c["kind"].startswith("forecast")]
@@ -93,6 +105,7 @@ def summarise(results: list[dict], seconds: list[float]) -> dict:
                                 if c["verdict"] == "fails" and c.get("written_by") == "program"][:5],
            "numbers_equal_head_share": float(np.mean([r["numbers_consistent"] is True for r in results])),
            "forecast_consistent_share": float(np.mean([r["forecast_consistent"] is True for r in results])),
+           "well_formed_share": float(np.mean([well_formed(r["explanation"]) for r in results])),
            "seconds_per_explanation": float(np.mean(seconds))}
     gen = [r["generation"] for r in results if "generation" in r]
     if gen:
