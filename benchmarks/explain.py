@@ -106,6 +106,8 @@ def summarise(results: list[dict], seconds: list[float]) -> dict:
            "numbers_equal_head_share": float(np.mean([r["numbers_consistent"] is True for r in results])),
            "forecast_consistent_share": float(np.mean([r["forecast_consistent"] is True for r in results])),
            "well_formed_share": float(np.mean([well_formed(r["explanation"]) for r in results])),
+           "not_well_formed": [{"at": r["at"], "node": r["node"], "explanation": r["explanation"]}
+                               for r in results if not well_formed(r["explanation"])][:3],
            "seconds_per_explanation": float(np.mean(seconds))}
     gen = [r["generation"] for r in results if "generation" in r]
     if gen:
