@@ -21,6 +21,7 @@ train split's end), which needs no more than the data explaining needs anyway.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -33,8 +34,8 @@ from stllm.data.city import CityData, DataError
 from stllm.distill.checker import check_explanation
 from stllm.distill.facts import (compute_facts, effects_from_dict, effects_to_dict, estimate_effects,
                                  forecast_direction, time_text)
-from stllm.distill.teachers import (FORECAST_SLOT, fact_text, format_forecast, horizon_text, render_node_prompt,
-                                    render_rationale)
+from stllm.distill.teachers import (FACT_SLOT, FORECAST_SLOT, fact_text, format_forecast, horizon_text,
+                                    opening_segments, render_node_prompt, render_rationale)
 
 EFFECTS = "effects.json"     # weather effects in a run folder (stllm.distill.facts.effects_to_dict)
 MODES = ("analytic", "generated")
@@ -133,7 +134,11 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
         def fill(name: str, written: str) -> str | None:
             return fact_text(facts, name, direction, written)
 
-        segments, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), max_new_tokens, fill)
+        ex = getattr(model.cfg, "explain", None)
+        opening = (opening_segments(facts) if ex is not None and ex.enabled and ex.fact_slots
+                   and ex.teacher == "analytic" else [])
+        segments, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), max_new_tokens, fill,
+                                                  opening)
         segments = [(t if by_program else _SAMPLED_LIST.sub(FORECAST_SLOT, t), by_program)
                     for t, by_program in segments]
         if not any(FORECAST_SLOT in t for t, _ in segments):
@@ -171,10 +176,13 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
 
 
 def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_tokens: int = 256,
-                       fill=lambda name, written: None) -> tuple[list[tuple[str, bool]], dict]:
+                       fill=lambda name, written: None,
+                       opening: list[tuple[str, bool]] = ()) -> tuple[list[tuple[str, bool]], dict]:
     """Greedy rationale from the node-layout prompt of (node, start); the encoder runs on the whole city batch.
-    `fill(slot name, text so far)` writes the fact slots the model writes (`generate_with_facts`). Returns the
-    segments [(text, written_by_program)] and generation counts and timing."""
+    `fill(slot name, text so far)` writes the fact slots the model writes (`generate_with_facts`). `opening`:
+    training segments (`opening_segments`: stages 1-3) the program feeds after the prompt, tokenized as training
+    did, before the model writes; they are the program's text in the result. Returns the segments
+    [(text, written_by_program)] and generation counts and timing."""
     import torch
 
     from stllm.distill.node_layout import explain_adapter, generate_with_facts, node_inputs, slot_vectors
@@ -185,8 +193,14 @@ def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_
     t0 = time.perf_counter()
     with torch.inference_mode(), explain_adapter(model):
         his, pre, base = slot_vectors(model, batch)                   # [1, N, m, d_llm], [1, N, d_llm], ...
-        inputs = node_inputs(model, his, pre, [(0, node)], [prompt], base=base)
+        inputs = node_inputs(model, his, pre, [(0, node)], [prompt], [list(opening)] if opening else None,
+                             base=base)
+        if opening:                                                   # drop the EOS that ends a training target
+            inputs = dataclasses.replace(inputs, embeds=inputs.embeds[:, :-1],
+                                         attention_mask=inputs.attention_mask[:, :-1], labels=None)
         segments, counts = generate_with_facts(model, inputs, fill, max_new_tokens)
+        shown = [(FACT_SLOT.sub("", t) if not by_program else t, True) for t, by_program in opening]
+        segments = [(t, p) for t, p in shown if t] + segments
     seconds = time.perf_counter() - t0
     model.train(was_training)
     return segments, {**counts, "prompt_tokens": int(inputs.embeds.shape[1]), "seconds": round(seconds, 3),

@@ -156,7 +156,7 @@ def test_generated_claims_say_who_wrote_them(run, city, monkeypatch):
     rising = compute_facts(city, 0, AT).trend.direction == "up"
     right, wrong = ("flow rose recently", "flow fell recently")[::1 if rising else -1]
 
-    def fake(model, prep, node, start, prompt, max_new_tokens, fill):
+    def fake(model, prep, node, start, prompt, max_new_tokens, fill, opening=()):
         return ([("3. Recent data: ", False), (fill("recent", "3. Recent data: "), True),
                  (f"\n4. Factors: Pushing one way: {right}. Pushing the other: {wrong}.", False)],
                 {"new_tokens": 20, "filled_tokens": 60, "seconds": 0.1, "tokens_per_s": 200.0})
@@ -350,6 +350,14 @@ def test_train_student_writes_a_run_that_explains(tmp_path, city):
     _, pred, _ = next(forecast(model, prepare(model, meta, city), np.array([AT])))
     np.testing.assert_allclose(r["forecast"], pred[0, :, 1, 0], rtol=1e-6)
     assert _stated_forecast(r["explanation"]) == pytest.approx(r["forecast"], abs=0.05 + 1e-9)
+    # stages 1-3 hold no choice of the student: the program feeds them as training showed them, then it writes
+    from stllm.distill.facts import compute_facts
+    from stllm.distill.teachers import fact_text
+    facts = compute_facts(city, 1, AT, effects=explain_module.load_effects(out))
+    opening = (f"1. Question: {fact_text(facts, 'question', None)}\n2. Drivers: {fact_text(facts, 'drivers', None)}"
+               f"\n3. Recent data: {fact_text(facts, 'recent', None)}")
+    assert r["explanation"].startswith(opening) and r["generation"]["new_tokens"] == 16
+    assert all(c["written_by"] == "program" for c in r["claims"] if c["text"] in opening)
 
     # the student trained its own adapter only: the forecasts it explains are exactly the forecaster's
     forecaster, fmeta = STLLM.from_pretrained(out / "forecaster")

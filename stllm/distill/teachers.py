@@ -368,6 +368,18 @@ def fill_facts(text: str, facts: Facts, forecast_values=None, keep_slots: bool =
     return [(t, by_program) for t, by_program in out if t]
 
 
+def opening_segments(facts: Facts, template: str = "rationale") -> list[tuple[str, bool]]:
+    """Stages 1-3 of the slotted rationale, which hold no choice of the student (the stage headings and the
+    {question}, {drivers}, {recent} slots), as the training segments of `fill_facts(..., keep_slots=True)`: at
+    explain time the program feeds them before the student writes stage 4, exactly as training showed them.
+    [] when the template has no "4." stage after these slots."""
+    text = render_rationale(facts, template=template, fill=False, fact_slots=True)
+    cut = text.find("\n4.")
+    if cut < 0 or "{recent}" not in text[:cut]:
+        return []
+    return fill_facts(text[:cut], facts, keep_slots=True)
+
+
 class TeacherError(RuntimeError):
     """A teacher could not produce a rationale (endpoint unreachable, missing key, bad reply)."""
 
