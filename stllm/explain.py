@@ -35,7 +35,7 @@ from stllm.distill.checker import check_explanation
 from stllm.distill.facts import (compute_facts, effects_from_dict, effects_to_dict, estimate_effects,
                                  forecast_direction, time_text)
 from stllm.distill.teachers import (FACT_SLOT, FORECAST_SLOT, fact_text, format_forecast, horizon_text,
-                                    opening_segments, render_node_prompt, render_rationale)
+                                    opening_segments, render_node_prompt, render_rationale, stage4_slot_names)
 
 EFFECTS = "effects.json"     # weather effects in a run folder (stllm.distill.facts.effects_to_dict)
 MODES = ("analytic", "generated")
@@ -138,7 +138,7 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
         opening = (opening_segments(facts) if ex is not None and ex.enabled and ex.fact_slots
                    and ex.teacher == "analytic" else [])
         segments, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), max_new_tokens, fill,
-                                                  opening)
+                                                  opening, stage4_slot_names(facts) if opening else None)
         segments = [(t if by_program else _SAMPLED_LIST.sub(FORECAST_SLOT, t), by_program)
                     for t, by_program in segments]
         if not any(FORECAST_SLOT in t for t, _ in segments):
@@ -177,11 +177,13 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
 
 def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_tokens: int = 256,
                        fill=lambda name, written: None,
-                       opening: list[tuple[str, bool]] = ()) -> tuple[list[tuple[str, bool]], dict]:
+                       opening: list[tuple[str, bool]] = (),
+                       allowed: set[str] | None = None) -> tuple[list[tuple[str, bool]], dict]:
     """Greedy rationale from the node-layout prompt of (node, start); the encoder runs on the whole city batch.
     `fill(slot name, text so far)` writes the fact slots the model writes (`generate_with_facts`). `opening`:
     training segments (`opening_segments`: stages 1-3) the program feeds after the prompt, tokenized as training
-    did, before the model writes; they are the program's text in the result. Returns the segments
+    did, before the model writes; they are the program's text in the result. `allowed`: the slot names the model
+    may write after it (`stage4_slot_names`: this window's factors, {conclusion}, {forecast}). Returns the segments
     [(text, written_by_program)] and generation counts and timing."""
     import torch
 
@@ -198,7 +200,7 @@ def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_
         if opening:                                                   # drop the EOS that ends a training target
             inputs = dataclasses.replace(inputs, embeds=inputs.embeds[:, :-1],
                                          attention_mask=inputs.attention_mask[:, :-1], labels=None)
-        segments, counts = generate_with_facts(model, inputs, fill, max_new_tokens)
+        segments, counts = generate_with_facts(model, inputs, fill, max_new_tokens, allowed)
         shown = [(FACT_SLOT.sub("", t) if not by_program else t, True) for t, by_program in opening]
         segments = [(t, p) for t, p in shown if t] + segments
     seconds = time.perf_counter() - t0

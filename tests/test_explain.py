@@ -156,7 +156,7 @@ def test_generated_claims_say_who_wrote_them(run, city, monkeypatch):
     rising = compute_facts(city, 0, AT).trend.direction == "up"
     right, wrong = ("flow rose recently", "flow fell recently")[::1 if rising else -1]
 
-    def fake(model, prep, node, start, prompt, max_new_tokens, fill, opening=()):
+    def fake(model, prep, node, start, prompt, max_new_tokens, fill, opening=(), allowed=None):
         return ([("3. Recent data: ", False), (fill("recent", "3. Recent data: "), True),
                  (f"\n4. Factors: Pushing one way: {right}. Pushing the other: {wrong}.", False)],
                 {"new_tokens": 20, "filled_tokens": 60, "seconds": 0.1, "tokens_per_s": 200.0})

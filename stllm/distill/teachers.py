@@ -380,6 +380,13 @@ def opening_segments(facts: Facts, template: str = "rationale") -> list[tuple[st
     return fill_facts(text[:cut], facts, keep_slots=True)
 
 
+def stage4_slot_names(facts: Facts) -> set[str]:
+    """The slot names a student may write after the opening: this window's factors (as the teacher names them),
+    {conclusion} and {forecast}."""
+    return {_factor_phrase(facts, f.kind, f.name, slots=True)[1:-1] for f in facts.factors} | {
+        "conclusion", FORECAST_SLOT[1:-1]}
+
+
 class TeacherError(RuntimeError):
     """A teacher could not produce a rationale (endpoint unreachable, missing key, bad reply)."""
 
