@@ -178,7 +178,7 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
 def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_tokens: int = 256,
                        fill=lambda name, written: None,
                        opening: list[tuple[str, bool]] = (),
-                       allowed: set[str] | None = None) -> tuple[list[tuple[str, bool]], dict]:
+                       allowed: dict[str, str] | None = None) -> tuple[list[tuple[str, bool]], dict]:
     """Greedy rationale from the node-layout prompt of (node, start); the encoder runs on the whole city batch.
     `fill(slot name, text so far)` writes the fact slots the model writes (`generate_with_facts`). `opening`:
     training segments (`opening_segments`: stages 1-3) the program feeds after the prompt, tokenized as training

@@ -397,16 +397,19 @@ def test_slot_names_a_student_may_write_are_kept_within_the_windows_factors():
     import torch
 
     from stllm.distill.node_layout import _next_token, _slot_ok
-    allowed = {"trend", "neighbours", "conclusion", "forecast"}
+    allowed = {"trend": "", "neighbours": "", "conclusion": "Conclusion: ", "forecast": ""}
     assert _slot_ok("which pushes up; {tre", allowed) and _slot_ok("no slot here", allowed)
     assert _slot_ok("{trend}", allowed) and _slot_ok("{trend}, which", allowed)
     assert not _slot_ok("{dri", allowed) and not _slot_ok("{drivers}", allowed)
     assert not _slot_ok("{weather:wind_speed}", allowed)
+    assert not _slot_ok("{tre {neighbours}", allowed)                 # no slot opened inside another
+    assert _slot_ok(".\n5. Conclusion: {conclusion}", allowed) and not _slot_ok("4. Factors: {conclusion}", allowed)
     texts = {0: "; {drivers}", 1: "; {neighbours}", 2: "; {trend}", 3: "; {dri"}
     tok = SimpleNamespace(eos_token_id=99)
     logits = torch.tensor([5.0, 1.0, 3.0, 4.0])                     # the best two open a slot not allowed
     assert _next_token(logits, tok, texts.get, allowed) == 2
     assert _next_token(logits, tok, texts.get, None) == 0           # unconstrained: plain greedy
+    assert _next_token(logits, tok, texts.get, allowed, top=1) == 2  # beyond the first `top`: all tokens
 
 
 def test_stage4_slot_names_are_the_teachers_factor_slots(city):
@@ -415,4 +418,4 @@ def test_stage4_slot_names_are_the_teachers_factor_slots(city):
     slotted = render_rationale(facts, fact_slots=True, fill=False)
     stage4 = slotted[slotted.index("4. Factors:"):slotted.index("5. Conclusion:")]
     named = set(re.findall(r"\{([^}]+)\}", stage4))
-    assert named and named | {"conclusion", "forecast"} == stage4_slot_names(facts)
+    assert named and named | {"conclusion", "forecast"} == set(stage4_slot_names(facts))

@@ -160,38 +160,45 @@ def lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _slot_ok(text: str, allowed: set[str]) -> bool:
-    """Whether the last brace of `text` opens (a prefix of) or closes one of the `allowed` slot names."""
+def _slot_ok(text: str, allowed: dict[str, str]) -> bool:
+    """Whether the slot names in `text` (the text since the last slot) stay within `allowed` {name: the text that
+    must come right before its brace ("" for any)}: no brace opened inside another, the last one a prefix of an
+    allowed name or closing one."""
     i = text.rfind("{")
     if i < 0:
         return True
-    inside = text[i + 1:]
+    if text.rfind("}", 0, i) < text.rfind("{", 0, i):                # a brace opened inside an open one
+        return False
+    inside, before = text[i + 1:], text[:i]
     if "}" in inside:
-        return inside.split("}", 1)[0] in allowed
-    return any(name.startswith(inside) for name in allowed)
+        name = inside.split("}", 1)[0]
+        return name in allowed and before.endswith(allowed[name])
+    return any(name.startswith(inside) and before.endswith(need) for name, need in allowed.items())
 
 
-def _next_token(logits: torch.Tensor, tok, text_of, allowed: set[str] | None, top: int = 64) -> int:
-    """Greedy choice; with `allowed`, the best-ranked of the `top` tokens that keeps every slot name the model
-    writes within `allowed` (`text_of(token)`: the text since the last slot with that token added)."""
+def _next_token(logits: torch.Tensor, tok, text_of, allowed: dict[str, str] | None, top: int = 64) -> int:
+    """Greedy choice; with `allowed`, the best-ranked token that keeps every slot name the model writes within
+    `allowed` (`text_of(token)`: the text since the last slot with that token added): the first `top`, then all."""
     best = int(logits.argmax())
     if allowed is None or _slot_ok(text_of(best), allowed):
         return best
-    for cand in torch.topk(logits, min(top, logits.shape[-1])).indices.tolist():
-        if cand != tok.eos_token_id and _slot_ok(text_of(cand), allowed):
-            return cand
+    for k in (min(top, logits.shape[-1]), logits.shape[-1]):
+        for cand in torch.topk(logits, k).indices.tolist():
+            if cand != tok.eos_token_id and _slot_ok(text_of(cand), allowed):
+                return cand
     return best
 
 
 def generate_with_facts(model, inputs: NodeInputs, fill, max_new_tokens: int = 200,
-                        allowed: set[str] | None = None) -> tuple[list[tuple[str, bool]], dict]:
+                        allowed: dict[str, str] | None = None) -> tuple[list[tuple[str, bool]], dict]:
     """Greedy continuation of one node-layout prompt (B = 1) with the KV cache, filling fact slots as they come:
     as soon as the text the model wrote since the last slot holds a fact slot ("{recent}"; FACT_SLOT of
     `stllm.distill.teachers`), `fill(name, written)` gives the slot's text (`written`: the rationale so far, the
     program's text included), which is fed to the model as context (as in training, see `target_ids`) and
     generation goes on after it. `fill` returns None for a name it does not know; the slot then stays in the
-    text as written. `allowed`: the slot names the model may write (e.g. the factors this window has); inside a
-    brace it then takes the best-ranked token that keeps the name within them (`_next_token`).
+    text as written. `allowed`: the slot names the model may write (e.g. the factors this window has), each with
+    the text that must come right before it; inside a brace it then takes the best-ranked token that keeps the
+    name within them (`_next_token`).
 
     Returns (segments [(text, written_by_program)] without the slot names and EOS, counts {"new_tokens": tokens
     the model chose, "filled_tokens": tokens the program wrote})."""

@@ -380,11 +380,12 @@ def opening_segments(facts: Facts, template: str = "rationale") -> list[tuple[st
     return fill_facts(text[:cut], facts, keep_slots=True)
 
 
-def stage4_slot_names(facts: Facts) -> set[str]:
-    """The slot names a student may write after the opening: this window's factors (as the teacher names them),
-    {conclusion} and {forecast}."""
-    return {_factor_phrase(facts, f.kind, f.name, slots=True)[1:-1] for f in facts.factors} | {
-        "conclusion", FORECAST_SLOT[1:-1]}
+def stage4_slot_names(facts: Facts) -> dict[str, str]:
+    """The slot names a student may write after the opening, each with the text that must come right before it:
+    this window's factors (as the teacher names them; anywhere), {conclusion} (after "Conclusion: ") and
+    {forecast} (after "): ", as in "... (ug/m3): {forecast}")."""
+    names = {_factor_phrase(facts, f.kind, f.name, slots=True)[1:-1]: "" for f in facts.factors}
+    return {**names, "conclusion": "Conclusion: ", FORECAST_SLOT[1:-1]: "): "}
 
 
 class TeacherError(RuntimeError):
