@@ -159,7 +159,6 @@ def lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels[:, 1:][keep])
 
 
-@torch.inference_mode()
 def _slot_ok(text: str, allowed: dict[str, str]) -> bool:
     """Whether the slot names in `text` (the text since the last slot) stay within `allowed` {name: the text that
     must come right before its brace ("" for any)}: no brace opened inside another, the last one a prefix of an
@@ -189,6 +188,7 @@ def _next_token(logits: torch.Tensor, tok, text_of, allowed: dict[str, str] | No
     return best
 
 
+@torch.inference_mode()
 def generate_with_facts(model, inputs: NodeInputs, fill, max_new_tokens: int = 200,
                         allowed: dict[str, str] | None = None) -> tuple[list[tuple[str, bool]], dict]:
     """Greedy continuation of one node-layout prompt (B = 1) with the KV cache, filling fact slots as they come:
