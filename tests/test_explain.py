@@ -331,7 +331,7 @@ def test_push_accuracy_reads_each_push_the_teacher_states(city, monkeypatch):
         assert acc["correct"] == stated.count(favoured)
 
 
-def test_train_student_writes_a_run_that_explains(tmp_path, city):
+def test_train_student_writes_a_run_that_explains(tmp_path, city, monkeypatch):
     out = tmp_path / "student"
     cfg = load_config(TINY, LLAMA + ["train.max_steps=3", "explain.enabled=true", "explain.n_samples=6",
                                      "explain.steps=3"])
@@ -345,6 +345,13 @@ def test_train_student_writes_a_run_that_explains(tmp_path, city):
     assert len(logged) == 3 and all(np.isfinite(x["lm"]) for x in logged)
     model, meta = STLLM.from_pretrained(out)
     assert model.cfg.explain.enabled and explain_module.load_effects(out) is not None
+    from stllm.distill import node_layout
+    seen, generate = [], node_layout.generate_with_facts
+
+    def spy(model, inputs, fill, max_new_tokens=200, allowed=None):
+        seen.append(allowed)
+        return generate(model, inputs, fill, max_new_tokens, allowed)
+    monkeypatch.setattr(node_layout, "generate_with_facts", spy)
     r = explain(model, meta, city, 1, AT, mode="generated", effects=explain_module.load_effects(out),
                 max_new_tokens=16)
     _, pred, _ = next(forecast(model, prepare(model, meta, city), np.array([AT])))
@@ -358,6 +365,8 @@ def test_train_student_writes_a_run_that_explains(tmp_path, city):
                f"\n3. Recent data: {fact_text(facts, 'recent', None)}")
     assert r["explanation"].startswith(opening) and r["generation"]["new_tokens"] == 16
     assert all(c["written_by"] == "program" for c in r["claims"] if c["text"] in opening)
+    from stllm.distill.teachers import stage4_slot_names          # stage 4 may name only this window's factors
+    assert seen == [stage4_slot_names(facts)]
 
     # the student trained its own adapter only: the forecasts it explains are exactly the forecaster's
     forecaster, fmeta = STLLM.from_pretrained(out / "forecaster")
