@@ -14,7 +14,7 @@ from stllm.config import Config, load_config
 from stllm.nn.encoder import STEncoder
 from stllm.nn.classification import ClassificationHead
 from stllm.nn.heads import LinearHead, Projector, RegressionHead
-from stllm.prompts import PromptTemplate, city_layout
+from stllm.prompts import WHEN, PromptTemplate, city_layout
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
@@ -85,39 +85,69 @@ class STLLM(nn.Module):
         # Nodes are cut into groups of at most `group` per sequence so the sequence length stays bounded; the
         # layout's mask makes every node independent of the others, so grouping does not change the result
         # (with model.cross_node a node sees the other nodes of its group).
+        when = self._window_ids(batch.get("window_text"), b)                  # ([b, W], [b]) or None
         for lo in range(0, n, group):
             hi = min(lo + group, n)
-            a, p = self._run_backbone(his[:, lo:hi], pre[:, lo:hi], batch.get("context") or {})
+            a, p = self._run_backbone(his[:, lo:hi], pre[:, lo:hi], batch.get("context") or {}, when)
             h_his.append(a)
             h_pre.append(p)
         return base + self.head(torch.cat(h_his, 1), torch.cat(h_pre, 1))
 
-    def _run_backbone(self, his: torch.Tensor, pre: torch.Tensor, context: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """his [b, g, m, d_llm], pre [b, g, d_llm] -> hidden states at those slots, same shapes."""
+    def _run_backbone(self, his: torch.Tensor, pre: torch.Tensor, context: dict,
+                      when: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """his [b, g, m, d_llm], pre [b, g, d_llm] -> hidden states at those slots, same shapes. when: each
+        window's calendar text as padded token ids [b, W] and lengths [b], for a prompt with a <WHEN> slot."""
         b, g, m, _ = his.shape
-        layout = self.layout(g, context)
+        layout = self.layout(g, context, 0 if when is None else when[0].shape[1])
         device = his.device
         decoder = _decoder(self.backbone)
-        base = decoder.get_input_embeddings()(layout.ids.to(device))   # [L, d_llm]
-        emb = base.unsqueeze(0).expand(b, -1, -1).clone()               # [b, L, d_llm]
+        embed = decoder.get_input_embeddings()
+        emb = embed(layout.ids.to(device)).unsqueeze(0).expand(b, -1, -1).clone()   # [b, L, d_llm]
         emb[:, layout.his_pos.reshape(-1)] = his.reshape(b, g * m, -1).to(emb.dtype)
         emb[:, layout.pre_pos] = pre.to(emb.dtype)
         mask = layout.mask.to(device)[None, None].expand(b, 1, -1, -1)  # [b, 1, L, L]
         positions = layout.position_ids.to(device)[None].expand(b, -1)  # [b, L]
+        if len(layout.when_pos):
+            if when is None:
+                raise ValueError(f"prompt {self.prompt.name!r} has a <WHEN> slot: the batch needs 'window_text' "
+                                 "(PreparedCity.batch writes it)")
+            ids, lengths = when[0].to(device), when[1].to(device)
+            slot = layout.when_pos.to(device)
+            emb[:, slot] = embed(ids).to(emb.dtype)
+            padding = torch.arange(len(slot), device=device)[None] >= lengths[:, None]         # [b, W]
+            keep = torch.ones(b, emb.shape[1], dtype=torch.bool, device=device)
+            keep[:, slot] = ~padding
+            mask = mask & keep[:, None, None, :]          # nobody attends to padding
+            later = torch.arange(emb.shape[1], device=device) > slot[-1]
+            positions = positions - later[None] * (len(slot) - lengths)[:, None]   # text then continues at once
         hidden = decoder(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
                          use_cache=False).last_hidden_state              # [b, L, d_llm]
         return hidden[:, layout.his_pos].float(), hidden[:, layout.pre_pos].float()
 
-    def layout(self, n_nodes: int, context: dict):
-        """Token layout for a city of n_nodes, tokenized once per (text, n_nodes)."""
+    def layout(self, n_nodes: int, context: dict, when_tokens: int = 0):
+        """Token layout for a city of n_nodes, tokenized once per (text, n_nodes, room for <WHEN> text)."""
         fields = {**default_context(self.cfg), **context, "n_nodes": n_nodes}
         text = self.prompt.render(**{f: fields.get(f, "") for f in self.prompt.fields})
-        key = (text, n_nodes)
+        key = (text, n_nodes, when_tokens)
         if key not in self._layouts:   # cached tensors must be usable by training too: no inference tensors
             with torch.inference_mode(False):
                 self._layouts[key] = city_layout(text, self.tokenizer, n_nodes, self.cfg.model.tokens_per_node,
-                                                 self.cfg.model.cross_node)
+                                                 self.cfg.model.cross_node, when_tokens)
         return self._layouts[key]
+
+    def _window_ids(self, texts: list[str] | None, b: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The windows' calendar texts as token ids [b, W] (W = the longest, padded) and lengths [b]; None when
+        the prompt has no <WHEN> slot or the batch brings no texts."""
+        if WHEN not in self.prompt.text or texts is None:
+            return None
+        if len(texts) != b:
+            raise ValueError(f"batch['window_text'] has {len(texts)} texts for {b} windows")
+        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(b, width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        return ids, torch.tensor([len(r) for r in rows])
 
     # ---- parameters and saving ------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 
 ST_HIS, ST_PRE = "<ST_HIS>", "<ST_PRE>"
 NODES_OPEN, NODES_CLOSE = "<NODES>", "</NODES>"
+WHEN = "<WHEN>"   # the window's calendar as text (stllm.data.calendar.window_text), one per window
 PROMPTS_DIR = Path(os.environ.get("STLLM_PROMPTS", Path(__file__).resolve().parent.parent / "prompts"))
 
 
@@ -48,6 +49,9 @@ class CityLayout:
     ids:          [L] token ids; slot positions hold the pad id and are overwritten with vectors
     his_pos:      [N, k] sequence positions of each node's <ST_HIS> tokens
     pre_pos:      [N] sequence position of each node's <ST_PRE> token
+    when_pos:     [W] positions reserved for the window's calendar text (the <WHEN> slot of the instruction;
+                  empty without one). Each window's text fills them from the left; the rest are padding that
+                  the model masks out and skips in the position ids, so the padding changes nothing.
     position_ids: [L] positions the model sees: every node block starts right after the instruction
     mask:         [L, L] bool, True where query i may attend to key j: the instruction causally, and a
                   node block causally within itself. No node sees another node in the language model
@@ -63,11 +67,14 @@ class CityLayout:
     pre_pos: torch.Tensor
     position_ids: torch.Tensor
     mask: torch.Tensor
+    when_pos: torch.Tensor = torch.zeros(0, dtype=torch.long)
 
 
-def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int, cross_node: bool = False) -> CityLayout:
+def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int, cross_node: bool = False,
+                when_tokens: int = 0) -> CityLayout:
     """Tokenize a rendered city prompt once; the <NODES> block is repeated n_nodes times. cross_node: node
-    blocks also see the other nodes' <ST_HIS> tokens (see CityLayout.mask)."""
+    blocks also see the other nodes' <ST_HIS> tokens (see CityLayout.mask). when_tokens: positions reserved
+    for the <WHEN> slot, if the instruction has one."""
     if text.count(NODES_OPEN) != 1 or text.count(NODES_CLOSE) != 1:
         raise PromptError(f"a city-layout prompt needs exactly one {NODES_OPEN}...{NODES_CLOSE} block")
     head, rest = text.split(NODES_OPEN)
@@ -76,6 +83,8 @@ def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int, cross_node: b
         raise PromptError(f"a city-layout prompt must end with {NODES_CLOSE}; found text after it: {tail.strip()!r}")
     if block.count(ST_HIS) != 1 or block.count(ST_PRE) != 1:
         raise PromptError(f"the {NODES_OPEN} block must hold exactly one {ST_HIS} and one {ST_PRE}, got {block!r}")
+    if WHEN in block or head.count(WHEN) > 1:
+        raise PromptError(f"a city-layout prompt may hold one {WHEN} slot, in the instruction before {NODES_OPEN}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encode = lambda s, special=False: tokenizer(s, add_special_tokens=special)["input_ids"] if s else []
 
@@ -89,7 +98,12 @@ def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int, cross_node: b
         else:
             segments.append(("text", encode(piece)))
 
-    ids = list(encode(head, special=True))
+    before, _, after = head.partition(WHEN)
+    ids = list(encode(before, special=True))
+    when_pos = []
+    if WHEN in head:
+        when_pos = list(range(len(ids), len(ids) + when_tokens))
+        ids += [pad] * when_tokens + encode(after)
     n_head = len(ids)
     his_pos, pre_pos, block_of = [], [], [-1] * n_head
     for node in range(n_nodes):
@@ -116,7 +130,8 @@ def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int, cross_node: b
         is_his = torch.zeros(len(ids), dtype=torch.bool)
         is_his[torch.tensor(his_pos).reshape(-1)] = True
         mask |= (block[:, None] >= 0) & is_his[None, :]          # node tokens -> every node's history tokens
-    return CityLayout(torch.tensor(ids), torch.tensor(his_pos), torch.tensor(pre_pos), position_ids, mask)
+    return CityLayout(torch.tensor(ids), torch.tensor(his_pos), torch.tensor(pre_pos), position_ids, mask,
+                      torch.tensor(when_pos, dtype=torch.long))
 
 
 def _split_slots(text: str) -> list[str]:

@@ -164,6 +164,7 @@ def test_nyc_60min(tmp_path, mode, channels):
     assert d.channels == channels and d.units == ["trips", "trips"]
     assert d.name == f"nyc-{mode}-60min" and d.city == "New York (Manhattan)"
     assert d.domain == ("bike sharing" if mode == "bike" else "taxi")
+    assert d.holidays == "US"                                  # prompts with <WHEN> name the US federal holidays
     assert pd.Timestamp(d.timestamps[0]) == pd.Timestamp("2019-01-01") and d.interval == pd.Timedelta("1h")
     assert d.nodes["id"].tolist() == ["4", "103", "104"]
     assert d.nodes[["lon", "lat"]].to_numpy() == pytest.approx(np.array([[1, 1], [11.5, 10.5], [20.5, 20.5]]))
@@ -200,6 +201,7 @@ def test_beijing_values_exog_and_coordinates(tmp_path):
     d = load_beijing(write_beijing(tmp_path / "bj"))
     assert d.values.shape == (4, 12, 6) and d.channels == ["PM2.5", "PM10", "SO2", "NO2", "CO", "O3"]
     assert d.units == ["ug/m3"] * 6 and d.domain == "air quality"
+    assert d.holidays == ""                                    # no Chinese holiday calendar: dates only
     assert np.isnan(d.values[1, :, 0]).all() and d.values[0, 0, 0] == 9.0
     assert d.values[0, :, 1].tolist() == [20.0 + k for k in range(12)]
     assert d.exog.shape == (4, 12, 6)
@@ -400,6 +402,7 @@ def test_byo_wide_reindexes_gaps(tmp_path):
     assert d.values[:, 1, 0].tolist()[:2] == [1, 2] and np.isnan(d.values[2]).all()   # 00:30 missing
     assert np.isnan(d.values[1, 0, 0]) and d.values[3, 0, 0] == 40
     assert d.channels == ["value"] and d.units == ["people"] and d.city == "Milan" and d.name == tmp_path.name
+    assert d.holidays == "" and load_byo(tmp_path / "values.csv", holidays="US").holidays == "US"
 
 
 def test_byo_long_with_several_channels(tmp_path):

@@ -399,3 +399,26 @@ def test_with_a_weight_average_the_saved_model_is_the_average(tmp_path, tiny_cit
     assert any(not torch.equal(v, last["model." + k]) for k, v in saved.items())       # not the raw weights
     with pytest.raises(Exception, match="train.ema"):
         tiny_config(["train.ema=1.0"])
+
+
+@pytest.mark.parametrize("backbone", ["tiny-gpt2", "tiny-llama"])
+def test_the_calendar_text_reaches_the_forecast_and_its_padding_does_not(tiny_city, tiny_config, backbone):
+    """model.prompt=city_calendar: each window's calendar text (<WHEN>) changes its forecast; padding a shorter
+    text to the batch's longest changes nothing (padding is masked and skipped in the position ids)."""
+    cfg = tiny_config([f"backbone.name={backbone}", "model.prompt=city_calendar"])
+    model, batch = untrained(cfg, tiny_city)
+    prep = PreparedCity(tiny_city, cfg.data, cfg.encoder)
+    torch.nn.init.normal_(model.head.w3.weight)          # the head's output layer starts at zero: wake it up
+    texts = ["Forecast from Monday 1 June 2020, 08:00.",
+             "Forecast from Monday 1 June 2020, 08:00. Holiday in the forecast: Christmas Day. One day earlier: "
+             "no holiday. One week earlier: no holiday.", "Forecast."]
+    starts = batch["starts"]
+    with torch.no_grad():
+        together = model({**batch, "window_text": texts})
+        alone = [model({**prep.batch(starts[i:i + 1]), "window_text": [texts[i]]}) for i in range(3)]
+        two_texts = model({**prep.batch(starts[[0, 0]]), "window_text": texts[:2]})
+    for i in range(3):
+        assert torch.allclose(together[i:i + 1], alone[i], atol=1e-5), i
+    assert not torch.allclose(two_texts[0], two_texts[1], atol=1e-4)   # same data, other calendar: other forecast
+    with pytest.raises(ValueError, match="window_text"):
+        model({**batch, "window_text": texts[:2]})

@@ -73,3 +73,31 @@ def test_city_layout_needs_one_block_with_both_slots():
         city_layout("<NODES><ST_HIS></NODES>", tok, 2, 1)
     with pytest.raises(PromptError, match="must end with"):
         city_layout("<NODES><ST_HIS><ST_PRE></NODES> trailing words", tok, 2, 1)
+
+
+def test_city_layout_reserves_the_when_slot_in_the_instruction():
+    tok = build_tiny_tokenizer()
+    text = "Head text. <WHEN> Sensors: <NODES><ST_HIS> then <ST_PRE>;</NODES>\n"
+    layout = city_layout(text, tok, n_nodes=2, n_tokens=1, when_tokens=5)
+    before = tok("Head text. ")["input_ids"]
+    after = tok(" Sensors: ", add_special_tokens=False)["input_ids"]
+    assert layout.when_pos.tolist() == list(range(len(before), len(before) + 5))
+    h = len(before) + 5 + len(after)
+    assert layout.ids[h - len(after):h].tolist() == after
+    assert layout.his_pos[0, 0] == h                               # the node blocks follow the instruction
+    assert layout.mask[layout.pre_pos][:, layout.when_pos].all()   # every node reads the calendar text
+    plain = city_layout(text.replace("<WHEN> ", ""), tok, n_nodes=2, n_tokens=1)
+    assert len(plain.when_pos) == 0
+
+
+def test_the_when_slot_belongs_in_the_instruction_once():
+    tok = build_tiny_tokenizer()
+    with pytest.raises(PromptError, match="one <WHEN> slot"):
+        city_layout("Head <WHEN> <NODES><ST_HIS><WHEN><ST_PRE></NODES>", tok, 2, 1, when_tokens=3)
+    with pytest.raises(PromptError, match="one <WHEN> slot"):
+        city_layout("<WHEN> and <WHEN> <NODES><ST_HIS><ST_PRE></NODES>", tok, 2, 1, when_tokens=3)
+
+
+def test_city_calendar_template_is_the_city_template_with_the_when_slot():
+    with_when = PromptTemplate.load("city_calendar").render(**CITY_FIELDS)
+    assert with_when == GOLDEN_CITY.replace("every 1 hour. ", "every 1 hour. <WHEN> ")

@@ -21,6 +21,7 @@ class CityData:
     adjacency:  optional [N, N] weights (1 = connected) when that is all a dataset has.
     distances:  optional [N, N] road distances (km or any unit; used instead of haversine when given).
     exog:       optional [T, N or 1, E] float32 exogenous series (weather), NaN where missing.
+    holidays:   the public-holiday calendar a prompt's <WHEN> slot names ("US"; "" = none known).
     """
 
     name: str                                   # dataset name, e.g. "nyc-bike-60min"
@@ -37,6 +38,7 @@ class CityData:
     exog: np.ndarray | None = None              # [T, N or 1, E]
     exog_names: list[str] = field(default_factory=list)  # E names; "wind_speed", "wind_dir_deg" drive the wind graph
     split_at: tuple | None = None               # a dataset's given (train_end, test_start); None = use fractions
+    holidays: str = ""                          # public-holiday calendar for prompts: "US" or "" (none known)
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float32)

@@ -6,6 +6,7 @@ import torch
 
 from stllm.data import graphs
 from stllm.data.city import CityData, DataError
+from stllm.data.calendar import holiday_names, window_text
 from stllm.data.windows import (WIND_DIR, WIND_SPEED, Scaler, exog_features, period_lags, split_bounds,
                                 split_starts, time_features)
 
@@ -38,6 +39,8 @@ class PreparedCity:
         self.scaler = scaler
         self.lags = period_lags(city, data_cfg.periods)
         self.context = prompt_fields(city)
+        self.periods = list(data_cfg.periods)
+        self.holidays = holiday_names(city.holidays, city.timestamps, city.name) if city.holidays else None
 
         # Arrays get t_out extra steps after the data (NaN, unobserved) so that the last window, which
         # forecasts beyond the end of the data, can be cut like any other: T' = T + t_out.
@@ -123,6 +126,8 @@ class PreparedCity:
             out["periods"] = torch.stack(periods, 1)                          # [b, P, t_out, N, C]
             out["period_mask"] = torch.stack(period_masks, 1)
         out["context"] = self.context                                        # prompt fields for this city
+        out["window_text"] = [window_text(self.timestamps[s:s + self.t_out], self.holidays, self.periods)
+                              for s in starts]                                # [b] calendar sentences (<WHEN>)
         out["static_adj"] = self.static_adj
         out["dynamic_adj"] = self.wind_adjacency(starts) if self.has_wind else None
         return out

@@ -39,7 +39,7 @@ def load_bayarea(root: str | Path, sf_only: bool = False) -> CityData:
     data = CityData(
         name="bayarea-bike", values=flow.astype(np.float32), timestamps=time, interval=pd.Timedelta("1h"),
         channels=["departures", "arrivals"], units=["trips", "trips"], nodes=nodes,
-        city="San Francisco Bay Area", domain="bike sharing",
+        city="San Francisco Bay Area", domain="bike sharing", holidays="US",
     )
     if not sf_only:
         return data

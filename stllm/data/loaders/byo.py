@@ -25,12 +25,14 @@ TIME, SENSOR = "timestamp", "sensor"
 
 def load_byo(values: str | Path, sensors: str | Path | None = None, adjacency: str | Path | None = None,
              distances: str | Path | None = None, name: str | None = None, interval: str | None = None,
-             units: Sequence[str] | None = None, channel: str = "value", city: str = "", domain: str = "") -> CityData:
+             units: Sequence[str] | None = None, channel: str = "value", city: str = "", domain: str = "",
+             holidays: str = "") -> CityData:
     """A city from CSV files. `values` is the values CSV or a folder holding values.csv, sensors.csv and
     optionally adjacency.csv / distances.csv. Sensors default to `sensors.csv` next to the values file.
 
     channel: channel name for a wide file; units: one per channel (default ""); interval: e.g. "15min"
-    (default: the smallest step between timestamps).
+    (default: the smallest step between timestamps); holidays: the public-holiday calendar prompts may name
+    ("US", or "" for none; see stllm.data.calendar).
     """
     values = Path(values)
     folder = values if values.is_dir() else values.parent
@@ -52,7 +54,7 @@ def load_byo(values: str | Path, sensors: str | Path | None = None, adjacency: s
     return CityData(name=name or (folder.name if stem == "values" else stem),
                     values=array[:, [position[i] for i in node_ids]], timestamps=grid, interval=step, channels=channels,
                     units=list(units) if units is not None else [""] * len(channels),
-                    nodes=nodes, city=city, domain=domain, adjacency=adj, distances=dist)
+                    nodes=nodes, city=city, domain=domain, adjacency=adj, distances=dist, holidays=holidays)
 
 
 def _read_values(path: Path, channel: str, interval: str | None

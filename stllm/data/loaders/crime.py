@@ -82,7 +82,7 @@ def load_crime(root: str | Path, city: str = "nyc") -> CityData:
     k = len(spec.categories)
     return CityData(name=spec.name, values=values, timestamps=time_axis(spec.start, values.shape[0], "1D"),
                     interval=pd.Timedelta("1D"), channels=list(spec.categories), units=["events"] * k,
-                    nodes=nodes, city=spec.city, domain="crime",
+                    nodes=nodes, city=spec.city, domain="crime", holidays="US",
                     split_at=(parts[0].shape[2], parts[0].shape[2] + parts[1].shape[2]))
 
 

@@ -40,7 +40,7 @@ def load_losloop(root: str | Path, locations: str | Path | None = None) -> CityD
     return CityData(
         name="los-loop", values=values, timestamps=time_axis(START, len(df), "5min"),
         interval=pd.Timedelta("5min"), channels=["speed"], units=["mph"], nodes=nodes,
-        city="Los Angeles", domain="traffic speed",
+        city="Los Angeles", domain="traffic speed", holidays="US",
         adjacency=read_matrix(adj_path, len(ids), "adjacency matrix (no header)", header=False),
     )
 

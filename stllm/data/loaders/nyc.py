@@ -61,6 +61,7 @@ def load_nyc(root: str | Path, mode: str = "bike", interval: str = "60min") -> C
         nodes=_read_zones(zones / "manhattan_zones.csv", zones / "reprojected_manhattan_data.json.gz", n),
         city="New York (Manhattan)",
         domain=DOMAINS[mode],
+        holidays="US",
         adjacency=read_matrix(zones / "W_adj_matrix.csv", n, "zone adjacency matrix", header=True),
     )
 

@@ -50,7 +50,8 @@ def load_pems(path: str | Path, edges: str | Path | None = None, ids: str | Path
     nodes = pd.DataFrame({"id": node_ids, "description": [f"PeMS detector {i}" for i in node_ids]})
     return CityData(name=name.lower(), values=values, timestamps=time_axis(start, len(values), "5min"),
                     interval=pd.Timedelta("5min"), channels=list(channels), units=list(units), nodes=nodes,
-                    city=PEMS_CITY.get(name, ""), domain="traffic flow", adjacency=adjacency, distances=distances)
+                    city=PEMS_CITY.get(name, ""), domain="traffic flow", adjacency=adjacency, distances=distances,
+                    holidays="US")
 
 
 def _edge_file(npz: Path, edges: str | Path | None) -> Path:
@@ -95,7 +96,7 @@ def load_dcrnn(path: str | Path, adj_pkl: str | Path | None = None, locations: s
     dist_path = Path(distances) if distances else _sibling(path, "distances*.csv*", required=False)
     return CityData(name=name, values=values, timestamps=frame.index.to_numpy(), interval=interval,
                     channels=["speed"], units=["mph"], nodes=nodes, city=DCRNN_CITY.get(name, ""),
-                    domain="traffic speed", adjacency=read_adj_pkl(adj_path, ids),
+                    domain="traffic speed", holidays="US", adjacency=read_adj_pkl(adj_path, ids),
                     distances=None if dist_path is None else read_edges(dist_path, ids)[1])
 
 

@@ -1,0 +1,60 @@
+"""The calendar of a forecast window as text, for prompts that read it (the `<WHEN>` slot, prompts/README.md).
+
+The encoder sees time of day and day of week as numbers; public holidays it cannot see. A prompt can tell the
+language model the date of the forecast and which holidays fall on the forecast days and on the days the period
+context comes from (one day and one week earlier), where the history is not a guide to the future.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from stllm.data.city import DataError
+
+
+def _us_federal(first, last) -> dict:
+    from pandas.tseries.holiday import USFederalHolidayCalendar
+    names = USFederalHolidayCalendar().holidays(first, last, return_name=True)
+    return {day.date(): str(name) for day, name in names.items()}
+
+
+# CityData.holidays -> a function (first day, last day) -> {date: holiday name}
+CALENDARS = {"US": _us_federal}
+LAGS = {"day": (1, "One day earlier"), "week": (7, "One week earlier")}
+
+
+def holiday_names(calendar: str, timestamps: np.ndarray, city: str = "city") -> dict:
+    """{date: name} of the public holidays between the first and the last timestamp (plus a week of margin);
+    empty for calendar ''. An unknown calendar is an error that names the known ones."""
+    if not calendar:
+        return {}
+    if calendar not in CALENDARS:
+        raise DataError(f"{city}: CityData.holidays is {calendar!r}, an unknown holiday calendar; known: "
+                        f"{sorted(CALENDARS)}, or '' for none")
+    first = pd.Timestamp(timestamps[0]) - pd.Timedelta(days=8)
+    last = pd.Timestamp(timestamps[-1]) + pd.Timedelta(days=8)
+    return CALENDARS[calendar](first, last)
+
+
+def window_text(target_times: np.ndarray, holidays: dict | None, periods=("day", "week")) -> str:
+    """One sentence per fact, e.g. 'Forecast from Thursday 26 November 2020, 14:00. Holiday in the forecast:
+    Thanksgiving Day. One day earlier: no holiday. One week earlier: no holiday.'
+
+    target_times: the window's target timestamps. holidays: {date: name} from `holiday_names`, or None when the
+    city has no holiday calendar (then only the date is given). periods: the period context's lags.
+    """
+    start = pd.Timestamp(target_times[0])
+    text = f"Forecast from {start.strftime('%A')} {start.day} {start.strftime('%B %Y, %H:%M')}."
+    if holidays is None:
+        return text
+    days = sorted({pd.Timestamp(t).date() for t in target_times})
+    text += f" Holiday in the forecast: {_names(days, holidays)}."
+    for period in periods:
+        lag, label = LAGS[period]
+        text += f" {label}: {_names([d - pd.Timedelta(days=lag) for d in days], holidays)}."
+    return text
+
+
+def _names(days, holidays: dict) -> str:
+    found = list(dict.fromkeys(holidays[d].rstrip(".") for d in days if d in holidays))
+    return ", ".join(found) if found else "no holiday"
