@@ -108,9 +108,6 @@ class STLLM(nn.Module):
         mask = layout.mask.to(device)[None, None].expand(b, 1, -1, -1)  # [b, 1, L, L]
         positions = layout.position_ids.to(device)[None].expand(b, -1)  # [b, L]
         if len(layout.when_pos):
-            if when is None:
-                raise ValueError(f"prompt {self.prompt.name!r} has a <WHEN> slot: the batch needs 'window_text' "
-                                 "(PreparedCity.batch writes it)")
             ids, lengths = when[0].to(device), when[1].to(device)
             slot = layout.when_pos.to(device)
             emb[:, slot] = embed(ids).to(emb.dtype)
@@ -137,9 +134,12 @@ class STLLM(nn.Module):
 
     def _window_ids(self, texts: list[str] | None, b: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The windows' calendar texts as token ids [b, W] (W = the longest, padded) and lengths [b]; None when
-        the prompt has no <WHEN> slot or the batch brings no texts."""
-        if WHEN not in self.prompt.text or texts is None:
+        the prompt has no <WHEN> slot."""
+        if WHEN not in self.prompt.text:
             return None
+        if texts is None:
+            raise ValueError(f"prompt {self.prompt.name!r} has a {WHEN} slot: the batch needs 'window_text', one "
+                             "calendar text per window (PreparedCity.batch writes it)")
         if len(texts) != b:
             raise ValueError(f"batch['window_text'] has {len(texts)} texts for {b} windows")
         rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

@@ -422,3 +422,5 @@ def test_the_calendar_text_reaches_the_forecast_and_its_padding_does_not(tiny_ci
     assert not torch.allclose(two_texts[0], two_texts[1], atol=1e-4)   # same data, other calendar: other forecast
     with pytest.raises(ValueError, match="window_text"):
         model({**batch, "window_text": texts[:2]})
+    with pytest.raises(ValueError, match="<WHEN> slot: the batch needs 'window_text'"):
+        model({k: v for k, v in batch.items() if k != "window_text"})
