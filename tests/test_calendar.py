@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stllm.data.calendar import holiday_names, window_text
+from stllm.data.calendar import holiday_group, holiday_names, window_text
 from stllm.data.city import DataError
 from stllm.data.prepared import PreparedCity
 
@@ -36,6 +36,14 @@ def test_window_text_names_the_date_and_the_holidays_of_the_forecast_and_the_per
     assert window_text(a_week_later, US_2020, periods=["day"]).endswith("One day earlier: no holiday.")
     mlk = hours("2020-01-20 09:00")
     assert "Holiday in the forecast: Birthday of Martin Luther King, Jr. One day" in window_text(mlk, US_2020)
+
+
+def test_holiday_groups_of_windows():
+    assert holiday_group(hours("2020-11-25 20:00"), US_2020) == "holiday"          # runs into Thanksgiving
+    assert holiday_group(hours("2020-11-27 06:00"), US_2020) == "after_holiday"    # yesterday was Thanksgiving
+    assert holiday_group(hours("2020-12-03 06:00"), US_2020) == "after_holiday"    # a week after
+    assert holiday_group(hours("2020-12-03 06:00"), US_2020, periods=["day"]) == "other"
+    assert holiday_group(hours("2020-12-09 06:00"), US_2020) == "other"
 
 
 def test_without_a_calendar_only_the_date_is_given_and_unknown_calendars_are_errors():

@@ -55,6 +55,16 @@ def window_text(target_times: np.ndarray, holidays: dict | None, periods=("day",
     return text
 
 
+def holiday_group(target_times: np.ndarray, holidays: dict, periods=("day", "week")) -> str:
+    """'holiday' when a forecast day is a holiday, 'after_holiday' when a day the period context comes from is
+    one (the history then misleads), else 'other'. For breaking errors down (benchmarks/holidays.py)."""
+    days = {pd.Timestamp(t).date() for t in target_times}
+    if any(d in holidays for d in days):
+        return "holiday"
+    lagged = {d - pd.Timedelta(days=LAGS[p][0]) for d in days for p in periods}
+    return "after_holiday" if any(d in holidays for d in lagged) else "other"
+
+
 def _names(days, holidays: dict) -> str:
     found = list(dict.fromkeys(holidays[d].rstrip(".") for d in days if d in holidays))
     return ", ".join(found) if found else "no holiday"
