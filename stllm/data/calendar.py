@@ -47,22 +47,31 @@ def window_text(target_times: np.ndarray, holidays: dict | None, periods=("day",
     text = f"Forecast from {start.strftime('%A')} {start.day} {start.strftime('%B %Y, %H:%M')}."
     if holidays is None:
         return text
-    days = sorted({pd.Timestamp(t).date() for t in target_times})
+    days = _days(target_times)
     text += f" Holiday in the forecast: {_names(days, holidays)}."
     for period in periods:
-        lag, label = LAGS[period]
-        text += f" {label}: {_names([d - pd.Timedelta(days=lag) for d in days], holidays)}."
+        text += f" {LAGS[period][1]}: {_names(_earlier(days, period), holidays)}."
     return text
 
 
 def holiday_group(target_times: np.ndarray, holidays: dict, periods=("day", "week")) -> str:
     """'holiday' when a forecast day is a holiday, 'after_holiday' when a day the period context comes from is
     one (the history then misleads), else 'other'. For breaking errors down (benchmarks/holidays.py)."""
-    days = {pd.Timestamp(t).date() for t in target_times}
+    days = _days(target_times)
     if any(d in holidays for d in days):
         return "holiday"
-    lagged = {d - pd.Timedelta(days=LAGS[p][0]) for d in days for p in periods}
-    return "after_holiday" if any(d in holidays for d in lagged) else "other"
+    earlier = [d for p in periods for d in _earlier(days, p)]
+    return "after_holiday" if any(d in holidays for d in earlier) else "other"
+
+
+def _days(target_times: np.ndarray) -> list:
+    """The calendar days the window's targets fall on, in order."""
+    return sorted({pd.Timestamp(t).date() for t in target_times})
+
+
+def _earlier(days: list, period: str) -> list:
+    """The days the period context of those days comes from."""
+    return [d - pd.Timedelta(days=LAGS[period][0]) for d in days]
 
 
 def _names(days, holidays: dict) -> str:
