@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", choices=["none", "int8", "nf4"], help="load the backbone in 8 or 4 bits (bitsandbytes)")
 
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):  # transformers' own bars too (loading weights)
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     try:
         return {"train": cmd_train, "distill": cmd_distill, "evaluate": cmd_evaluate, "predict": cmd_predict,
                 "demo": cmd_demo, "explain": cmd_explain}[args.command](args)

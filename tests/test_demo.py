@@ -7,8 +7,14 @@ import pytest
 @pytest.mark.slow
 def test_demo_trains_both_models_prints_the_table_and_plots(tmp_path, capsys):
     from stllm.cli import main
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--minutes", "0.05", "--quiet"]) == 0
-    out = capsys.readouterr().out
+    from transformers.utils import logging as hf_logging
+    try:
+        assert main(["demo", "--out", str(tmp_path / "demo"), "--minutes", "0.05", "--quiet"]) == 0
+    finally:
+        hf_logging.enable_progress_bar()     # --quiet turns transformers' bars off for the process
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "Loading weights" not in captured.err                          # --quiet: no progress bar at all
     for row in ("stllm (SmolLM2 + LoRA)", "encoder only", "last", "same_time_yesterday", "same_time_last_week",
                 "historical_average"):
         assert row in out
