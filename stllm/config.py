@@ -26,6 +26,8 @@ class DataConfig:
     scaler: str = "channel"                  # channel: z-score per channel over all nodes | node: per node and channel
     max_nodes: int = 0                       # keep only the first k nodes (0 = all); for quick runs
     train_days: float = 0                    # few-shot: train only on windows inside the first k days (0 = all)
+    holiday_features: bool = False           # the encoder also sees, per step, whether its day, and the days one
+                                             # day / one week earlier (data.periods), are public holidays
 
     def __post_init__(self) -> None:
         if self.t_in < 1 or self.t_out < 1:

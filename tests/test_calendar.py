@@ -4,8 +4,9 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from stllm.data.calendar import holiday_group, holiday_names, window_text
+from stllm.data.calendar import holiday_flags, holiday_group, holiday_names, window_text
 from stllm.data.city import DataError
 from stllm.data.prepared import PreparedCity
 
@@ -66,3 +67,32 @@ def test_batches_carry_one_calendar_text_per_window(tiny_city, tiny_config):
         assert "One week earlier:" in text
     plain = PreparedCity(tiny_city, cfg.data, cfg.encoder).batch(starts)["window_text"]
     assert all(t.endswith(":00.") for t in plain)           # no calendar: the date only
+
+
+def test_holiday_flags_mark_the_day_and_the_days_one_period_earlier():
+    steps = pd.to_datetime(["2020-11-25 23:00", "2020-11-26 00:00", "2020-11-27 05:00", "2020-12-03 12:00",
+                            "2020-12-04 12:00"]).to_numpy()
+    flags = holiday_flags(steps, US_2020)            # columns: this day, one day earlier, one week earlier
+    assert flags.dtype == np.float32 and flags.tolist() == [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]]
+    assert holiday_flags(steps, US_2020, periods=["week"]).tolist() == [[0, 0], [1, 0], [0, 0], [0, 1], [0, 0]]
+
+
+def test_holiday_features_reach_the_encoder_only_when_asked_for(tiny_city, tiny_config):
+    from stllm.nn.encoder import STEncoder
+    city = dataclasses.replace(tiny_city, holidays="US")
+    plain_cfg, cfg = tiny_config(), tiny_config(["data.holiday_features=true"])
+    plain, prep = PreparedCity(city, plain_cfg.data, plain_cfg.encoder), PreparedCity(city, cfg.data, cfg.encoder)
+    assert plain.tf.shape[1] == 4 and prep.tf.shape[1] == 4 + 1 + 2
+    assert torch.equal(prep.tf[:, :4], plain.tf)
+    expected = holiday_flags(prep.timestamps, prep.holidays, prep.periods)
+    assert expected.sum() > 0 and np.array_equal(prep.tf[:, 4:].numpy(), expected)   # the fixture spans a holiday
+
+    torch.manual_seed(0)
+    enc = STEncoder(cfg.encoder, cfg.data, city.n_channels, prep.n_exog).eval()
+    batch = prep.batch(prep.splits["train"][:4])
+    flipped = dict(batch, tf_out=batch["tf_out"].clone())
+    flipped["tf_out"][:, :, 4] = 1 - flipped["tf_out"][:, :, 4]          # "the forecast day is (not) a holiday"
+    assert not torch.allclose(enc(batch), enc(flipped))                   # the period tokens read it
+
+    with pytest.raises(DataError, match="data.holiday_features needs a holiday calendar"):
+        PreparedCity(tiny_city, cfg.data, cfg.encoder)                    # tiny_city has no calendar

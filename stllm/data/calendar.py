@@ -54,6 +54,16 @@ def window_text(target_times: np.ndarray, holidays: dict | None, periods=("day",
     return text
 
 
+def holiday_flags(timestamps: np.ndarray, holidays: dict, periods=("day", "week")) -> np.ndarray:
+    """[T, 1 + len(periods)] float32: 1 where the step's day is a holiday, then where the day one period earlier
+    was one (the day the period context of that step comes from); the encoder's view of `window_text`."""
+    days = pd.DatetimeIndex(timestamps).normalize()
+    columns = [days]
+    for period in periods:
+        columns.append(days - pd.Timedelta(days=LAGS[period][0]))
+    return np.stack([np.isin(c.date, list(holidays)) for c in columns], axis=1).astype(np.float32)
+
+
 def holiday_group(target_times: np.ndarray, holidays: dict, periods=("day", "week")) -> str:
     """'holiday' when a forecast day is a holiday, 'after_holiday' when a day the period context comes from is
     one (the history then misleads), else 'other'. For breaking errors down (benchmarks/holidays.py)."""

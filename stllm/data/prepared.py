@@ -6,7 +6,7 @@ import torch
 
 from stllm.data import graphs
 from stllm.data.city import CityData, DataError
-from stllm.data.calendar import holiday_names, window_text
+from stllm.data.calendar import holiday_flags, holiday_names, window_text
 from stllm.data.windows import (WIND_DIR, WIND_SPEED, Scaler, exog_features, period_lags, split_bounds,
                                 split_starts, time_features)
 
@@ -50,7 +50,13 @@ class PreparedCity:
         self.mask = torch.from_numpy(observed.astype(np.float32))                                       # [T', N, C]
         self.raw = torch.from_numpy(values)                                                              # [T', N, C], NaN kept
         self.timestamps = city.timestamps[0] + np.arange(len(values)) * np.timedelta64(city.interval.value, "ns")
-        self.tf = torch.from_numpy(time_features(self.timestamps))                                      # [T', 4]
+        tf = time_features(self.timestamps)                                                              # [T', 4]
+        if data_cfg.holiday_features:
+            if self.holidays is None:
+                raise DataError(f"{city.name}: data.holiday_features needs a holiday calendar, and this city has "
+                                f"none (CityData.holidays is empty; e.g. load_byo(..., holidays='US'))")
+            tf = np.concatenate([tf, holiday_flags(self.timestamps, self.holidays, self.periods)], axis=1)
+        self.tf = torch.from_numpy(tf)                                                   # [T', 4 (+1+P holiday)]
         exog, self.exog_names = exog_features(city, max(self.train_end, 1))
         self.exog = torch.from_numpy(exog)                                                               # [T, N|1, E]
         self.static_adj = self._static_graph(enc_cfg) if enc_cfg.static_graph else None                     # [N, N]

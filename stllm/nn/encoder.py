@@ -10,7 +10,7 @@ from torch import nn
 from stllm.nn.graph import SpatialBlock
 from stllm.nn.temporal import TemporalEncoder
 
-N_TIME_FEATURES = 4  # sin/cos time of day, sin/cos day of week
+N_TIME_FEATURES = 4  # sin/cos time of day, sin/cos day of week (then, with data.holiday_features, 1 + P flags)
 
 
 class STEncoder(nn.Module):
@@ -28,25 +28,31 @@ class STEncoder(nn.Module):
         self.n_patches = math.ceil(self.t_in / self.patch_len)
         self.n_periods = len(data_cfg.periods)
         self.n_tokens = self.n_patches + self.n_periods
-        n_features = 2 * n_channels + N_TIME_FEATURES + n_exog      # values, masks, calendar, weather
+        self.n_time = N_TIME_FEATURES + (1 + self.n_periods if data_cfg.holiday_features else 0)
+        n_features = 2 * n_channels + self.n_time + n_exog          # values, masks, calendar, weather
         self.input = nn.Linear(n_features, d)
         self.temporal = TemporalEncoder(d, enc_cfg.temporal_layers, enc_cfg.kernel_sizes, enc_cfg.dropout)
         self.patch = nn.Linear(self.patch_len * d, d)
         # A period window (the target-aligned hours a day or a week earlier) is embedded directly by an MLP:
         # it is already aligned with the targets, so it needs no temporal convolution (and this is 3x cheaper).
-        self.period = nn.Sequential(nn.Linear(self.t_out * 2 * n_channels + N_TIME_FEATURES, d), nn.GELU(), nn.Linear(d, d))
+        self.period = nn.Sequential(nn.Linear(self.t_out * 2 * n_channels + self.n_time, d), nn.GELU(), nn.Linear(d, d))
         self.token_type = nn.Parameter(torch.randn(self.n_tokens, d) * 0.02)  # closeness patches, day, week
         self.spatial = SpatialBlock(d, enc_cfg.static_graph, enc_cfg.dynamic_graph, enc_cfg.dropout)
         self.mix = TokenMix(self.n_tokens * d, enc_cfg.mix_hidden, enc_cfg.dropout) if enc_cfg.mix_hidden else None
 
     def _features(self, x, mask, tf, exog, n_nodes: int) -> torch.Tensor:
-        """[b, t, N, C] values and masks, [b, t, 4] calendar, [b, t, N|1, E] weather -> [b*N, t, d]."""
+        """[b, t, N, C] values and masks, [b, t, n_time] calendar, [b, t, N|1, E] weather -> [b*N, t, d]."""
         b, t = x.shape[:2]
-        parts = [x, mask, tf[:, :, None, :].expand(b, t, n_nodes, N_TIME_FEATURES)]
+        parts = [x, mask, tf[:, :, None, :].expand(b, t, n_nodes, self.n_time)]
         if self.n_exog:
             parts.append(exog.expand(b, t, n_nodes, self.n_exog))
         h = self.input(torch.cat(parts, dim=-1))                      # [b, t, N, d]
         return h.permute(0, 2, 1, 3).reshape(b * n_nodes, t, -1)       # [b*N, t, d]
+
+    def _when(self, tf_out: torch.Tensor) -> torch.Tensor:
+        """[b, t_out, n_time] -> [b, n_time]: the first target step's time of day and week; the holiday flags
+        as the share of target steps they hold for (a forecast may run into a holiday)."""
+        return torch.cat([tf_out[:, 0, :N_TIME_FEATURES], tf_out[:, :, N_TIME_FEATURES:].mean(1)], dim=-1)
 
     def forward(self, batch: dict) -> torch.Tensor:
         x = batch["x"]                                                # [b, t_in, N, C]
@@ -58,7 +64,7 @@ class STEncoder(nn.Module):
         tokens = [self.patch(h)]                                       # [b*N, k_close, d]
         if self.n_periods:
             periods, pmask = batch["periods"], batch["period_mask"]   # [b, P, t_out, N, C]
-            when = batch["tf_out"][:, 0, None, :].expand(b, n_nodes, N_TIME_FEATURES)  # [b, N, 4] first target step
+            when = self._when(batch["tf_out"])[:, None, :].expand(b, n_nodes, self.n_time)    # [b, N, n_time]
             for p in range(self.n_periods):
                 flat = torch.cat([periods[:, p], pmask[:, p]], -1)    # [b, t_out, N, 2C]
                 flat = flat.permute(0, 2, 1, 3).reshape(b, n_nodes, -1)  # [b, N, t_out*2C]
