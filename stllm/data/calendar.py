@@ -57,11 +57,9 @@ def window_text(target_times: np.ndarray, holidays: dict | None, periods=("day",
 def holiday_flags(timestamps: np.ndarray, holidays: dict, periods=("day", "week")) -> np.ndarray:
     """[T, 1 + len(periods)] float32: 1 where the step's day is a holiday, then where the day one period earlier
     was one (the day the period context of that step comes from); the encoder's view of `window_text`."""
-    days = pd.DatetimeIndex(timestamps).normalize()
-    columns = [days]
-    for period in periods:
-        columns.append(days - pd.Timedelta(days=LAGS[period][0]))
-    return np.stack([np.isin(c.date, list(holidays)) for c in columns], axis=1).astype(np.float32)
+    days = list(pd.DatetimeIndex(timestamps).date)
+    columns = [days] + [_earlier(days, period) for period in periods]
+    return np.array([[d in holidays for d in column] for column in columns], np.float32).T
 
 
 def holiday_group(target_times: np.ndarray, holidays: dict, periods=("day", "week")) -> str:
