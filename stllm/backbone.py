@@ -85,14 +85,17 @@ class BackboneConfig:
     cache_dir: str = field(default_factory=default_cache_dir)  # where the converted SmolLM2 is kept
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip():
+        from stllm.config import check_fields  # the annotated types, checked as for every config section
+
+        check_fields(self)
+        if not self.name.strip():
             raise ValueError(f"backbone.name must be a non-empty string, got {self.name!r}")
-        if self.n_layers is not None and (
-            isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 0
-        ):
-            raise ValueError(f"backbone.n_layers must be None or an integer >= 0, got {self.n_layers!r}")
-        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:
+        if self.n_layers is not None and self.n_layers < 0:
+            raise ValueError(f"backbone.n_layers must be null or an integer >= 0, got {self.n_layers!r}")
+        if self.lora_r < 0:
             raise ValueError(f"backbone.lora_r must be an integer >= 0 (0 = no LoRA), got {self.lora_r!r}")
+        if self.lora_alpha < 0:
+            raise ValueError(f"backbone.lora_alpha must be >= 0, got {self.lora_alpha!r}")
         if self.lora_r > 0 and not self.lora_alpha > 0:
             raise ValueError(f"backbone.lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -1,10 +1,23 @@
-"""Dataclasses for every component, YAML in and out, dotted overrides (`--set train.lr=1e-4`)."""
+"""Dataclasses for every component, YAML in and out, dotted overrides (`--set train.lr=1e-4`).
+
+What is checked; every failure is a ConfigError naming the source (the file, "defaults" or "--set"), the dotted
+key, the value given and what is expected:
+- the file is a mapping of known sections, each section a mapping (or empty) of known keys;
+- every value has its field's annotated type (`check_value`): bool exactly YAML true/false; int an integer or an
+  integer string; float a finite number or a number string such as '1e-4'; str, list and dict as written; list
+  items as annotated (`list[int]`);
+- per-field ranges and choices in LIMITS (e.g. train.batch_size >= 1, encoder.dropout in [0, 1), data.scaler
+  channel|node); backbone.* ranges in BackboneConfig.__post_init__;
+- cross-field rules in each section's `__post_init__` (e.g. explain.teacher openai:... needs teacher_url).
+Dataset options (data.options) are checked against the loader by `stllm.data.registry.check_options`.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -17,30 +30,22 @@ class ConfigError(ValueError):
 class DataConfig:
     name: str = "synthetic"                  # built-in dataset name or a path (see docs/data_formats.md)
     options: dict = field(default_factory=dict)  # passed to the loader, e.g. {channels: [PM2.5]}
-    channels: list = field(default_factory=list)  # channels to forecast (names or positions); empty = all
+    channels: list[str | int] = field(default_factory=list)  # channels to forecast (names or positions); empty = all
     t_in: int = 12                           # history steps
     t_out: int = 12                          # forecast horizon steps
-    split: list = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train/val/test fractions, chronological
-    split_at: list = field(default_factory=list)  # [train_end, test_start] step indices (a dataset's given split)
-    periods: list = field(default_factory=lambda: ["day", "week"])  # target-aligned period context windows
+    split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train/val/test fractions, chronological
+    split_at: list[int] = field(default_factory=list)  # [train_end, test_start] step indices (a dataset's given split)
+    periods: list[str] = field(default_factory=lambda: ["day", "week"])  # target-aligned period context windows
     scaler: str = "channel"                  # channel: z-score per channel over all nodes | node: per node and channel
     max_nodes: int = 0                       # keep only the first k nodes (0 = all); for quick runs
     train_days: float = 0                    # few-shot: train only on windows inside the first k days (0 = all)
+    notes: str = ""                          # notes CSV (start,end,zones,kind,text): dated text about places
+                                             # (docs/data_formats.md); "" = none
     holiday_features: bool = False           # the encoder also sees, per step, whether its day, and the days one
                                              # day / one week earlier (data.periods), are public holidays
 
     def __post_init__(self) -> None:
-        if self.t_in < 1 or self.t_out < 1:
-            raise ConfigError(f"data.t_in and data.t_out must be >= 1, got {self.t_in}, {self.t_out}")
-        if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:
-            raise ConfigError(f"data.split must be three non-negative fractions summing to 1, got {self.split}")
-        bad = [p for p in self.periods if p not in ("day", "week")]
-        if bad:
-            raise ConfigError(f"data.periods may contain 'day' and 'week', got {bad}")
-        if self.split_at and (len(self.split_at) != 2 or not 0 < self.split_at[0] <= self.split_at[1]):
-            raise ConfigError(f"data.split_at must be [train_end, test_start] with 0 < train_end <= test_start, got {self.split_at}")
-        if self.scaler not in ("channel", "node"):
-            raise ConfigError(f"data.scaler must be 'channel' or 'node', got {self.scaler!r}")
+        check_fields(self)
 
 
 @dataclass
@@ -48,7 +53,7 @@ class EncoderConfig:
     d_enc: int = 64                          # width of ST-tokens
     patch_len: int = 12                      # steps per patch of the recent window (t_in / patch_len tokens)
     temporal_layers: int = 3                 # gated dilated conv layers (dilation 1, 2, 4, ...)
-    kernel_sizes: list = field(default_factory=lambda: [2, 3])  # kernel widths per temporal layer
+    kernel_sizes: list[int] = field(default_factory=lambda: [2, 3])  # kernel widths per temporal layer
     static_graph: bool = True                # Gaussian-kernel (or adjacency) graph convolution
     dynamic_graph: str = "auto"              # auto: wind where wind is known, else data | wind | data | none
     graph_sigma: float = 0.0                 # kernel width in km; 0 = std of distances
@@ -61,11 +66,7 @@ class EncoderConfig:
                                              # head). NYC bike, encoder only, 11 min: test MAE 9.81 without, 9.33 with
 
     def __post_init__(self) -> None:
-        if self.dynamic_graph not in ("auto", "wind", "data", "none"):
-            raise ConfigError(f"encoder.dynamic_graph must be auto|wind|data|none, got {self.dynamic_graph!r}")
-        if self.d_enc < 1 or self.patch_len < 1 or self.temporal_layers < 0 or self.mix_hidden < 0:
-            raise ConfigError("encoder.d_enc and encoder.patch_len must be >= 1, encoder.temporal_layers and "
-                              "encoder.mix_hidden >= 0")
+        check_fields(self)
 
 
 @dataclass
@@ -82,14 +83,16 @@ class ModelConfig:
     head_hidden: int = 256                   # width of W1 and W2 in the regression head
     encoder_skip: bool = True                # add the encoder's linear read-out to the head's output, so the
                                              # language model learns a correction (false = the head alone)
+    notes: str = "text"                      # how the model reads a city's notes (dated text about places):
+                                             # text: the language model reads each note, its pooled state moves the
+                                             # forecast of the nodes and steps the note covers (needs use_llm) |
+                                             # flags: the control, each note only as a flag of its kind | none
+    note_hidden: int = 64                    # width of the note effect (notes: text or flags)
+    node_text: bool = False                  # add each node's name and description, read once by the language
+                                             # model, to its ST-tokens (a static cache per city)
 
     def __post_init__(self) -> None:
-        if self.task not in ("forecast", "events"):
-            raise ConfigError(f"model.task must be forecast|events, got {self.task!r}")
-        if self.projector not in ("linear", "mlp"):
-            raise ConfigError(f"model.projector must be linear|mlp, got {self.projector!r}")
-        if self.tokens_per_node < 1:
-            raise ConfigError(f"model.tokens_per_node must be >= 1, got {self.tokens_per_node}")
+        check_fields(self)
 
 
 @dataclass
@@ -119,26 +122,20 @@ class TrainConfig:
     encoder_first_minutes: float = 0.0       # two-stage training: first train encoder + skip read-out alone (5x
                                              # faster on CPU) for at most this long or until early stopping, then
                                              # switch the language model on (0 = one stage; needs encoder_skip)
+    encoder_first_steps: int = 0             # two-stage training by optimizer steps instead of minutes (reproducible
+                                             # on any machine): stage 1 ends after this many steps or early stopping
     stage2_eval_every: int = 0               # two-stage training: validate every k steps in stage 2 (0 = eval_every);
                                              # its steps are ~4x slower, so fewer steps per validation
-    stage2_freeze: list = field(default_factory=lambda: ["encoder", "skip"])  # two-stage training: parts held
+    stage2_freeze: list[str] = field(default_factory=lambda: ["encoder", "skip"])  # two-stage training: parts held
                                              # still in stage 2, so the language model learns a correction to a
                                              # fixed encoder forecast ([] = train everything in stage 2)
-    freeze: list = field(default_factory=list)  # parts held still, by name prefix: e.g. [encoder, skip] trains
+    freeze: list[str] = field(default_factory=list)  # parts held still, by name prefix: e.g. [encoder, skip] trains
                                              # only the language-model side of a run loaded with init_from
     init_from: str = ""                      # start from this run's weights: few-shot (same model), or warm-start
                                              # the encoder from an encoder-only run (parts it has are loaded)
 
     def __post_init__(self) -> None:
-        if self.loss not in ("mae", "huber"):
-            raise ConfigError(f"train.loss must be mae|huber, got {self.loss!r}")
-        if self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("train.batch_size must be >= 1 and train.lr > 0")
-        if not 0 <= self.ema < 1:
-            raise ConfigError(f"train.ema must be in [0, 1) (0 = off, e.g. 0.999), got {self.ema}")
-        if not 0 <= self.lr_decay < 1 or self.lr_decay_after < 1:
-            raise ConfigError(f"train.lr_decay must be in [0, 1) and train.lr_decay_after >= 1, got "
-                              f"{self.lr_decay}, {self.lr_decay_after}")
+        check_fields(self)
 
 
 @dataclass
@@ -173,17 +170,9 @@ class ExplainConfig:
     max_new_tokens: int = 320                # bound on generated rationale tokens
 
     def __post_init__(self) -> None:
-        if self.mode not in ("analytic", "generated"):
-            raise ConfigError(f"explain.mode must be analytic|generated, got {self.mode!r}")
-        if self.teacher != "analytic" and not self.teacher.startswith(("hf:", "openai:")):
-            raise ConfigError("explain.teacher must be 'analytic', 'hf:<model folder>' or 'openai:<model name>', "
-                              f"got {self.teacher!r}")
+        check_fields(self)
         if self.teacher.startswith("openai:") and not self.teacher_url:
             raise ConfigError(f"explain.teacher={self.teacher!r} needs explain.teacher_url (the server's address)")
-        if min(self.lm_weight, self.city_weight, self.steps, self.lora_lr) < 0 or \
-                min(self.n_samples, self.batch_size) < 1:
-            raise ConfigError("explain.lm_weight, city_weight, steps and lora_lr must be >= 0, "
-                              "explain.n_samples and explain.batch_size >= 1")
 
 
 def _backbone_config_cls():
@@ -214,41 +203,183 @@ def _section_cls(name: str):
     return _backbone_config_cls() if name == "backbone" else SECTIONS[name]
 
 
-def config_from_dict(raw: dict, source: str = "config") -> Config:
-    """Build a Config; unknown sections or keys raise ConfigError naming them."""
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    parts = {}
-    for section, values in raw.items():
-        if section not in (*SECTIONS, "backbone"):
-            raise ConfigError(f"{source}: unknown section {section!r}; sections are {[*SECTIONS, 'backbone']}")
-        cls = _section_cls(section)
-        values = values or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(section + '.' + k for k in unknown)}; "
-                              f"known keys of {section}: {sorted(known)}")
-        values = {k: _coerce(cls, k, v, source) for k, v in values.items()}
-        try:
-            parts[section] = cls(**values)
-        except TypeError as err:
-            raise ConfigError(f"{source}: section {section}: {err}") from err
-    return Config(**parts)
+# ---- checks ----------------------------------------------------------------------------------------------------------
+Limit = tuple[str, Callable[[Any], bool]]   # (what is expected, test of a value that already has the field's type)
 
 
-def _coerce(cls, key: str, value, source: str):
-    """Numbers written as YAML 1.1 reads them ('1e-4' is a string there) become the field's type."""
-    kind = str({f.name: f.type for f in dataclasses.fields(cls)}[key])
+def _at_least(low: int) -> Limit:
+    return f">= {low}", lambda v: v >= low
+
+
+def _one_of(*choices: str) -> Limit:
+    return "one of " + "|".join(choices), lambda v: v in choices
+
+
+_POSITIVE: Limit = ("> 0", lambda v: v > 0)
+_FRACTION: Limit = ("in [0, 1)", lambda v: 0 <= v < 1)
+_NAME: Limit = ("a non-empty string", lambda v: v.strip() != "")
+
+# Ranges and choices by dotted key, beyond the annotated type. Every int and float field needs one
+# (tests/test_config_validation.py sets each to -1); backbone.* live in BackboneConfig.__post_init__.
+LIMITS: dict[str, Limit] = {
+    "data.name": _NAME,
+    "data.options": ("a mapping of option names (strings) to values", lambda v: all(isinstance(k, str) for k in v)),
+    "data.t_in": _at_least(1), "data.t_out": _at_least(1),
+    "data.split": ("three fractions >= 0 summing to 1 (train, val, test)",
+                   lambda v: len(v) == 3 and min(v) >= 0 and abs(sum(v) - 1) <= 1e-6),
+    "data.split_at": ("[] or [train_end, test_start] with 0 < train_end <= test_start",
+                      lambda v: not v or (len(v) == 2 and 0 < v[0] <= v[1])),
+    "data.periods": ("a list of day and/or week", lambda v: all(p in ("day", "week") for p in v)),
+    "data.scaler": _one_of("channel", "node"),
+    "data.max_nodes": _at_least(0), "data.train_days": _at_least(0),
+    "encoder.d_enc": _at_least(1), "encoder.patch_len": _at_least(1), "encoder.temporal_layers": _at_least(0),
+    "encoder.kernel_sizes": ("a non-empty list of integers >= 1", lambda v: len(v) > 0 and min(v) >= 1),
+    "encoder.dynamic_graph": _one_of("auto", "wind", "data", "none"),
+    "encoder.graph_sigma": _at_least(0), "encoder.graph_threshold": _at_least(0),
+    "encoder.wind_sigma0": _at_least(0), "encoder.wind_alpha": _at_least(0),
+    "encoder.dropout": _FRACTION, "encoder.mix_hidden": _at_least(0),
+    "model.task": _one_of("forecast", "events"), "model.prompt": _NAME, "model.projector": _one_of("linear", "mlp"),
+    "model.tokens_per_node": _at_least(1), "model.nodes_per_sequence": _at_least(0), "model.head_hidden": _at_least(1),
+    "train.lr": _POSITIVE, "train.lora_lr": _at_least(0), "train.weight_decay": _at_least(0),
+    "train.batch_size": _at_least(1), "train.epochs": _at_least(1), "train.max_minutes": _at_least(0),
+    "train.max_steps": _at_least(0), "train.train_stride": _at_least(1), "train.eval_every": _at_least(0),
+    "train.val_windows": _at_least(0), "train.patience": _at_least(1), "train.lr_decay": _FRACTION,
+    "train.lr_decay_after": _at_least(1), "train.loss": _one_of("mae", "huber"), "train.grad_clip": _at_least(0),
+    "train.ema": _FRACTION, "train.seed": ("in [0, 2**32) (numpy's seed range)", lambda v: 0 <= v < 2**32),
+    "train.num_threads": _at_least(0), "train.encoder_first_minutes": _at_least(0),
+    "train.encoder_first_steps": _at_least(0), "train.stage2_eval_every": _at_least(0),
+    "explain.lm_weight": _at_least(0), "explain.city_weight": _at_least(0), "explain.n_samples": _at_least(1),
+    "explain.batch_size": _at_least(1), "explain.steps": _at_least(0), "explain.minutes": _at_least(0),
+    "explain.lora_lr": _at_least(0), "explain.mode": _one_of("analytic", "generated"),
+    "explain.teacher": ("analytic, hf:<model folder> or openai:<model name>",
+                        lambda v: v == "analytic" or v.startswith(("hf:", "openai:"))),
+    "explain.max_new_tokens": _at_least(1),
+}
+
+
+def check_fields(section: Any) -> None:
+    """Check every field of a section dataclass and store it converted ('1e-4' -> 0.0001); each __post_init__
+    calls this first, so configs built in code are checked as YAML ones are."""
+    for f in dataclasses.fields(section):
+        setattr(section, f.name, check_value(type(section), f.name, getattr(section, f.name)))
+
+
+def check_value(cls: type, name: str, value: Any) -> Any:
+    """`value` for field `name` of section class `cls`, converted to the field's annotated type and within
+    LIMITS; else a ConfigError naming the dotted key, the value and what is expected."""
+    key = f"{cls.__name__.removesuffix('Config').lower()}.{name}"      # BackboneConfig -> backbone.<name>
+    kind = next(str(f.type) for f in dataclasses.fields(cls) if f.name == name)  # a string (future annotations)
+    ok, converted = _convert(value, kind)
+    if not ok:
+        raise ConfigError(f"{key} must be {_describe(kind)}, got {_show(value)}")
+    expects, test = LIMITS.get(key, ("", None))
+    if test is not None and converted is not None and not test(converted):
+        raise ConfigError(f"{key} must be {expects}, got {_show(value)}")
+    return converted
+
+
+def _convert(value: Any, kind: str) -> tuple[bool, Any]:
+    """(True, value as the annotation `kind`) or (False, None); e.g. ('1e-4', 'float') -> (True, 0.0001)."""
+    for option in _alternatives(kind):
+        ok, converted = _convert_one(value, option)
+        if ok:
+            return True, converted
+    return False, None
+
+
+def _convert_one(value: Any, kind: str) -> tuple[bool, Any]:
+    if kind == "Any":
+        return True, value
+    if kind == "None":
+        return value is None, None
+    if kind.startswith("list"):
+        if not isinstance(value, list):
+            return False, None
+        items = [_convert(v, kind[5:-1] or "Any") for v in value]   # 'list[int]' -> 'int'; 'list' -> any items
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if kind in ("bool", "str", "dict"):
+        return isinstance(value, {"bool": bool, "str": str, "dict": dict}[kind]), value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False, None                   # a bool is an int to Python, but `batch_size: true` is a mistake
     try:
-        if kind.startswith("float") and isinstance(value, (str, int)) and not isinstance(value, bool):
-            return float(value)
-        if kind == "int" and isinstance(value, str):
-            return int(value)
-    except ValueError:
-        raise ConfigError(f"{source}: {key} must be a number, got {value!r}") from None
-    return value
+        if kind == "int" and not isinstance(value, float):
+            return True, int(value)
+        if kind == "float":
+            number = float(value)            # YAML 1.1 reads 1e-4 (no dot) as a string
+            return math.isfinite(number), number
+    except (ValueError, OverflowError):
+        pass
+    return False, None
+
+
+def _alternatives(kind: str) -> list[str]:
+    """'str | list[str | int]' -> ['str', 'list[str | int]']: split at the '|' outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(kind):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "|" and depth == 0:
+            parts.append(kind[start:i].strip())
+            start = i + 1
+    return parts + [kind[start:].strip()]
+
+
+_WORDS = {"bool": "true or false", "int": "an integer", "float": "a finite number (e.g. 0.5 or 1e-4)",
+          "str": "a string", "list": "a list", "dict": "a mapping", "None": "null", "Any": "any value"}
+_PLURAL = {"bool": "true/false", "int": "integers", "float": "finite numbers", "str": "strings", "list": "lists",
+           "dict": "mappings", "None": "nulls", "Any": "any values"}
+
+
+def _describe(kind: str, plural: bool = False) -> str:
+    """'int | None' -> 'an integer or null'; 'list[str]' -> 'a list of strings'."""
+    words = []
+    for option in _alternatives(kind):
+        if option.startswith("list["):
+            words.append(("lists" if plural else "a list") + " of " + _describe(option[5:-1], plural=True))
+        else:
+            words.append((_PLURAL if plural else _WORDS).get(option, option))
+    return " or ".join(words)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."   # a whole pasted list helps nobody
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------------
+def sections(raw: Any, source: str) -> dict[str, dict]:
+    """`raw` as {section: {key: value}} after checking its shape and names; values are checked when built."""
+    if raw is None:                          # an empty file
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (data:, model:, train:, ...), got "
+                          f"{type(raw).__name__} {_show(raw)}")
+    names = [*SECTIONS, "backbone"]
+    out = {}
+    for section, values in raw.items():
+        if section not in names:
+            raise ConfigError(f"{source}: unknown section {section!r}; sections are {names}")
+        values = {} if values is None else values            # `train:` with nothing under it
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section} must be a mapping of keys to values "
+                              f"({section}: {{key: value}}), got {_show(values)}")
+        known = sorted(f.name for f in dataclasses.fields(_section_cls(section)))
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                              f"known keys of {section}: {known}")
+        out[section] = dict(values)
+    return out
+
+
+def config_from_dict(raw: Any, source: str = "config") -> Config:
+    """Build a Config from {section: {key: value}}; a wrong section, key or value raises ConfigError."""
+    parts = {}
+    for section, values in sections(raw, source).items():
+        try:
+            parts[section] = _section_cls(section)(**values)
+        except ValueError as err:            # the checks name the key and value; add where it came from
+            raise ConfigError(f"{source}: {err}") from err
+    return Config(**parts)
 
 
 def parse_overrides(overrides: list[str] | None) -> dict:
@@ -259,7 +390,10 @@ def parse_overrides(overrides: list[str] | None) -> dict:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
-        nested.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else ""
+        try:
+            nested.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {err}") from err
     return nested
 
 
@@ -272,15 +406,20 @@ def merge(base: dict, extra: dict) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults when path is None) and apply dotted overrides."""
-    raw: dict = {}
-    source = "defaults"
+    raw, source = None, "defaults"
     if path is not None:
-        path = Path(path)
+        path, source = Path(path), str(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+            raw = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        source = str(path)
-    return config_from_dict(merge(raw, parse_overrides(overrides)), source)
+    base, extra = sections(raw, source), sections(parse_overrides(overrides), "--set")
+    for section, values in extra.items():    # checked alone first, so a bad value is blamed on --set
+        for name, value in values.items():
+            try:
+                check_value(_section_cls(section), name, value)
+            except ConfigError as err:
+                raise ConfigError(f"--set: {err}") from err
+    return config_from_dict(merge(base, extra), source + (" with --set" if extra else ""))

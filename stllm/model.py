@@ -7,13 +7,15 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from stllm import checkpoint
 from stllm.config import Config, load_config
 from stllm.nn.encoder import STEncoder
 from stllm.nn.classification import ClassificationHead
 from stllm.nn.heads import LinearHead, Projector, RegressionHead
+from stllm.nn.text import N_KIND_BUCKETS, NoteEffect, TextReader, kind_flags
 from stllm.prompts import WHEN, PromptTemplate, city_layout
 
 WEIGHTS = "model.safetensors"
@@ -41,9 +43,16 @@ class STLLM(nn.Module):
             self.encoder = STEncoder(cfg.encoder, cfg.data, n_channels, n_exog)
             k, d_enc, t_out = self.encoder.n_tokens, cfg.encoder.d_enc, cfg.data.t_out
             readout = LinearHead(d_enc, k, t_out, n_channels)
+        # Notes (dated text about places): read by the language model (model.notes=text), or, as the control,
+        # seen only as flags of their kind (flags); forecasts only.
+        reads_notes = cfg.model.task == "forecast" and (cfg.model.notes == "flags" or
+                                                         (cfg.model.notes == "text" and cfg.model.use_llm))
+        self.reader = None
         if not cfg.model.use_llm:   # for events the linear head's outputs are logits
             self.backbone = None
             self.head = readout
+            self.notes = NoteEffect(N_KIND_BUCKETS, cfg.model.note_hidden, cfg.data.t_in, n_channels) \
+                if reads_notes else None
             return
         if backbone is None or tokenizer is None:
             raise ValueError("model.use_llm=true needs a backbone and its tokenizer (see stllm.backbone.build_backbone)")
@@ -64,6 +73,14 @@ class STLLM(nn.Module):
         if self.skip is not None:
             nn.init.zeros_(self.head.w3.weight)
             nn.init.zeros_(self.head.w3.bias)
+        self.reader = TextReader(backbone, tokenizer)        # pooled text states, cached per text
+        d_note = d_llm if cfg.model.notes == "text" else N_KIND_BUCKETS
+        self.notes = NoteEffect(d_note, cfg.model.note_hidden, cfg.data.t_in, n_channels) if reads_notes else None
+        # Node names and descriptions, read once per city, added to each node's ST-tokens (model.node_text).
+        self.node_proj = nn.Linear(d_llm, d_enc) if cfg.model.node_text else None
+        if self.node_proj is not None:
+            nn.init.zeros_(self.node_proj.weight)
+            nn.init.zeros_(self.node_proj.bias)
         self.llm_active = True   # False: forward uses only the encoder read-out (training's first stage)
         self._layouts: dict = {}
 
@@ -71,12 +88,14 @@ class STLLM(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         tokens = self.encoder(batch)                                    # [b, N, k, d_enc]
         if self.backbone is None:
-            return self.head(tokens)
+            return self._read_notes(self.head(tokens), batch)
         base = self.skip(tokens) if self.skip is not None else 0.0     # [b, t_out, N, C]
         if not self.llm_active:
             if self.skip is None:
                 raise ValueError("llm_active=False needs model.encoder_skip=true (there is no other read-out)")
             return base
+        if self.node_proj is not None:
+            tokens = tokens + self.node_proj(self._node_states(batch, tokens))[None, :, None, :]
         b, n = tokens.shape[:2]
         his = self.projector(tokens)                                    # [b, N, m, d_llm]
         pre = self.pre_query + self.pre_proj(tokens.mean(2))           # [b, N, d_llm]
@@ -91,7 +110,24 @@ class STLLM(nn.Module):
             a, p = self._run_backbone(his[:, lo:hi], pre[:, lo:hi], batch.get("context") or {}, when)
             h_his.append(a)
             h_pre.append(p)
-        return base + self.head(torch.cat(h_his, 1), torch.cat(h_pre, 1))
+        return self._read_notes(base + self.head(torch.cat(h_his, 1), torch.cat(h_pre, 1)), batch)
+
+    def _read_notes(self, y: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The forecast y [b, t_out, N, C] moved by the notes the windows meet (unchanged without notes)."""
+        if self.notes is None or not batch.get("note_texts"):
+            return y
+        if self.cfg.model.notes == "text":
+            vectors = self.reader(batch["note_texts"])                     # [J, d_llm]
+        else:
+            vectors = kind_flags(batch["note_kinds"])                      # [J, N_KIND_BUCKETS]
+        return self.notes(y, vectors, batch["note_cover"], batch["level"])
+
+    def _node_states(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, d_llm]: each node's name and description as the language model reads them (cached per text)."""
+        texts = batch.get("node_texts")
+        if texts is None or len(texts) != tokens.shape[1]:
+            raise ValueError("model.node_text needs batch['node_texts'], one text per node (PreparedCity.batch)")
+        return self.reader(list(texts)).to(tokens.device, tokens.dtype)
 
     def _run_backbone(self, his: torch.Tensor, pre: torch.Tensor, context: dict,
                       when: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,16 +212,20 @@ class STLLM(nn.Module):
         return sorted(state)
 
     def save_pretrained(self, directory: str | Path, meta: dict) -> None:
-        """Write config.yaml, model.safetensors (trainable weights), the peft adapter, meta.json, prompt.txt."""
+        """Write config.yaml, model.safetensors (trainable weights), the peft adapter, meta.json, prompt.txt. Each
+        replaces its old version only once complete (written beside it, then renamed)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(directory / "config.yaml")
-        save_file(self.trainable_state_dict(), str(directory / WEIGHTS))
-        (directory / META).write_text(json.dumps(meta, indent=1))
+        with checkpoint.replacing(directory / "config.yaml") as tmp:
+            self.cfg.save(tmp)
+        with checkpoint.replacing(directory / WEIGHTS) as tmp:
+            save_file(self.trainable_state_dict(), str(tmp))
+        checkpoint.atomic_write_text(directory / META, json.dumps(meta, indent=1))
         if self.backbone is not None:
-            (directory / PROMPT).write_text(self.prompt.text)
+            checkpoint.atomic_write_text(directory / PROMPT, self.prompt.text)
             if hasattr(self.backbone, "peft_config"):
-                self.backbone.save_pretrained(str(directory / "adapter"))
+                with checkpoint.replacing(directory / "adapter") as tmp:
+                    self.backbone.save_pretrained(str(tmp))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, backbone_overrides: dict | None = None) -> tuple["STLLM", dict]:
@@ -194,10 +234,11 @@ class STLLM(nn.Module):
         for name in ("config.yaml", WEIGHTS, META):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not a stllm run: {name} is missing")
+        checkpoint.read_config(directory / "config.yaml", directory)   # one that does not parse: an error naming it
         cfg = load_config(directory / "config.yaml", _legacy_overrides(directory / "config.yaml"))
         if backbone_overrides:  # e.g. {"quantize": "int8"}: the adapter trained unquantized loads onto it
             cfg.backbone = dataclasses.replace(cfg.backbone, **backbone_overrides)
-        meta = json.loads((directory / META).read_text())
+        meta = checkpoint.read_json(directory / META, directory)
         backbone = tokenizer = prompt = None
         if cfg.model.use_llm:
             from stllm.backbone import build_backbone
@@ -206,7 +247,8 @@ class STLLM(nn.Module):
         model = cls(cfg, meta["n_channels"], meta["n_exog"], backbone, tokenizer, prompt)
         if cfg.explain.enabled and cfg.explain.own_adapter:
             model.add_explain_adapter()
-        model.load_trainable_state_dict(load_file(str(directory / WEIGHTS)), str(directory / WEIGHTS))
+        weights = checkpoint.read_weights(directory / WEIGHTS, directory, model)   # damaged or misfit: named errors
+        model.load_trainable_state_dict(weights, str(directory / WEIGHTS))
         model.eval()
         return model, meta
 

@@ -16,14 +16,17 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from stllm import checkpoint
-from stllm.config import Config
+from stllm.config import Config, ConfigError, load_config
 from stllm.data.city import CityData
 from stllm.data.prepared import PreparedCity
 from stllm.infer import evaluate, load_city, run_meta, selection_error
 from stllm.nn.classification import event_loss
-from stllm.model import STLLM
+from stllm.model import STLLM, WEIGHTS
 
 LAST, BEST = "checkpoints/last.safetensors", "checkpoints/best.safetensors"
+# What `resume` may change in a run's config: budgets that decide how long training goes on, not what it trains,
+# on which data, or the shapes it builds. train.patience is early stopping's budget; train.num_threads is speed.
+RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps", "train.max_minutes", "train.patience", "train.num_threads")
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "mae") -> torch.Tensor:
@@ -114,24 +117,39 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
           progress: bool = True, on_step=None) -> dict:
     """Train a run into out_dir and evaluate it on the test split. Returns metrics.json's content.
 
+    resume=True continues the run in out_dir from its last checkpoint, or from scratch when it stopped before its
+    first one. The config must equal the run's config.yaml except for RESUME_MAY_CHANGE; that is checked before any
+    file is touched (`check_resume`), so a refused resume leaves the folder as it was. A finished run (metrics.json
+    written) continues when the new budget leaves room (a larger train.max_steps, epochs, max_minutes or patience)
+    and is returned untouched when it does not. A continued run is not bit-identical to one given the larger
+    budget from the start: it validated at its old stop. The run folder is created only once the config and the
+    data have been checked (data loaded, PreparedCity and model built).
     on_step(step) is called after each optimizer step (tests use it to interrupt a run).
     Under `accelerate launch` with several processes, each process takes its share of every batch
     (train.batch_size is the global batch) and only the main process writes files.
     """
     out = Path(out_dir)
-    if (out / LAST).exists() and not resume:
+    if not resume and ((out / LAST).exists() or (out / WEIGHTS).exists()):
         raise FileExistsError(f"{out} holds a run; pass --resume to continue it or choose another --out")
+    changed = check_resume(cfg, out) if resume else []
+    two_stage = cfg.model.use_llm and (cfg.train.encoder_first_minutes > 0 or cfg.train.encoder_first_steps > 0)
+    if two_stage and not cfg.model.encoder_skip:
+        raise ValueError("train.encoder_first_minutes and train.encoder_first_steps need model.encoder_skip=true: "
+                         "the first stage trains the encoder through its own read-out")
     # The data-driven graph idles when a city has wind, so DDP must allow unused parameters.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.train.seed)
     city = city if city is not None else load_city(cfg.data)
     prep = PreparedCity(city, cfg.data, cfg.encoder)
+    train_starts = prep.splits["train"][:: cfg.train.train_stride]
+    if cfg.data.train_days:  # few-shot: only windows whose targets lie in the first train_days days
+        train_starts = train_starts[train_starts + prep.t_out <= cfg.data.train_days * city.steps_per_day]
+    if len(train_starts) == 0:
+        raise ValueError(f"{city.name}: no training windows (T={city.n_steps}, split {cfg.data.split})")
     model = build_model(cfg, prep)
     if cfg.train.init_from:
         source = Path(cfg.train.init_from) / "model.safetensors"
@@ -152,47 +170,40 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     if world > 1:
         accelerator.print(f"training on {world} processes ({accelerator.distributed_type}), "
                           f"{cfg.train.batch_size // world}+ windows per process per step")
-    if main:
-        cfg.save(out / "config.yaml")
     meta = run_meta(prep, cfg)
 
-    two_stage = cfg.model.use_llm and cfg.train.encoder_first_minutes > 0
-    if two_stage and not cfg.model.encoder_skip:
-        raise ValueError("train.encoder_first_minutes needs model.encoder_skip=true: the first stage trains the "
-                         "encoder through its own read-out")
     # stage 1 (two-stage training only): the language model is bypassed; stage 2: the language-model side
     # (train.stage2_freeze holds the encoder and its read-out still).
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "best_val": math.inf, "bad_evals": 0, "elapsed_s": 0.0,
              "step_s": 0.0, "windows": 0, "done": False,  # step_s: time in optimizer steps, validation excluded
-             "stage": 1 if two_stage else 2, "stage1": None, "lr_scale": 1.0}
-    if resume and (out / LAST).exists():
-        tensors, state = checkpoint.load(out / LAST)
+             "stage": 1 if two_stage else 2, "stage1": None, "lr_scale": 1.0, "stopped_by": None}
+    resumed = resume and (out / LAST).exists()
+    if resumed:
+        tensors, saved = checkpoint.load(out / LAST)
+        state.update(saved)
         checkpoint.restore_training_state(tensors, raw_model, optimizer)
         accelerator.print(f"resumed {out} at step {state['step']} (epoch {state['epoch']})")
         if two_stage and state["stage"] == 2:
             freeze(raw_model, cfg.train.stage2_freeze)
         set_lr(optimizer, cfg, state.get("lr_scale", 1.0))
+    elif resume:
+        accelerator.print(f"{out} stopped before its first checkpoint: training it from the start")
     ema = WeightAverage(raw_model, cfg.train.ema) if cfg.train.ema else None
-    if ema is not None and resume and (out / LAST).exists():
+    if ema is not None and resumed:
         ema.load(tensors, str(out / LAST))
 
     def training_state() -> dict[str, torch.Tensor]:
         """What LAST holds: weights, optimizer moments, RNG and the weight average."""
         return checkpoint.training_state(raw_model, optimizer) | (ema.state() if ema is not None else {})
 
-    train_starts = prep.splits["train"][:: cfg.train.train_stride]
-    if cfg.data.train_days:  # few-shot: only windows whose targets lie in the first train_days days
-        train_starts = train_starts[train_starts + prep.t_out <= cfg.data.train_days * city.steps_per_day]
-    if len(train_starts) == 0:
-        raise ValueError(f"{city.name}: no training windows (T={city.n_steps}, split {cfg.data.split})")
     val_starts = _spread(prep.splits["val"], cfg.train.val_windows)
     bs = cfg.train.batch_size
     steps_per_epoch = math.ceil(len(train_starts) / bs)
     eval_every = cfg.train.eval_every or steps_per_epoch
     stage2_every = cfg.train.stage2_eval_every or eval_every
-    log = (out / "log.jsonl").open("a") if main else None
     events = cfg.model.task == "events"
     t_start, loss_sum, loss_n = time.time() - state["elapsed_s"], 0.0, 0
+    log = None   # opened once the run folder exists
 
     def validate_and_checkpoint() -> None:
         nonlocal loss_sum, loss_n
@@ -223,7 +234,44 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         checkpoint.atomic_save(training_state(), out / LAST, state)
         loss_sum, loss_n = 0.0, 0
 
-    if cfg.train.init_from and state["step"] == 0 and len(val_starts):
+    def begin_stage2(why: str) -> None:
+        """End stage 1 and switch the language model on; it corrects the best encoder, not the last one."""
+        _start_stage2(state, accelerator, why)
+        accelerator.wait_for_everyone()
+        if (out / BEST).exists():
+            raw_model.load_trainable_state_dict(checkpoint.load(out / BEST)[0], str(out / BEST))
+        freeze(raw_model, cfg.train.stage2_freeze)
+        if ema is not None:
+            ema.reset(raw_model)     # stage 2 averages its own parts, from the best stage-1 weights
+        set_lr(optimizer, cfg, state["lr_scale"])
+        if main:
+            checkpoint.atomic_save(training_state(), out / LAST, state)
+
+    if resumed:
+        finished = (out / "metrics.json").is_file()
+        if finished and stop_reason(state, cfg):
+            accelerator.print(f"{out} is finished (stopped by {stop_reason(state, cfg)}) and the given budget leaves "
+                              f"no room to continue: nothing to do (raise one of {', '.join(RESUME_MAY_CHANGE[:4])})")
+            return json.loads((out / "metrics.json").read_text()) if main else {}
+        if state["stage"] == 1 and (state["bad_evals"] >= cfg.train.patience or cfg.train.encoder_first_steps and
+                                    state["step"] >= cfg.train.encoder_first_steps):
+            # stopped between the validation that ended stage 1 and the switch: switch as the loop would have
+            begin_stage2("early_stopping" if state["bad_evals"] >= cfg.train.patience else "encoder_first_steps")
+        state["stopped_by"] = stop_reason(state, cfg)
+        state["done"] = state["stopped_by"] is not None
+        if finished:
+            accelerator.print(f"continuing the finished run {out} from step {state['step']}")
+    if changed:
+        accelerator.print(f"resuming with a new budget: {', '.join(changed)}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume or changed or not (out / "config.yaml").is_file():
+            with checkpoint.replacing(out / "config.yaml") as tmp:
+                cfg.save(tmp)
+        _trim_log(out / "log.jsonl", state["step"] if resumed else -1)
+        log = (out / "log.jsonl").open("a")
+
+    if cfg.train.init_from and not resumed and len(val_starts):
         # a run that starts from trained weights (few-shot, warm start) is validated before its first step, so
         # early stopping keeps those weights when training on the new data only makes them worse
         model.eval()
@@ -263,8 +311,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                 on_step(state["step"])
             out_of_time = _agree(accelerator, bool(cfg.train.max_minutes) and time.time() - t_start > 60 * cfg.train.max_minutes)
             out_of_steps = cfg.train.max_steps and state["step"] >= cfg.train.max_steps
-            stage1_over = state["stage"] == 1 and _agree(
+            stage1_steps = state["stage"] == 1 and bool(cfg.train.encoder_first_steps) and \
+                state["step"] >= cfg.train.encoder_first_steps
+            stage1_minutes = state["stage"] == 1 and bool(cfg.train.encoder_first_minutes) and _agree(
                 accelerator, time.time() - t_start > 60 * cfg.train.encoder_first_minutes)
+            stage1_over = stage1_steps or stage1_minutes
             every = stage2_every if two_stage and state["stage"] == 2 else eval_every
             if (state["step"] % every == 0 or out_of_time or out_of_steps or stage1_over
                     or i + 1 == steps_per_epoch):
@@ -274,24 +325,22 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                 validate_and_checkpoint()
                 model.train()
                 if state["stage"] == 1 and (stage1_over or state["bad_evals"] >= cfg.train.patience):
-                    _start_stage2(state, accelerator)
-                    accelerator.wait_for_everyone()
-                    if (out / BEST).exists():   # the language model corrects the best encoder, not the last one
-                        raw_model.load_trainable_state_dict(checkpoint.load(out / BEST)[0], str(out / BEST))
-                    freeze(raw_model, cfg.train.stage2_freeze)
-                    if ema is not None:
-                        ema.reset(raw_model)     # stage 2 averages its own parts, from the best stage-1 weights
-                    set_lr(optimizer, cfg, state["lr_scale"])
-                    if main:
-                        checkpoint.atomic_save(training_state(), out / LAST, state)
+                    begin_stage2("encoder_first_steps" if stage1_steps else
+                                 "encoder_first_minutes" if stage1_minutes else "early_stopping")
                     if not (out_of_time or out_of_steps):
                         continue
                 if state["bad_evals"] >= cfg.train.patience or out_of_time or out_of_steps:
                     state["done"] = True
+                    state["stopped_by"] = "max_steps" if out_of_steps else "max_minutes" if out_of_time \
+                        else "early_stopping"
+                    if state["stopped_by"] == "max_minutes":
+                        accelerator.print(f"train.max_minutes={cfg.train.max_minutes} reached after "
+                                          f"{state['step']} steps: training stops")
                     if main:
                         checkpoint.atomic_save(training_state(), out / LAST, state)
                     break
         bar.close()
+    state["stopped_by"] = state["stopped_by"] or "epochs"
     accelerator.wait_for_everyone()
     raw_model.llm_active = True   # the saved model always runs its language model (a zero correction if unused)
     if not main:
@@ -325,8 +374,8 @@ def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict,
                            "wall_s": round(state["elapsed_s"], 2),  # training incl. validation passes
                            "windows_per_s": round(state["windows"] / max(state["step_s"], 1e-9), 2),  # steps only
                            "best_val_error": state["best_val"], "peak_rss_mb": peak_rss_mb(),
-                           "encoder_stage": state.get("stage1")}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+                           "encoder_stage": state.get("stage1"), "stopped_by": state.get("stopped_by")}
+    checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
 
 
@@ -336,13 +385,81 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: Config, scale: float) -> None:
         group["lr"] = lr * scale
 
 
-def _start_stage2(state: dict, accelerator: Accelerator) -> None:
-    """End the encoder-only first stage: record where it got to and switch the language model on."""
+def _start_stage2(state: dict, accelerator: Accelerator, why: str) -> None:
+    """End the encoder-only first stage (`why`: encoder_first_steps | encoder_first_minutes | early_stopping):
+    record where it got to and switch the language model on."""
     state["stage1"] = {"steps": state["step"], "windows": state["windows"], "best_val_error": state["best_val"],
-                       "elapsed_s": round(state["elapsed_s"], 2)}
+                       "elapsed_s": round(state["elapsed_s"], 2), "stopped_by": why}
     state["stage"], state["bad_evals"], state["lr_scale"] = 2, 0, 1.0   # stage 2's parts start at full rates
-    accelerator.print(f"stage 1 (encoder only) done at step {state['step']}, best validation error "
+    reached = f" (train.{why} reached)" if why.startswith("encoder_first") else " (early stopping)"
+    accelerator.print(f"stage 1 (encoder only) done at step {state['step']}{reached}, best validation error "
                       f"{state['best_val']:.4f}; switching the language model on")
+
+
+def stop_reason(state: dict, cfg: Config) -> str | None:
+    """The budget of cfg.train that a run's state has used up (as metrics.json's training.stopped_by), or None."""
+    t = cfg.train
+    if t.max_steps and state["step"] >= t.max_steps:
+        return "max_steps"
+    if t.max_minutes and state["elapsed_s"] > 60 * t.max_minutes:
+        return "max_minutes"
+    if state["stage"] == 2 and state["bad_evals"] >= t.patience:   # in stage 1 patience ends the stage, not the run
+        return "early_stopping"
+    if state["epoch"] >= t.epochs:
+        return "epochs"
+    return None
+
+
+def check_resume(cfg: Config, out: Path) -> list[str]:
+    """Check, reading only, that `cfg` may resume the run in `out`: the folder holds a run and its config.yaml
+    equals `cfg` except for RESUME_MAY_CHANGE. Raises naming each other key that differs, with both values;
+    returns the allowed changes ("train.max_steps: 6 -> 12")."""
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        what = "does not exist" if not out.exists() else "holds no run (no config.yaml)"
+        raise FileNotFoundError(f"--resume: {out} {what}; drop --resume to start a new run there")
+    if not (out / LAST).exists() and (out / WEIGHTS).exists():
+        raise FileNotFoundError(f"--resume: {out} holds a finished run without its {LAST}, so it cannot continue; "
+                                f"train into another --out")
+    from stllm.model import _legacy_overrides   # a run saved before a key existed was trained with its old value
+    checkpoint.read_config(saved, out)
+    run, given = _flat(load_config(saved, _legacy_overrides(saved))), _flat(cfg)
+    differ = [k for k in given if run.get(k) != given[k]]
+    refused = [f"{k}: {_show(run.get(k))} in the run, {_show(given[k])} given" for k in differ
+               if k not in RESUME_MAY_CHANGE]
+    if refused:
+        raise ConfigError(f"--resume: the config differs from the run's ({saved}) in {'; '.join(refused)}. A resumed "
+                          f"run may change only {', '.join(RESUME_MAY_CHANGE)}; train into another --out to change "
+                          f"the rest")
+    return [f"{k}: {_show(run.get(k))} -> {_show(given[k])}" for k in differ]
+
+
+def _flat(cfg: Config) -> dict:
+    """{"section.key": value} as config.yaml holds it (through YAML, so both sides compare alike)."""
+    import yaml
+    raw = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return {f"{section}.{key}": value for section, values in raw.items() for key, value in values.items()}
+
+
+def _show(value) -> str:
+    return json.dumps(value) if isinstance(value, (str, dict, list)) or value is None else str(value)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log.jsonl's records after `step` (and a half-written last line): a resumed run writes them again."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.endswith("\n") and _log_step(line) <= step]
+    if keep != lines:
+        checkpoint.atomic_write_text(path, "".join(keep))
+
+
+def _log_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def peak_rss_mb() -> float:

@@ -39,6 +39,8 @@ class CityData:
     exog_names: list[str] = field(default_factory=list)  # E names; "wind_speed", "wind_dir_deg" drive the wind graph
     split_at: tuple | None = None               # a dataset's given (train_end, test_start); None = use fractions
     holidays: str = ""                          # public-holiday calendar for prompts: "US" or "" (none known)
+    notes: pd.DataFrame | None = None           # dated text about places (stllm.data.notes): start, end, nodes
+                                                # (tuple of node positions, empty = all), kind, text
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float32)
@@ -104,6 +106,8 @@ class CityData:
         if empty.any():
             ids = self.nodes["id"].astype(str).to_numpy()[empty][:5].tolist()
             raise DataError(f"{self.name}: sensors {ids} have no observed value at all (all NaN); drop them first")
+        if np.isinf(v).any():
+            raise DataError(f"{self.name}: values hold {int(np.isinf(v).sum())} infinite entries; use NaN for missing")
 
     # ---- views -------------------------------------------------------------------------------------------------
     def slice_time(self, start: int, stop: int) -> "CityData":
@@ -119,8 +123,14 @@ class CityData:
         exog = self.exog
         if exog is not None and exog.shape[1] > 1:
             exog = exog[:, idx]
+        notes = self.notes
+        if notes is not None:   # node positions move; a note about none of the kept nodes is dropped
+            where = {old: new for new, old in enumerate(idx)}
+            moved = [tuple(sorted(where[k] for k in n if k in where)) if len(n) else () for n in notes["nodes"]]
+            keep = [not len(n) or bool(m) for n, m in zip(notes["nodes"], moved)]
+            notes = notes.assign(nodes=moved)[keep].reset_index(drop=True)
         return replace(self, values=self.values[:, idx], nodes=self.nodes.iloc[idx].reset_index(drop=True),
-                       adjacency=pick(self.adjacency), distances=pick(self.distances), exog=exog)
+                       adjacency=pick(self.adjacency), distances=pick(self.distances), exog=exog, notes=notes)
 
     def select_channels(self, channels) -> "CityData":
         """Keep channels given by name or position, in the given order."""
@@ -216,6 +226,12 @@ def _normalise_nodes(nodes, dataset: str) -> pd.DataFrame:
     nodes["name"] = nodes["name"].fillna(nodes["id"]).astype(str)
     for col in ("lat", "lon"):
         nodes[col] = pd.to_numeric(nodes[col], errors="coerce") if col in nodes else np.nan
+    for col, limit in (("lat", 90), ("lon", 180)):       # WGS84 degrees; NaN = unknown
+        out = (nodes[col].abs() > limit).to_numpy()
+        if out.any():
+            k = int(out.argmax())
+            raise DataError(f"{dataset}: sensor {nodes['id'][k]!r} has {col} {nodes[col][k]}, outside "
+                            f"-{limit}..{limit} degrees ({int(out.sum())} sensors out of range; lat/lon swapped?)")
     if "description" not in nodes:
         nodes["description"] = ""
     nodes["description"] = nodes["description"].fillna("").astype(str)

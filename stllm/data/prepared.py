@@ -7,8 +7,9 @@ import torch
 from stllm.data import graphs
 from stllm.data.city import CityData, DataError
 from stllm.data.calendar import holiday_flags, holiday_names, window_text
-from stllm.data.windows import (WIND_DIR, WIND_SPEED, Scaler, exog_features, period_lags, split_bounds,
-                                split_starts, time_features)
+from stllm.data.notes import coverage
+from stllm.data.windows import (WIND_DIR, WIND_SPEED, Scaler, exog_features, no_windows, period_lags,
+                                split_bounds, split_starts, time_features)
 
 
 class PreparedCity:
@@ -25,11 +26,14 @@ class PreparedCity:
         bounds = data_cfg.split_at or city.split_at or split_bounds(city.n_steps, data_cfg.split)
         if bounds[1] > city.n_steps:
             raise DataError(f"{city.name}: data.split_at {list(bounds)} lies beyond its {city.n_steps} steps")
-        self.splits = split_starts(city.n_steps, self.t_in, self.t_out, bounds=bounds)
+        try:
+            self.splits = split_starts(city.n_steps, self.t_in, self.t_out, bounds=bounds)
+        except DataError as e:
+            raise DataError(f"{city.name}: {e}") from e
+        self.bounds = (int(bounds[0]), int(bounds[1]))                     # (train_end, test_start)
         self.train_end = int(bounds[0])
         if scaler is None:
-            if len(self.splits["train"]) == 0:
-                raise DataError(f"{city.name}: no training windows to fit a scaler on")
+            self.starts("train", why="no training windows to fit a scaler on")
             scaler = Scaler.fit(city.values[: self.train_end], per_node=data_cfg.scaler == "node")
         elif scaler.mean.shape[0] not in (1, city.n_nodes):
             raise DataError(f"{city.name}: the run's per-node scaler has {scaler.mean.shape[0]} nodes, this city "
@@ -59,12 +63,26 @@ class PreparedCity:
         self.tf = torch.from_numpy(tf)                                                   # [T', 4 (+1+P holiday)]
         exog, self.exog_names = exog_features(city, max(self.train_end, 1))
         self.exog = torch.from_numpy(exog)                                                               # [T, N|1, E]
+        # Notes routed once to the steps and nodes they concern; a batch takes the ones its windows meet.
+        self.note_texts, self.note_kinds, cover = coverage(city.notes, self.timestamps, city.n_nodes)
+        self.note_cover = torch.from_numpy(cover)                                              # [T', N, J] bool
+        self.node_texts = node_texts(city)
+        self.level = torch.from_numpy(scaler.mean / scaler.std)   # [N|1, C]: raw value 0 sits at -level (scaled)
         self.static_adj = self._static_graph(enc_cfg) if enc_cfg.static_graph else None                     # [N, N]
         self._wind = self._wind_setup(enc_cfg)
 
     @property
     def n_nodes(self) -> int:
         return self.city.n_nodes
+
+    def starts(self, split: str, why: str = "") -> np.ndarray:
+        """Window starts of `split` ("train", "val", "test"); DataError naming the split's length and t_in + t_out
+        when it has none (`why`: what needed them)."""
+        starts = self.splits[split]
+        if len(starts) == 0:
+            reason = no_windows(split, self.bounds, self.city.n_steps, self.t_in, self.t_out)
+            raise DataError(f"{self.city.name}: {why + ': ' if why else ''}{reason}")
+        return starts
 
     @property
     def n_exog(self) -> int:
@@ -134,9 +152,27 @@ class PreparedCity:
         out["context"] = self.context                                        # prompt fields for this city
         out["window_text"] = [window_text(self.timestamps[s:s + self.t_out], self.holidays, self.periods)
                               for s in starts]                                # [b] calendar sentences (<WHEN>)
+        out.update(self._notes(torch.cat([hist, fut], 1)))
+        out["level"] = self.level
+        out["node_texts"] = self.node_texts                                   # [N] names and descriptions
         out["static_adj"] = self.static_adj
         out["dynamic_adj"] = self.wind_adjacency(starts) if self.has_wind else None
         return out
+
+
+    def _notes(self, steps: torch.Tensor) -> dict:
+        """The notes the windows meet: texts [J], kinds [J] and cover [b, t_in + t_out, N, J] (1 where note j holds
+        at that step of the window and names that node). J = 0 when the windows meet none."""
+        cover = self.note_cover[steps]                                       # [b, t_in + t_out, N, J_all]
+        used = cover.flatten(0, 2).any(0).nonzero().flatten().tolist()       # notes that meet these windows
+        return {"note_texts": [self.note_texts[j] for j in used], "note_kinds": [self.note_kinds[j] for j in used],
+                "note_cover": cover[..., used].float()}
+
+
+def node_texts(city: CityData) -> list[str]:
+    """What the language model reads about each node: its name, and its description when there is one."""
+    return [f"{name}: {desc}" if desc else str(name)
+            for name, desc in zip(city.nodes["name"].astype(str), city.nodes["description"].astype(str))]
 
 
 def prompt_fields(city: CityData) -> dict:

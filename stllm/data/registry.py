@@ -1,6 +1,7 @@
 """`load(name_or_path)`: the one entry point from a dataset name or a file to a CityData."""
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ def load(name_or_path: str | Path, root: str | Path | None = None, **options: An
     or a folder holding one of these. Options go to the loader; `sensors=` and `adjacency=` work for every
     path format (see docs/data_formats.md).
     """
+    check_options(name_or_path, options)            # before any data is read: a misspelt option costs nothing
     key = str(name_or_path)
     if key == SYNTHETIC:
         from stllm.data.synthetic import make_city   # written separately; imported only when asked for
@@ -62,13 +64,32 @@ def load(name_or_path: str | Path, root: str | Path | None = None, **options: An
         if not target.exists():
             raise DataError(f"{target}: not found; built-in dataset {key!r} expects {entry.path} under the data root")
         return entry.loader(target, **{**entry.options, **options})
+    return load_path(_existing(name_or_path), **options)
+
+
+def check_options(name_or_path: str | Path, options: dict[str, Any] | None) -> None:
+    """DataError unless the loader that `load(name_or_path, **options)` calls takes every option (names
+    checked, not values). Reads no data, so a run can check its config before it makes its folder."""
+    key, options = str(name_or_path), dict(options or {})
+    if key == SYNTHETIC:
+        from stllm.data.synthetic import make_city
+        _check(make_city, options, key, positional=0)
+    elif key in BUILTINS:
+        _check(BUILTINS[key].loader, {**BUILTINS[key].options, **options}, key)
+    else:
+        path = _existing(name_or_path)
+        loader = _format_loader(path)
+        _check(loader, _renamed(loader, options), str(path))
+
+
+def _existing(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if not path.exists():
         if path.suffix == "" and len(path.parts) == 1:
-            raise DataError(f"unknown dataset {key!r}; built-in names are {sorted(BUILTINS) + [SYNTHETIC]}, "
-                            "or give a path to a file in a supported format")
+            raise DataError(f"unknown dataset {str(name_or_path)!r}; built-in names are "
+                            f"{sorted(BUILTINS) + [SYNTHETIC]}, or give a path to a file in a supported format")
         raise DataError(f"{path}: file not found")
-    return load_path(path, **options)
+    return path
 
 
 def data_root(root: str | Path | None = None) -> Path:
@@ -94,14 +115,49 @@ _RENAME = {load_dcrnn: {"sensors": "locations", "adjacency": "adj_pkl"},
 def load_path(path: str | Path, **options: Any) -> CityData:
     """Dispatch a file or folder to its loader by extension or folder contents."""
     path = Path(path)
+    loader = _format_loader(path)
+    options = _renamed(loader, options)
+    _check(loader, options, str(path))
+    if path.is_dir() and loader is not load_byo:
+        path = _single(path, {load_dcrnn: "*.h5", load_pems: "*.npz"}[loader])
+    return loader(path, **options)
+
+
+def _format_loader(path: Path) -> Callable[..., CityData]:
     loader = _loader_for(path)
     if loader is None:
         raise DataError(f"{path}: unsupported format; expected a PEMS .npz (key 'data'), a DCRNN .h5, "
                         "a bring-your-own values .csv, or a folder holding one of these")
-    if path.is_dir() and loader is not load_byo:
-        path = _single(path, {load_dcrnn: "*.h5", load_pems: "*.npz"}[loader])
-    options = {_RENAME.get(loader, {}).get(k, k): v for k, v in options.items()}
-    return loader(path, **options)
+    return loader
+
+
+def _renamed(loader: Callable[..., CityData], options: dict[str, Any]) -> dict[str, Any]:
+    return {_RENAME.get(loader, {}).get(k, k): v for k, v in options.items()}
+
+
+# How errors name each loader.
+_LOADER_NAMES = {load_byo: "the bring-your-own CSV loader", load_pems: "the PEMS .npz loader",
+                 load_dcrnn: "the DCRNN .h5 loader", load_nyc: "the NYC taxi/bike loader",
+                 load_beijing: "the Beijing air-quality loader", load_bayarea: "the Bay Area bike-share loader",
+                 load_losloop: "the Los-Loop loader", load_crime: "the NYC/Chicago crime loader"}
+
+
+def _check(loader: Callable[..., CityData], options: dict[str, Any], where: str, positional: int = 1) -> None:
+    """DataError naming the options `loader` has no parameter for; its first `positional` parameters are filled
+    by the registry (the path), not by options."""
+    try:
+        params = list(inspect.signature(loader).parameters.values())[positional:]
+    except (TypeError, ValueError):          # no readable signature: the call itself will tell
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [str(k) for k in options if k not in accepted]
+    if unknown:
+        label = "the synthetic city" if loader.__name__ == "make_city" else _LOADER_NAMES.get(loader, "the loader")
+        names = sorted({*accepted, *_RENAME.get(loader, {})})       # shared names (sensors=, ...) work too
+        raise DataError(f"{where}: unknown option(s) {', '.join(unknown)} for {label} ({loader.__name__}); "
+                        f"it accepts {', '.join(names)}")
 
 
 def _loader_for(path: Path) -> Callable[..., CityData] | None:

@@ -17,8 +17,22 @@ def window_starts(n_steps: int, t_in: int, t_out: int) -> np.ndarray:
     """Every start s with a full history and a full horizon."""
     starts = np.arange(t_in, n_steps - t_out + 1)
     if len(starts) == 0:
-        raise DataError(f"{n_steps} time steps are too few for t_in={t_in} + t_out={t_out}")
+        raise DataError(f"{n_steps} time steps are too few: a window needs t_in + t_out = {t_in + t_out} "
+                        f"({t_in} + {t_out}); use a longer series or smaller t_in/t_out")
     return starts
+
+
+def no_windows(split: str, bounds: tuple[int, int], n_steps: int, t_in: int, t_out: int) -> str:
+    """Why `split` ("train", "val", "test") of split_starts has no windows, naming its length and the window's."""
+    lo, hi = {"train": (0, bounds[0]), "val": (bounds[0], bounds[1]), "test": (bounds[1], n_steps)}[split]
+    need = f"a window needs t_in + t_out = {t_in + t_out} ({t_in} + {t_out})"
+    if split == "train":
+        return f"the train split has {hi} steps; {need}: use a longer split or smaller t_in/t_out"
+    if hi - lo >= t_out:                       # long enough for the targets, but not for a history before them
+        return (f"the {split} split has {hi - lo} steps, and the data up to its end {hi}; {need}: use a longer "
+                "series or smaller t_in/t_out")
+    return (f"the {split} split has {hi - lo} steps; {need}, and its t_out targets must lie inside the split (the "
+            "history may reach back before it): use a longer split or smaller t_out")
 
 
 def split_bounds(n_steps: int, fractions=(0.7, 0.1, 0.2)) -> tuple[int, int]:

@@ -1,6 +1,8 @@
 """Small readers shared by the loaders. Every failure is a DataError naming the file and what was expected."""
 from __future__ import annotations
 
+import warnings
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -23,8 +25,42 @@ def read_csv(path: str | Path, what: str, **kwargs) -> pd.DataFrame:
     path = require(path, what)
     try:
         return pd.read_csv(path, **kwargs)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as e:
-        raise DataError(f"{path}: could not read {what} ({type(e).__name__}: {e})") from e
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
+        hint = "; save it as UTF-8" if isinstance(e, UnicodeDecodeError) else ""
+        raise DataError(f"{path}: could not read {what} ({type(e).__name__}: {e}){hint}") from e
+
+
+def read_table(path: str | Path, what: str, unnamed_first: bool = False, **kwargs) -> pd.DataFrame:
+    """read_csv for a CSV with a header row, strict about its shape.
+
+    Every column needs a name (a nameless first column is allowed where `unnamed_first`, e.g. a matrix's row ids),
+    no name may repeat, and no row may be wider than the header: pandas would otherwise invent `Unnamed: 3`,
+    rename a repeat to `S1.1`, or take the first column as the index. Names come back stripped of spaces; the index
+    holds each row's line number in the file (header = line 1, assuming no line breaks inside quoted cells);
+    empty lines are dropped.
+    """
+    header = read_csv(path, what, header=None, nrows=1, dtype=str, keep_default_na=False, skip_blank_lines=False)
+    names = [str(c).strip() for c in header.iloc[0]] if len(header) else []
+    if not any(names):
+        raise DataError(f"{path}: line 1 is empty; expected the header row of the {what}")
+    seen: dict[str, int] = {}
+    for k, name in enumerate(names, start=1):
+        if not name and not (k == 1 and unnamed_first):
+            hint = " (a trailing comma?)" if k == len(names) else ""
+            raise DataError(f"{path}: column {k} of the header has an empty name{hint}; every column needs a name")
+        if name in seen:
+            raise DataError(f"{path}: column {k} of the header is named {name!r} like column {seen[name]}; "
+                            "column names must be unique")
+        seen[name] = k
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)   # a row wider than the header
+        try:
+            df = read_csv(path, what, header=0, names=names, index_col=False, skip_blank_lines=False, **kwargs)
+        except pd.errors.ParserWarning as e:
+            raise DataError(f"{path}: some rows have more fields than the {len(names)} columns of the header "
+                            "(a trailing comma?)") from e
+    df.index = df.index + 2
+    return df[df.notna().any(axis=1)]
 
 
 def read_npz(path: str | Path, key: str, what: str) -> np.ndarray:
@@ -71,7 +107,9 @@ def edge_index(edges: pd.DataFrame, ids: Sequence[str], path: str | Path
     if edges.shape[1] < 2:
         raise DataError(f"{path}: edge list needs columns from, to[, cost]; has {list(edges.columns)}")
     pos = {str(i): k for k, i in enumerate(ids)}
-    src, dst = (edges.iloc[:, k].astype(str).str.strip().str.removesuffix(".0") for k in (0, 1))
+    src, dst = (edges.iloc[:, k].astype(str).fillna("").str.strip().str.removesuffix(".0") for k in (0, 1))
+    if (src == "").any() or (dst == "").any():
+        raise DataError(f"{path}: edge list has {int((src == '').sum() + (dst == '').sum())} empty from/to cells")
     unknown = sorted(set(src[~src.isin(pos)]) | set(dst[~dst.isin(pos)]))
     if unknown:
         raise DataError(f"{path}: edge list names {len(unknown)} unknown nodes, e.g. {unknown[:5]}; "

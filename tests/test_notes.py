@@ -1,0 +1,150 @@
+"""Notes: reading the CSV (and its errors), routing to windows, and what the model does with them."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from stllm.data.city import DataError
+from stllm.data.notes import coverage, read_notes, shuffled, with_notes
+from stllm.data.prepared import PreparedCity
+
+HEADER = "start,end,zones,kind,text\n"
+
+
+def write(tmp_path, body: str, header: str = HEADER):
+    path = tmp_path / "notes.csv"
+    path.write_text(header + body)
+    return path
+
+
+def test_read_notes_names_ids_all_and_outside_range(tmp_path, tiny_city):
+    names = tiny_city.nodes["name"].tolist()
+    path = write(tmp_path, f'2024-01-02 10:00,2024-01-02 14:00,{names[1]};S03,fair,"A street fair"\n'
+                           f'2024-01-03 00:00,2024-01-03 05:00,all,storm,"Snow, heavy"\n'
+                           f'2030-01-01 00:00,2030-01-02 00:00,S00,parade,"Far in the future"\n')
+    notes = read_notes(path, tiny_city)
+    assert notes["nodes"].tolist() == [(1, 3), (), (0,)]
+    assert notes["text"].tolist() == ["A street fair", "Snow, heavy", "Far in the future"]
+    assert notes["start"][0] == pd.Timestamp("2024-01-02 10:00")
+    texts, kinds, cover = coverage(notes, tiny_city.timestamps, tiny_city.n_nodes)
+    assert texts == ["fair: A street fair", "storm: Snow, heavy"]          # the 2030 note meets no step: ignored
+    assert kinds == ["fair", "storm"]
+    t0 = tiny_city.time_index("2024-01-02 10:00")
+    assert cover[:, :, 0].sum() == 5 * 2                                     # 10:00..14:00 inclusive, two nodes
+    assert cover[t0:t0 + 5, [1, 3], 0].all() and not cover[t0 - 1, :, 0].any() and not cover[t0 + 5, :, 0].any()
+    assert cover[:, :, 1].sum() == 6 * tiny_city.n_nodes                     # "all": every node
+
+
+@pytest.mark.parametrize("row, message", [
+    ("2024-01-02 10:00,2024-01-02 14:00,S00 Riversid,fair,x", r"row 2: field 'zones' names 'S00 Riversid'.*closest known: \['S00 Riverside'"),
+    ("2024-01-02 10:00,2024-01-01 14:00,all,fair,x", r"row 2: end 2024-01-01 14:00:00 is before start"),
+    ("yesterday,2024-01-01 14:00,all,fair,x", r"row 2: field 'start' is 'yesterday', not a time"),
+    ("2024-01-02 10:00,2024-01-02 11:00,,fair,x", r"row 2: field 'zones' is empty"),
+    ("2024-01-02 10:00,2024-01-02 11:00,all,fair,", r"row 2: field 'text' is empty"),
+])
+def test_bad_notes_name_file_row_and_field(tmp_path, tiny_city, row, message):
+    path = write(tmp_path, "2024-01-01 00:00,2024-01-01 01:00,all,ok,fine\n" + row.replace("row 2", "") + "\n")
+    with pytest.raises(DataError, match=str(path).replace(".", r"\.") + ", " + message.replace("row 2", "row 3")):
+        read_notes(path, tiny_city)
+
+
+def test_missing_column_and_missing_file(tmp_path, tiny_city):
+    path = write(tmp_path, "2024-01-01 00:00,2024-01-01 01:00,all,x\n", header="start,end,zones,text\n")
+    with pytest.raises(DataError, match=r"notes\.csv: notes need the columns .*missing \['kind'\]"):
+        read_notes(path, tiny_city)
+    with pytest.raises(DataError, match="notes file not found"):
+        read_notes(tmp_path / "nope.csv", tiny_city)
+
+
+def test_select_nodes_moves_note_positions(tiny_city):
+    city = with_notes(tiny_city, [{"start": "2024-01-02", "end": "2024-01-03", "zones": "S01;S04", "kind": "k", "text": "a"},
+                                  {"start": "2024-01-02", "end": "2024-01-03", "zones": "S02", "kind": "k", "text": "b"},
+                                  {"start": "2024-01-02", "end": "2024-01-03", "zones": "all", "kind": "k", "text": "c"}])
+    sub = city.select_nodes([4, 0, 1])
+    assert sub.notes["nodes"].tolist() == [(0, 2), ()]                       # S04 -> 0, S01 -> 2; "b" is gone
+    assert sub.notes["text"].tolist() == ["a", "c"]
+
+
+def test_batch_carries_only_the_notes_its_windows_meet(tiny_city, tiny_config):
+    cfg = tiny_config()
+    city = with_notes(tiny_city, [{"start": "2024-01-05 10:00", "end": "2024-01-05 12:00", "zones": "S02",
+                                   "kind": "fair", "text": "A street fair"}])
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    t0 = city.time_index("2024-01-05 10:00")
+    batch = prep.batch(np.array([t0 - 3, t0 + 40]))    # the first window's horizon meets the note, the second not
+    assert batch["note_texts"] == ["fair: A street fair"]
+    cover = batch["note_cover"]                                              # [b, t_in + t_out, N, J]
+    assert cover.shape == (2, 24, 6, 1)
+    assert cover[0, 12 + 3:12 + 6, 2, 0].eq(1).all() and cover[0].sum() == 3   # steps t0..t0+2 at S02 only
+    assert cover[1].sum() == 0
+    assert prep.batch(np.array([t0 + 40]))["note_texts"] == []
+
+
+def test_shuffled_notes_keep_texts_and_move_places_and_times(tiny_city):
+    city = with_notes(tiny_city, [{"start": "2024-01-05 10:00", "end": "2024-01-05 12:00", "zones": "S02;S03",
+                                   "kind": "fair", "text": "A street fair"}])
+    moved = shuffled(city.notes, city, seed=1)
+    assert moved["text"].tolist() == ["A street fair"] and len(moved["nodes"][0]) == 2
+    assert abs(moved["start"][0] - city.notes["start"][0]) >= pd.Timedelta("7D")
+    assert moved["end"][0] - moved["start"][0] == pd.Timedelta("2h")
+
+
+def _notes_city(tiny_city):
+    return with_notes(tiny_city, [{"start": "2024-01-05 10:00", "end": "2024-01-05 15:00", "zones": "S02",
+                                   "kind": "fair", "text": "A street fair draws crowds"}])
+
+
+@pytest.mark.parametrize("notes, use_llm", [("text", True), ("flags", False), ("flags", True)])
+def test_a_note_moves_the_forecast_only_where_and_when_it_holds(tiny_city, tiny_config, notes, use_llm):
+    from stllm.train import build_model
+    city = _notes_city(tiny_city)
+    cfg = tiny_config([f"model.notes={notes}", f"model.use_llm={str(use_llm).lower()}"])
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    model = build_model(cfg, prep).eval()
+    torch.nn.init.normal_(model.notes.mlp[-1].weight, std=0.5)              # an effect as training would give
+    t0 = city.time_index("2024-01-05 10:00")
+    batch = prep.batch(np.array([t0 - 3]))
+    with torch.no_grad():
+        with_note = model(batch)
+        without = model({**batch, "note_texts": [], "note_kinds": [], "note_cover": batch["note_cover"][..., :0]})
+    moved = (with_note - without).abs() > 1e-7                               # [1, t_out, N, C]
+    assert moved[0, 3:9, 2].all()                                            # S02, the note's hours (t0..t0+5)
+    moved[0, 3:9, 2] = False
+    assert not moved.any()                                                   # nothing else
+    assert model.notes is not None
+
+
+def test_untrained_note_effect_is_zero_and_text_cache_is_exact(tiny_city, tiny_config):
+    from stllm.train import build_model
+    city = _notes_city(tiny_city)
+    cfg = tiny_config(["model.notes=text"])
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    model = build_model(cfg, prep).eval()
+    t0 = city.time_index("2024-01-05 10:00")
+    batch = prep.batch(np.array([t0 - 3, t0]))
+    with torch.no_grad():
+        a = model(batch)
+        b = model({**batch, "note_texts": [], "note_kinds": [], "note_cover": batch["note_cover"][..., :0]})
+    assert torch.equal(a, b)                                                 # zero-initialised: starts as no note
+    torch.nn.init.normal_(model.notes.mlp[-1].weight, std=0.5)
+    with torch.no_grad():
+        cached = model(batch)
+        assert model.reader.cache                                            # the note's state is cached
+        model.reader.cache.clear()
+        fresh = model(batch)
+    assert torch.equal(cached, fresh)                                        # the cache gives what reading again gives
+
+
+def test_text_reader_ignores_lora(tiny_city, tiny_config):
+    """Note states come from the frozen backbone with adapters off, so training LoRA never stales the cache."""
+    from stllm.train import build_model
+    cfg = tiny_config(["model.notes=text"])
+    model = build_model(cfg, PreparedCity(tiny_city, cfg.data, cfg.encoder)).eval()
+    before = model.reader._read("storm: heavy rain")
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    assert torch.equal(before, model.reader._read("storm: heavy rain"))
