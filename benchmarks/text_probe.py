@@ -9,7 +9,7 @@ stllm (configs/text-probe.yaml: the language model reads each note) and the enco
 control (the encoder-only model given each note as a flag of its kind) is added with --flags. stllm is then
 evaluated again with the notes moved to wrong sensors and times (shuffled_notes) and without notes (no_notes).
 Masked MAE on the test part: `event_windows` = the forecast entries inside a test event (sensor and hour);
-`other_windows` = every entry of the windows whose history and horizon meet no note. Writes the JSON the issue
+`other_windows` = the forecast entries of every (window, sensor) whose history and horizon meet no note. Writes the JSON the issue
 asks for, with the command.
 """
 from __future__ import annotations
@@ -45,8 +45,8 @@ def errors_of(model, prep, truth_city, split: str = "test") -> dict:
     starts = prep.splits[split]
     t_in, t_out = prep.t_in, prep.t_out
     _, _, cover = coverage(truth_city.notes, prep.timestamps, truth_city.n_nodes)              # [T', N, J]
-    touched = cover.any((1, 2))                                                              # [T'] any note
-    quiet = np.array([not touched[s - t_in:s + t_out].any() for s in starts])                 # [b]
+    touched = cover.any(2)                                                                   # [T', N]
+    quiet = np.stack([~touched[s - t_in:s + t_out].any(0) for s in starts])                  # [b, N] no note
     events = event_mask(truth_city, starts, t_out)                                           # [b, t_out, N]
     err_event, err_other = [], []
     offset = 0
@@ -56,11 +56,12 @@ def errors_of(model, prep, truth_city, split: str = "test") -> dict:
         err = np.abs(pred - np.nan_to_num(true))
         ev = events[offset:offset + b][..., None] & ok                                       # [b, t_out, N, C]
         err_event.append(err[ev])
-        err_other.append(err[quiet[offset:offset + b]][ok[quiet[offset:offset + b]]])
+        calm = quiet[offset:offset + b][:, None, :, None] & ok                              # [b, t_out, N, C]
+        err_other.append(err[calm])
         offset += b
     return {"event_windows": float(np.concatenate(err_event).mean()),
             "other_windows": float(np.concatenate(err_other).mean()),
-            "n_event_entries": int(sum(len(e) for e in err_event)), "n_quiet_windows": int(quiet.sum())}
+            "n_event_entries": int(sum(len(e) for e in err_event)), "n_quiet_entries": int(sum(len(e) for e in err_other))}
 
 
 def train_run(out: Path, city, overrides: list[str], progress: bool) -> dict:
@@ -89,7 +90,7 @@ def run_probe(runs: Path, steps: int, stage1_steps: int, extra: list[str], flags
         errors = probe_errors(runs / name, city)
         for part in ("event_windows", "other_windows"):
             result[part][name] = errors[part]
-        result["n_event_entries"], result["n_quiet_windows"] = errors["n_event_entries"], errors["n_quiet_windows"]
+        result["n_event_entries"], result["n_quiet_entries"] = errors["n_event_entries"], errors["n_quiet_entries"]
     for name, notes in (("shuffled_notes", shuffled(city.notes, city, seed=seed)), ("no_notes", None)):
         errors = probe_errors(runs / "stllm", city_with(city, notes), city)
         for part in ("event_windows", "other_windows"):

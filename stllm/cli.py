@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="dataset name or path (default: the run's own dataset)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", help="write the metrics JSON here")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     _add_inference_options(p)
 
     p = sub.add_parser("predict", help="write forecasts to .npz or .csv")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="FILE.npz or FILE.csv")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--last", action="store_true", help="only the forecast after the data's last step")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     _add_inference_options(p)
 
     p = sub.add_parser("demo", help="train briefly on a synthetic city with SmolLM2, evaluate, plot")
@@ -81,8 +82,45 @@ def _add_inference_options(p) -> None:
     p.add_argument("--channels", nargs="*", default=[], metavar="TARGET=RUN",
                    help="map the data's channels onto the run's, e.g. departures=0 (names or positions)")
     p.add_argument("--resample", choices=["sum", "mean"], help="resample the data to the run's interval")
-    p.add_argument("--adapt-steps", type=int, default=0,
+    p.add_argument("--adapt-steps", type=non_negative_int, default=0,
                    help="test-time adaptation: self-supervised steps on the data's input history (default 0 = off)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports `argument --batch-size: must be an integer >= 1`)."""
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def check_writable(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work is done, an output file that cannot be written: a folder, or a path whose nearest
+    existing parent is not a folder or does not let us create files (missing folders are created at writing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{option} {path}: cannot write in {folder} ({err.strerror})") from None
+    return path
 
 
 def cmd_distill(args) -> int:
@@ -100,6 +138,9 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
     if cfg.explain.enabled:  # the explain recipe: the student trained with the joint regression + rationale loss
         from stllm.distill.student import train_student as train
+        if args.resume and (Path(args.out) / "config.yaml").is_file():   # train() checks its own runs
+            from stllm.train import check_resume
+            check_resume(cfg, Path(args.out))
     metrics = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     if not metrics:  # not the main process of a multi-process run
         return 0
@@ -133,6 +174,8 @@ def _load_data(model, meta: dict, args):
 
 def cmd_evaluate(args) -> int:
     from stllm.infer import evaluate_with_baselines, prepare
+    if args.out:
+        check_writable(args.out)
     model, meta = _load_run(args)
     city = _load_data(model, meta, args)
     prep = prepare(model, meta, city)
@@ -147,12 +190,16 @@ def cmd_evaluate(args) -> int:
           + (f", zero-shot from {meta['dataset']}" if zero_shot else ""))
     print(comparison_table(metrics, "stllm" if model.backbone is not None else "encoder only"))
     if args.out:
+        from stllm.checkpoint import atomic_write_text
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(metrics, indent=1))
+        atomic_write_text(args.out, json.dumps(metrics, indent=1))
     return 0
 
 
 def cmd_predict(args) -> int:
+    if Path(args.out).suffix not in (".npz", ".csv"):   # refused before the model is loaded, not after predicting
+        raise ValueError(f"--out must end in .npz or .csv, got {args.out}")
+    check_writable(args.out)
     model, meta = _load_run(args)
     city = _load_data(model, meta, args)
     if args.adapt_steps:

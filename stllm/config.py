@@ -240,6 +240,7 @@ LIMITS: dict[str, Limit] = {
     "encoder.dropout": _FRACTION, "encoder.mix_hidden": _at_least(0),
     "model.task": _one_of("forecast", "events"), "model.prompt": _NAME, "model.projector": _one_of("linear", "mlp"),
     "model.tokens_per_node": _at_least(1), "model.nodes_per_sequence": _at_least(0), "model.head_hidden": _at_least(1),
+    "model.notes": _one_of("text", "flags", "none"), "model.note_hidden": _at_least(1),
     "train.lr": _POSITIVE, "train.lora_lr": _at_least(0), "train.weight_decay": _at_least(0),
     "train.batch_size": _at_least(1), "train.epochs": _at_least(1), "train.max_minutes": _at_least(0),
     "train.max_steps": _at_least(0), "train.train_stride": _at_least(1), "train.eval_every": _at_least(0),
@@ -269,7 +270,10 @@ def check_value(cls: type, name: str, value: Any) -> Any:
     LIMITS; else a ConfigError naming the dotted key, the value and what is expected."""
     key = f"{cls.__name__.removesuffix('Config').lower()}.{name}"      # BackboneConfig -> backbone.<name>
     kind = next(str(f.type) for f in dataclasses.fields(cls) if f.name == name)  # a string (future annotations)
-    ok, converted = _convert(value, kind)
+    try:
+        ok, converted = _convert(value, kind)
+    except RecursionError:                   # a YAML list that holds itself: &a [*a]
+        ok, converted = False, None
     if not ok:
         raise ConfigError(f"{key} must be {_describe(kind)}, got {_show(value)}")
     expects, test = LIMITS.get(key, ("", None))
@@ -346,7 +350,7 @@ def _show(value: Any) -> str:
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------------
-def sections(raw: Any, source: str) -> dict[str, dict]:
+def _sections(raw: Any, source: str) -> dict[str, dict]:
     """`raw` as {section: {key: value}} after checking its shape and names; values are checked when built."""
     if raw is None:                          # an empty file
         return {}
@@ -374,7 +378,7 @@ def sections(raw: Any, source: str) -> dict[str, dict]:
 def config_from_dict(raw: Any, source: str = "config") -> Config:
     """Build a Config from {section: {key: value}}; a wrong section, key or value raises ConfigError."""
     parts = {}
-    for section, values in sections(raw, source).items():
+    for section, values in _sections(raw, source).items():
         try:
             parts[section] = _section_cls(section)(**values)
         except ValueError as err:            # the checks name the key and value; add where it came from
@@ -390,11 +394,15 @@ def parse_overrides(overrides: list[str] | None) -> dict:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
-        try:
-            nested.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {err}") from err
+        nested.setdefault(section, {})[name] = _parse_yaml(value, f"--set {item!r}") if value != "" else ""
     return nested
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except Exception as err:                 # PyYAML also raises ValueError/KeyError/... ('2024-13-01', '!!int x')
+        raise ConfigError(f"{source}: not valid YAML: {err}") from err
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -412,10 +420,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    base, extra = sections(raw, source), sections(parse_overrides(overrides), "--set")
+            raw = _parse_yaml(path.read_text(), source)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a UTF-8 text file: {err}") from err
+    base, extra = _sections(raw, source), _sections(parse_overrides(overrides), "--set")
     for section, values in extra.items():    # checked alone first, so a bad value is blamed on --set
         for name, value in values.items():
             try:

@@ -24,9 +24,11 @@ from stllm.nn.classification import event_loss
 from stllm.model import STLLM, WEIGHTS
 
 LAST, BEST = "checkpoints/last.safetensors", "checkpoints/best.safetensors"
-# What `resume` may change in a run's config: budgets that decide how long training goes on, not what it trains,
-# on which data, or the shapes it builds. train.patience is early stopping's budget; train.num_threads is speed.
-RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps", "train.max_minutes", "train.patience", "train.num_threads")
+# What `resume` may change in a run's config: the budgets that decide how long training goes on (train.patience is
+# early stopping's), and settings of this machine (threads, the converted-backbone cache) that change neither
+# what the run trains, on which data, nor the shapes it builds.
+RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps", "train.max_minutes", "train.patience", "train.num_threads",
+                     "backbone.cache_dir")
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "mae") -> torch.Tensor:
