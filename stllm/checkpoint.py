@@ -56,6 +56,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def recover(folder: str | Path) -> None:
+    """Tidy what a crash inside `replacing` left in `folder` and its subfolders: unfinished `<name>.tmp` versions
+    are removed, and a folder caught between its two renames (`<name>.old` without `<name>`) is put back."""
+    for path in sorted(Path(folder).rglob("*.old")) + sorted(Path(folder).rglob("*.tmp")):
+        target = path.with_name(path.name[:-4])
+        if path.suffix == ".old" and not target.exists():
+            os.replace(path, target)
+        elif path.exists():
+            _remove(path)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

@@ -267,6 +267,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         accelerator.print(f"resuming with a new budget: {', '.join(changed)}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        checkpoint.recover(out)   # half-written files of a crash
         if not resume or changed or not (out / "config.yaml").is_file():
             with checkpoint.replacing(out / "config.yaml") as tmp:
                 cfg.save(tmp)

@@ -25,7 +25,7 @@ GOOD_SENSORS = "id,lat,lon,name\nS1,45.1,9.1,a\nS2,45.2,9.2,b\ns3,45.3,9.3,c\nΩ
 numbers = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr))
 odd_cells = st.one_of(
     st.sampled_from(["", "nan", "NaN", "inf", "-inf", "Infinity", "NA", "null", "True", "false", "abc", " 3 ", "1e39",
-                     "-1e400", "1,5", "0x10", '"', "é", "\t", "1;2", "2024-01-01"]),
+                     "-1e400", "1,5", "0x10", '"', "é", "\t", "1;2", "2024-01-01", "x\ny", "\r"]),
     st.text(max_size=5))
 cells = st.one_of(numbers, numbers, numbers, odd_cells)
 clean_cells = st.one_of(numbers, st.just(""))
@@ -68,12 +68,12 @@ def timestamps(draw, n_min: int = 2, n_max: int = 10) -> list[str]:
     return text
 
 
-def to_csv(header: list[str], rows: list[list[str]], quoted: bool) -> str:
+def to_csv(header: list[str], rows: list[list[str]], quoted: bool, end: str = "\n") -> str:
     """The CSV text: written by the csv module (quoting where needed) or joined naively (may break the format)."""
     if not quoted:
-        return "\n".join(",".join(r) for r in [header, *rows]) + "\n"
+        return end.join(",".join(r) for r in [header, *rows]) + end
     out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows([header, *rows])
+    csv.writer(out, lineterminator=end).writerows([header, *rows])
     return out.getvalue()
 
 
@@ -88,7 +88,7 @@ def wide_values(draw) -> str:
     rows = [[t] + [draw(cell) for _ in header[1:]] for t in draw(timestamps())]
     if draw(rarely) and rows:
         rows[draw(st.integers(0, len(rows) - 1))].append(draw(cells))     # a row wider than the header
-    return to_csv(header, rows, draw(st.booleans()))
+    return to_csv(header, rows, draw(st.booleans()), draw(st.sampled_from(["\n", "\r\n", "\n\n"])))
 
 
 @st.composite

@@ -18,7 +18,7 @@ import yaml
 from stllm import checkpoint
 from stllm.cli import main
 from stllm.model import STLLM
-from stllm.train import RESUME_MAY_CHANGE, train
+from stllm.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -82,6 +82,7 @@ def test_resume_without_a_run_is_a_clear_error_and_creates_nothing(tmp_path, tin
 
 
 def test_a_finished_run_continues_with_a_larger_budget_and_is_left_alone_without_one(tmp_path, tiny_config):
+    from stllm.train import RESUME_MAY_CHANGE
     assert set(RESUME_MAY_CHANGE) >= {"train.max_steps", "train.max_minutes", "train.epochs", "train.patience"}
     run = tmp_path / "run"
     first = train(tiny_config(ENCODER_ONLY), run, progress=False)
@@ -94,6 +95,27 @@ def test_a_finished_run_continues_with_a_larger_budget_and_is_left_alone_without
     before = hashes(run)                                                 # the budget is spent: nothing to do
     again = train(tiny_config([*ENCODER_ONLY, "train.max_steps=3"]), run, resume=True, progress=False)
     assert again == json.loads((run / "metrics.json").read_text()) and hashes(run) == before
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_warm_started_run_resumed_after_its_first_validation_validates_step_0_once(tmp_path, tiny_config):
+    train(tiny_config(ENCODER_ONLY), tmp_path / "src", progress=False)
+    cfg = tiny_config([*ENCODER_ONLY, f"train.init_from={tmp_path / 'src'}", "train.max_steps=4",
+                       "train.eval_every=2", "train.lr_decay_after=1"])
+    whole = train(cfg, tmp_path / "whole", progress=False)
+
+    def stop(step):
+        raise Interrupt
+    with pytest.raises(Interrupt):                                     # after step 1: the checkpoint is step 0's
+        train(cfg, tmp_path / "cut", progress=False, on_step=stop)
+    assert checkpoint.load(tmp_path / "cut" / "checkpoints/last.safetensors")[1]["step"] == 0
+    assert numbers(train(cfg, tmp_path / "cut", resume=True, progress=False)) == numbers(whole)
+    logs = [[json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+            for name in ("whole", "cut")]
+    assert [r["step"] for r in logs[1]] == [0, 2, 4] and numbers(logs[0]) == numbers(logs[1])
 
 
 # ---- 2. files are replaced only by complete new versions ----------------------------------------------------------
@@ -146,6 +168,10 @@ def test_replacing_keeps_the_old_file_or_folder_when_writing_fails(tmp_path):
     checkpoint.atomic_write_text(tmp_path / "g.txt", "new")
     assert (tmp_path / "f.txt").read_text() == "old" and (tmp_path / "g.txt").read_text() == "new"
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["b"]         # the folder swapped whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.txt", "g.txt"]
+    os.replace(tmp_path / "d", tmp_path / "d.old")                  # a crash between a folder's two renames
+    (tmp_path / "f.txt.tmp").write_text("half")                       # and one while writing a file
+    checkpoint.recover(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.txt", "g.txt"]
 
 
@@ -271,49 +297,66 @@ def test_metrics_say_what_stopped_the_run(tmp_path, tiny_config, capsys, overrid
 KILLED = """
 import os, signal, sys
 import peft, transformers.models.gpt2.modeling_gpt2   # imported once, before the children fork
+from stllm import checkpoint
 from stllm.config import load_config
 from stllm.infer import load_city
 from stllm.train import train
-overrides, out, steps = sys.argv[1].split(), sys.argv[2], [int(k) for k in sys.argv[3:]]
+overrides, out, kills = sys.argv[1].split(), sys.argv[2], sys.argv[3:]
 load_city(load_config("configs/tiny.yaml", overrides).data)   # imports the data modules; numpy only
-for k in steps:   # one child per kill, forked before torch computes anything, each killed by SIGKILL at step k
+save = checkpoint.atomic_save
+for kill in kills:   # one child per kill, forked before torch computes anything, each ended by SIGKILL
+    where, k = kill.split(":")
     pid = os.fork()
     if pid == 0:
-        def kill(step):
-            if step == k:
+        def after_step(step):                  # step:k - after optimizer step k
+            if where == "step" and step == int(k):
                 os.kill(os.getpid(), signal.SIGKILL)
-        train(load_config("configs/tiny.yaml", overrides), f"{out}/killed_at_{k}", progress=False, on_step=kill)
+        saves = []
+        def atomic_save(tensors, path, metadata=None):   # save:n - halfway through writing the n-th last.safetensors
+            saves.append(path)
+            if where == "save" and str(path).endswith("last.safetensors") and len(
+                    [p for p in saves if str(p).endswith("last.safetensors")]) == int(k):
+                open(str(path) + ".tmp", "wb").write(b"half a checkpoint")
+                os.kill(os.getpid(), signal.SIGKILL)
+            save(tensors, path, metadata)
+        checkpoint.atomic_save = atomic_save
+        train(load_config("configs/tiny.yaml", overrides), f"{out}/{where}_{k}", progress=False, on_step=after_step)
         os._exit(0)
-    print("status", k, os.waitpid(pid, 0)[1], flush=True)
+    print("status", kill, os.waitpid(pid, 0)[1], flush=True)
 """
 
 
 def test_kill_9_at_a_random_step_resumes_to_the_same_metrics(tmp_path, tiny_config):
+    """SIGKILL after a random optimizer step (one before the first checkpoint), and halfway through writing a
+    checkpoint (the one that switches stage 2 on, and a random one); each resumed run ends with the uninterrupted
+    run's metrics.json and log, every number equal."""
     # two stages (stage 1 ends at step 4), an average of the weights and dropout: every kind of state must resume
     overrides = ["train.max_steps=8", "train.eval_every=3", "train.encoder_first_steps=4", "train.patience=10",
                  "train.ema=0.5", "encoder.dropout=0.2", "train.lora_lr=0.01", "train.num_threads=1"]
-    first_checkpoint = 3
-    steps = [2, *np.random.default_rng(7).choice(np.arange(first_checkpoint + 1, 9), size=2, replace=False)]
-    done = subprocess.run([sys.executable, "-c", KILLED, " ".join(overrides), str(tmp_path), *map(str, steps)],
+    # last.safetensors is written at steps 3, 4 (validation), 4 (stage 2 begins), 6, 8 (validation), 8 (done)
+    rng = np.random.default_rng(7)
+    kills = ["step:2", f"step:{rng.integers(4, 9)}", "save:3", f"save:{rng.choice([1, 2, 4, 5, 6])}"]
+    done = subprocess.run([sys.executable, "-c", KILLED, " ".join(overrides), str(tmp_path), *kills],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})   # forking is safe with one thread
     assert done.returncode == 0, done.stderr
-    statuses = {k: s for tag, k, s in (line.split() for line in done.stdout.splitlines() if line.startswith("status"))}
-    assert len(statuses) == len(steps), done.stdout
-    assert all(os.WIFSIGNALED(int(s)) and os.WTERMSIG(int(s)) == signal.SIGKILL for s in statuses.values()), statuses
+    statuses = {k: int(s) for tag, k, s in (line.split() for line in done.stdout.splitlines() if line[:6] == "status")}
+    assert list(statuses) == kills, done.stdout
+    assert all(os.WIFSIGNALED(s) and os.WTERMSIG(s) == signal.SIGKILL for s in statuses.values()), statuses
+    assert not (tmp_path / "step_2" / "checkpoints").exists()        # killed before its first checkpoint
     threads = torch.get_num_threads()
     try:
         whole = train(tiny_config(overrides), tmp_path / "whole", progress=False)
-        for k in steps:
-            run = tmp_path / f"killed_at_{k}"
+        whole_log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+        for kill in kills:
+            run = tmp_path / kill.replace(":", "_")
             assert not (run / "metrics.json").exists()
-            assert (run / "checkpoints/last.safetensors").exists() == (k > first_checkpoint)
             resumed = train(tiny_config(overrides), run, resume=True, progress=False)
-            assert numbers(resumed) == numbers(whole), k
-            assert numbers(json.loads((run / "metrics.json").read_text())) == numbers(whole), k
+            assert numbers(resumed) == numbers(whole), kill
+            assert numbers(json.loads((run / "metrics.json").read_text())) == numbers(whole), kill
             log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-            whole_log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
-            assert numbers(log) == numbers(whole_log), k                 # no record lost, none twice
+            assert numbers(log) == numbers(whole_log), kill                # no record lost, none twice
+            assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")], kill
     finally:
         torch.set_num_threads(threads)
     assert whole["training"]["encoder_stage"]["steps"] == 4 and whole["training"]["stopped_by"] == "max_steps"
