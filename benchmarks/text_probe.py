@@ -64,10 +64,10 @@ def errors_of(model, prep, truth_city, split: str = "test") -> dict:
             "n_event_entries": int(sum(len(e) for e in err_event)), "n_quiet_entries": int(sum(len(e) for e in err_other))}
 
 
-def train_run(out: Path, city, overrides: list[str], progress: bool) -> dict:
+def train_run(out: Path, city, overrides: list[str], progress: bool, config: Path = CONFIG) -> dict:
     from stllm.config import load_config
     from stllm.train import train
-    cfg = load_config(CONFIG, overrides)
+    cfg = load_config(config, overrides)
     t0 = time.time()
     metrics = train(cfg, out, city=city, progress=progress, resume=(out / "checkpoints" / "last.safetensors").exists())
     return {"train_s": round(time.time() - t0, 1), "steps": metrics["training"]["steps"],
@@ -75,10 +75,12 @@ def train_run(out: Path, city, overrides: list[str], progress: bool) -> dict:
 
 
 def run_probe(runs: Path, steps: int, stage1_steps: int, extra: list[str], flags: bool = False,
-              paraphrase_test: bool = True, progress: bool = False, seed: int = 0) -> dict:
+              paraphrase_test: bool = True, progress: bool = False, seed: int = 0, config: Path = CONFIG,
+              city_size: tuple[int, int] = (16, 42)) -> dict:
+    """Train the variants on the probe city (city_size = sensors, days) and evaluate them with the controls."""
     from stllm.data.notes import shuffled
     from stllm.data.probe import make_probe_city
-    city = make_probe_city(seed=seed, paraphrase_test=paraphrase_test)
+    city = make_probe_city(n_nodes=city_size[0], n_days=city_size[1], seed=seed, paraphrase_test=paraphrase_test)
     budget = [f"train.max_steps={steps}", f"train.seed={seed}"] + list(extra)
     variants = {"stllm": budget + [f"train.encoder_first_steps={stage1_steps}"],
                 "encoder_only": budget + ["model.use_llm=false", "model.notes=none"]}
@@ -86,7 +88,7 @@ def run_probe(runs: Path, steps: int, stage1_steps: int, extra: list[str], flags
         variants["encoder_flags"] = budget + ["model.use_llm=false", "model.notes=flags"]
     result: dict = {"event_windows": {}, "other_windows": {}, "training": {}}
     for name, overrides in variants.items():
-        result["training"][name] = train_run(runs / name, city, overrides, progress)
+        result["training"][name] = train_run(runs / name, city, overrides, progress, config)
         errors = probe_errors(runs / name, city)
         for part in ("event_windows", "other_windows"):
             result[part][name] = errors[part]
