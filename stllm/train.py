@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
@@ -439,7 +440,6 @@ def check_resume(cfg: Config, out: Path) -> list[str]:
 
 def _flat(cfg: Config) -> dict:
     """{"section.key": value} as config.yaml holds it (through YAML, so both sides compare alike)."""
-    import yaml
     raw = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return {f"{section}.{key}": value for section, values in raw.items() for key, value in values.items()}
 
