@@ -3,7 +3,7 @@
     python benchmarks/fine_tune.py --datasets nyc-bike-60min beijing-pm25 nyc-taxi-60min
 
 Each model trains in its own process (`stllm train`), so peak memory is per model. Both models of a dataset get
-the same budget: the config's epochs and the same `train.max_minutes`. Writes the JSON and a markdown table
+the same budget in optimizer steps: the config's `train.max_steps` (or `--steps`); `train.max_minutes` is a safety net. Writes the JSON and a markdown table
 under benchmarks/results/ and prints the table.
 """
 from __future__ import annotations
@@ -55,7 +55,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["nyc-bike-60min", "beijing-pm25", "nyc-taxi-60min"],
                         help="config names in configs/")
-    parser.add_argument("--minutes", type=float, help="override train.max_minutes for both models")
+    parser.add_argument("--steps", type=int, help="override train.max_steps for both models (the budget in "
+                        "optimizer steps; the configs set one)")
+    parser.add_argument("--minutes", type=float, help="override train.max_minutes for both models (a safety net; the "
+                        "budget of the figures before 2026-12-05)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "bench"), help="where the runs go")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for both models")
     parser.add_argument("--models", nargs="+", default=["encoder_only", "stllm"], choices=["encoder_only", "stllm"],
@@ -67,7 +70,8 @@ def main() -> None:
         for name, (key, extra) in MODELS.items():
             if key not in args.models:
                 continue
-            overrides = list(args.set) + extra + ([f"train.max_minutes={args.minutes}"] if args.minutes else [])
+            overrides = list(args.set) + extra + ([f"train.max_minutes={args.minutes}"] if args.minutes else []) \
+                + ([f"train.max_steps={args.steps}"] if args.steps else [])
             metrics = run(dataset, Path(args.runs) / dataset / key, overrides)
             # Read the file again just before writing: another benchmark process may have added its rows.
             results = json.loads(results_path.read_text()) if results_path.exists() else {}

@@ -13,8 +13,10 @@ variant gets its budget in optimizer steps (train.max_minutes=0, train.encoder_f
   shuffled_text  stllm's run evaluated with the notes moved to wrong nodes and times (stllm.data.notes.shuffled:
                  each note keeps its text and duration, starts at another time at least a week away, on a random
                  other node set of the same size; `all` stays all) and the node texts permuted among the nodes
-  encoder_flags  from encoder_only's run, model.use_llm=false model.notes=flags, train.freeze=[encoder,head]:
-                 only the flag effect (each note as a flag of its kind) trains, `--stage2-steps` steps
+  encoder_flags  from encoder_only's run, model.use_llm=false model.notes=flags, `--stage2-steps` steps: the flag
+                 effect (each note as a flag of its kind) trains, and the read-out's bias with it
+                 (train.freeze=[encoder,head.lin.weight]; see variant_overrides); encoder_flags_no_notes, the same
+                 run without notes, shows what the bias alone changed
 Masked MAE (targets 0 or NaN ignored) on the test split: `overall` over every forecast entry; `event_hours` over the
 entries (window, step, node) inside a note whose span is at most --event-hours (48 h), at that note's nodes (true
 notes, also for shuffled_text). --zero-shot-to evaluates every variant on another dataset (no notes there; its own
@@ -35,6 +37,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("stllm", "no_text", "shuffled_text", "encoder_only", "encoder_flags")
+CONTROLS = ("encoder_flags_no_notes",)   # encoder_flags' run without any note: its read-out bias alone
+RUN_OF = {"shuffled_text": "stllm", "encoder_flags_no_notes": "encoder_flags"}   # variants evaluated on another's run
 ONLY_STEPS = ["train.max_minutes=0", "train.encoder_first_minutes=0", "train.encoder_first_steps=0"]
 
 
@@ -45,7 +49,11 @@ def variant_overrides(encoder_run: Path, steps: int, stage2_steps: int, eval_eve
         "encoder_only": ["model.use_llm=false", "model.notes=none", f"train.max_steps={steps}"],
         "stllm": stage2 + ["train.freeze=[encoder,skip]", "model.notes=text", "model.node_text=true"],
         "no_text": stage2 + ["train.freeze=[encoder,skip]", "model.notes=none", "model.node_text=false"],
-        "encoder_flags": stage2 + ["train.freeze=[encoder,head]", "model.use_llm=false", "model.notes=flags"],
+        # not [encoder,head]: with only the note effect trainable, a batch that meets no note has a loss without
+        # gradient and train() stops (backward of a constant); the read-out's bias (t_out * C numbers) keeps every
+        # loss differentiable, and encoder_flags_no_notes shows what that bias alone changed
+        "encoder_flags": stage2 + ["train.freeze=[encoder,head.lin.weight]", "model.use_llm=false",
+                                   "model.notes=flags"],
     }
 
 
@@ -129,10 +137,12 @@ def evaluate_variants(runs: Path, city, max_hours: float, seed: int) -> dict:
     from stllm.infer import prepare
     from stllm.model import STLLM
     result = {}
-    for name in VARIANTS:
+    for name in VARIANTS + CONTROLS:
         t0 = time.time()
-        model, meta = STLLM.from_pretrained(runs / ("stllm" if name == "shuffled_text" else name))
-        if name == "shuffled_text":
+        model, meta = STLLM.from_pretrained(runs / RUN_OF.get(name, name))
+        if name == "encoder_flags_no_notes":
+            prep = prepare(model, meta, replace(city, notes=None))
+        elif name == "shuffled_text":
             moved = None if city.notes is None else shuffled(city.notes, city, seed=seed)
             prep = prepare(model, meta, replace(city, notes=moved))
             prep.node_texts = permuted(prep.node_texts, seed)
@@ -152,7 +162,7 @@ def zero_shot(runs: Path, data_cfg, target: str, seed: int) -> dict:
     result = {}
     for name in VARIANTS:
         t0 = time.time()
-        model, meta = STLLM.from_pretrained(runs / ("stllm" if name == "shuffled_text" else name))
+        model, meta = STLLM.from_pretrained(runs / RUN_OF.get(name, name))
         prep = prepare(model, meta, fit_to_run(city, meta))
         if name == "shuffled_text":   # no notes to shuffle there: only the node texts move
             prep.node_texts = permuted(prep.node_texts, seed)

@@ -57,7 +57,10 @@ def main() -> None:
     parser.add_argument("--target", required=True, help="target dataset name or path")
     parser.add_argument("--channels", nargs="*", default=[], help="TARGET=RUN channel mapping (RUN as a position)")
     parser.add_argument("--rows", nargs="*", default=ALL_ROWS, choices=ALL_ROWS)
-    parser.add_argument("--minutes", type=float, default=10.0, help="training budget of full- and few-shot runs")
+    parser.add_argument("--steps", type=int, help="training budget of full- and few-shot runs in optimizer steps "
+                        "(full-shot: half of them encoder-only first); reproducible on any machine")
+    parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock cap of full- and few-shot runs: the "
+                        "budget when --steps is not given (the figures before 2026-12-05), else only a safety net")
     parser.add_argument("--adapt-steps", type=int, default=20)
     parser.add_argument("--full-shot-run", help="an existing run trained on the target (e.g. the fine-tune "
                         "benchmark's) to evaluate as the full-shot row instead of training one")
@@ -86,11 +89,14 @@ def main() -> None:
             rows[row] = evaluate(Path(args.full_shot_run), args.target, [], [], out / f"{row}.json")
         else:
             days = {"full_shot": 0, "few_shot_1d": 1, "few_shot_7d": 7, "few_shot_30d": 30}[row]
-            overrides = target_data + [f"train.max_minutes={args.minutes}", f"data.train_days={days}"]
+            overrides = target_data + [f"train.max_minutes={args.minutes}", f"data.train_days={days}"] + \
+                ([f"train.max_steps={args.steps}"] if args.steps else [])
             if days:   # few-shot continues the source run: both stages are behind it
-                overrides += [f"train.init_from={stllm_run}", "train.encoder_first_minutes=0"]
+                overrides += [f"train.init_from={stllm_run}", "train.encoder_first_minutes=0",
+                              "train.encoder_first_steps=0"]
             else:      # full-shot trains from scratch with the source recipe's two stages, half the budget each
-                overrides.append(f"train.encoder_first_minutes={args.minutes / 2}")
+                overrides += [f"train.encoder_first_steps={args.steps // 2}", "train.encoder_first_minutes=0"] \
+                    if args.steps else [f"train.encoder_first_minutes={args.minutes / 2}"]
             train(cfg_file, out / row, overrides)
             rows[row] = json.loads((out / row / "metrics.json").read_text())
     results = ROOT / "benchmarks" / "results"

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--notes", metavar="FILE.csv", help="notes CSV: dated text about places (sets data.notes; "
+                   "docs/data_formats.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("distill", help="write a teacher's rationales (the explain section of a config) as a "
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="train briefly on a synthetic city with SmolLM2, evaluate, plot")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--minutes", type=float, default=3.0, help="training budget per model in minutes")
+    p.add_argument("--steps", type=positive_int, help="training budget per model in optimizer steps (default: "
+                   "configs/demo.yaml's train.max_steps)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("explain", help="forecast one sensor at one time and explain it (checked against the data)")
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["analytic", "generated"], help="analytic: rationale rendered from computed "
                    "facts; generated: written by the run's LM (default: the run's explain.mode)")
     p.add_argument("--channel", help="channel to explain (default: the first)")
+    p.add_argument("--notes", metavar="FILE.csv", help="notes CSV for the data (default: the run's data.notes on "
+                   "its own dataset)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw history, forecast and truth")
     p.add_argument("--max-new-tokens", type=int, help="bound on generated tokens (default: the run's explain.max_new_tokens)")
@@ -79,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 def _add_inference_options(p) -> None:
     p.add_argument("--quantize", choices=["none", "int8", "nf4"], help="load the backbone in 8 or 4 bits (bitsandbytes)")
     p.add_argument("--merge-lora", action="store_true", help="fold LoRA into the backbone weights (not with --quantize)")
+    p.add_argument("--notes", metavar="FILE.csv", help="notes CSV for the data: dated text about places (default: "
+                   "the run's data.notes on its own dataset)")
     p.add_argument("--channels", nargs="*", default=[], metavar="TARGET=RUN",
                    help="map the data's channels onto the run's, e.g. departures=0 (names or positions)")
     p.add_argument("--resample", choices=["sum", "mean"], help="resample the data to the run's interval")
@@ -135,7 +142,7 @@ def cmd_distill(args) -> int:
 def cmd_train(args) -> int:
     from stllm.config import load_config
     from stllm.train import train
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, [*args.set, *([f"data.notes={args.notes}"] if args.notes else [])])
     if cfg.explain.enabled:  # the explain recipe: the student trained with the joint regression + rationale loss
         from stllm.distill.student import train_student as train
         if args.resume and (Path(args.out) / "config.yaml").is_file():   # train() checks its own runs
@@ -164,12 +171,13 @@ def _load_run(args):
 def _load_data(model, meta: dict, args):
     """The run's own dataset (with its config's options) or another one, fitted to the run's channels/interval."""
     from stllm.data import load
+    from stllm.data.notes import with_notes
     from stllm.infer import fit_to_run, load_city
     if args.data is None or args.data == meta["dataset"]:
         city = load_city(model.cfg.data)
     else:
         city = load(args.data)
-    return fit_to_run(city, meta, args.channels, args.resample)
+    return with_notes(fit_to_run(city, meta, args.channels, args.resample), args.notes)
 
 
 def cmd_evaluate(args) -> int:
@@ -246,7 +254,7 @@ def write_predictions(result: dict, path: str) -> None:
 
 def cmd_demo(args) -> int:
     from stllm.demo import run_demo
-    run_demo(args.out, minutes=args.minutes, progress=not args.quiet)
+    run_demo(args.out, steps=args.steps, progress=not args.quiet)
     return 0
 
 

@@ -286,6 +286,9 @@ def cmd_explain(args) -> int:
         model.to_device("cuda")
     own_data = args.data is None or args.data == meta["dataset"]
     city = load_city(model.cfg.data) if own_data else fit_to_run(load(args.data), meta)
+    if getattr(args, "notes", None):
+        from stllm.data.notes import with_notes
+        city = with_notes(city, args.notes)
     mode = args.mode or (model.cfg.explain.mode if model.backbone is not None else "analytic")
     max_new_tokens = args.max_new_tokens or model.cfg.explain.max_new_tokens
     result = explain(model, meta, city, args.node, args.at, mode=mode, channel=args.channel or 0,

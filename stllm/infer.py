@@ -12,11 +12,13 @@ from stllm.metrics import MetricAccumulator
 
 
 def load_city(data_cfg) -> CityData:
-    """The dataset a DataConfig names, with its channel and node selections applied."""
+    """The dataset a DataConfig names, with its notes (data.notes) and its channel and node selections applied."""
     from stllm.data import load
+    from stllm.data.notes import with_notes
     city = load(data_cfg.name, **(data_cfg.options or {}))
     if data_cfg.channels:
         city = city.select_channels(data_cfg.channels)
+    city = with_notes(city, data_cfg.notes or None)          # notes name nodes: attach them before any selection
     if data_cfg.max_nodes and data_cfg.max_nodes < city.n_nodes:
         city = city.select_nodes(list(range(data_cfg.max_nodes)))
     return city

@@ -1,4 +1,4 @@
-"""`stllm demo` end to end with a tiny time budget (the real one trains 3 minutes per model)."""
+"""`stllm demo` end to end with a tiny step budget (the real one: configs/demo.yaml's train.max_steps)."""
 import json
 
 import pytest
@@ -9,7 +9,7 @@ def test_demo_trains_both_models_prints_the_table_and_plots(tmp_path, capsys):
     from stllm.cli import main
     from transformers.utils import logging as hf_logging
     try:
-        assert main(["demo", "--out", str(tmp_path / "demo"), "--minutes", "0.05", "--quiet"]) == 0
+        assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "4", "--quiet"]) == 0
     finally:
         hf_logging.enable_progress_bar()     # --quiet turns transformers' bars off for the process
     captured = capsys.readouterr()

@@ -53,8 +53,8 @@ def test_only_trainable_parts_change(tiny_city, tiny_config, backbone):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in trainable)
-    assert all(n.split(".")[0] in ("encoder", "projector", "pre_query", "pre_proj", "head", "skip") or "lora_" in n
-               for n in trainable)
+    assert all(n.split(".")[0] in ("encoder", "projector", "pre_query", "pre_proj", "head", "skip", "notes")
+               or "lora_" in n for n in trainable)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
     used = set()
     for i in range(3):
@@ -64,8 +64,9 @@ def test_only_trainable_parts_change(tiny_city, tiny_config, backbone):
         used |= {n for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
         opt.zero_grad()
-    # The data-driven graph is idle here (the synthetic city has wind); everything else must be in use.
-    assert trainable - used == {n for n in trainable if ".data_graph." in n}
+    # The data-driven graph is idle here (the synthetic city has wind), and so is the note effect (this city has no
+    # notes: tests/test_notes.py trains it); everything else must be in use.
+    assert trainable - used == {n for n in trainable if ".data_graph." in n or n.startswith("notes.")}
     for name, p in model.named_parameters():
         moved = not torch.equal(before[name], p.detach())
         if name in used:
@@ -256,7 +257,8 @@ def test_freeze_holds_parts_still_and_the_run_still_loads(tmp_path, tiny_city, t
     assert set(src) == {k[len("model."):] for k in new if k.startswith("model.")}   # frozen parts are saved too
     for name, value in src.items():
         moved = not torch.equal(value, new[f"model.{name}"])
-        assert moved != name.startswith(("encoder.", "skip.")), name   # frozen parts still, the rest trained
+        # frozen parts still, the rest trained (the note effect too, but this city has no notes to train it on)
+        assert moved != name.startswith(("encoder.", "skip.", "notes.")), name
     model, _ = STLLM.from_pretrained(tmp_path / "llm_side")
     assert model.skip is not None
 

@@ -148,3 +148,31 @@ def test_text_reader_ignores_lora(tiny_city, tiny_config):
             if "lora_B" in name:
                 p.normal_()
     assert torch.equal(before, model.reader._read("storm: heavy rain"))
+
+
+def test_notes_through_cli_config_and_errors(tmp_path, capsys):
+    """`stllm train --notes` sets data.notes (kept in the run's config); evaluate/predict take --notes; a bad notes
+    file stops the command with the file, row and field named, before any run folder is written."""
+    import yaml
+    from stllm.cli import main
+    from stllm.data.synthetic import make_city
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    names = make_city(n_nodes=6, n_days=21, seed=0).nodes["name"].tolist()
+    good = tmp_path / "good.csv"
+    good.write_text(HEADER + f'2024-01-15 10:00,2024-01-15 16:00,{names[2]},fair,"A street fair"\n')
+    bad = tmp_path / "bad.csv"
+    bad.write_text(HEADER + '2024-01-15 10:00,2024-01-15 16:00,Nowhere Street,fair,"A street fair"\n')
+    config = str(root / "configs" / "tiny.yaml")
+    assert main(["train", "--config", config, "--out", str(tmp_path / "bad_run"), "--notes", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv, row 2: field 'zones' names 'Nowhere Street'" in err
+    assert not (tmp_path / "bad_run").exists()
+    run = tmp_path / "run"
+    assert main(["train", "--config", config, "--out", str(run), "--notes", str(good), "--quiet",
+                 "--set", "train.max_steps=2"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["notes"] == str(good)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--notes", str(bad)]) == 2
+    assert "field 'zones' names 'Nowhere Street'" in capsys.readouterr().err
+    assert main(["predict", "--run", str(run), "--data", "synthetic", "--notes", str(good),
+                 "--out", str(tmp_path / "f.npz")]) == 0
