@@ -363,6 +363,11 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The transformer body (no LM head) of a causal LM, through a peft wrapper if there is one."""
+    return base_model(model).base_model
+
+
 def find_layers(model: nn.Module) -> tuple[nn.Module, str]:
     """(parent, attribute) of the decoder's block list: GPT-2 `transformer.h`, LLaMA `model.layers`, or the
     outermost ModuleList as long as `config.num_hidden_layers` (the longest ModuleList if there is no such)."""

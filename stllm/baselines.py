@@ -19,6 +19,14 @@ whenever the series contains the test period.
 made a prediction. That is how REFERENCE.md's independent numpy figures were computed: on Beijing PM2.5 (2% missing)
 "skip" gives its 31.08 / 57.55 / 75.56 / 59.64 exactly, "fallback" 31.21 / 57.06 / 74.65 / 59.64. On data without
 gaps the two agree whenever every reference lies at t >= 0.
+
+A baseline the history cannot support is reported as missing, never replaced by another one: `run_baselines` gives
+it metrics of None (format_table prints "n/a") and a reason under "missing", e.g. "needs 168 steps of history before
+the first window, has 40". A seasonal naive with lag L needs L steps before the first window (last value 1, same
+time yesterday one day, same time last week one week); the historical average needs a whole week of training data
+(`train_end` >= one week of steps), so that every time-of-week slot had a chance to be seen. The fallbacks above
+only fill single missing references of a baseline that the history does support. The single functions
+(`same_time_last_week(...)`) still return the fallback forecast; the check is the scoreboard's.
 """
 from __future__ import annotations
 
@@ -161,7 +169,7 @@ def run_baselines(city: CityData, starts, t_out: int, train_end: int, batch_size
 
     Returns {name: evaluate_forecast dict} for names in BASELINES. Works in batches of windows, so memory stays
     at a few [batch_size, t_out, n, c] arrays. missing="skip": positions a baseline has no reference for are left
-    out of that baseline's metrics.
+    out of that baseline's metrics. A baseline the history cannot support gets `unsupported(reason)` instead.
     """
     starts = _check_starts(city, starts, t_out, need_target=True)
     if len(starts) == 0:
@@ -175,6 +183,8 @@ def run_baselines(city: CityData, starts, t_out: int, train_end: int, batch_size
         "same_time_last_week": lambda s: _seasonal_naive(city, s, t_out, 7 * spd, fallback),
         "historical_average": lambda s: _historical_average(city, s, t_out, table, fallback),
     }
+    reasons = _unsupported(city, starts, train_end)
+    predictors = {name: f for name, f in predictors.items() if name not in reasons}
     accs = {name: MetricAccumulator() for name in predictors}
     for i in range(0, len(starts), batch_size):
         s = starts[i:i + batch_size]
@@ -182,4 +192,24 @@ def run_baselines(city: CityData, starts, t_out: int, train_end: int, batch_size
         for name, predict in predictors.items():
             pred = predict(s)
             accs[name].update(pred, np.where(np.isnan(pred), np.nan, true))  # skip: unpredicted = unscored
-    return {name: acc.compute() for name, acc in accs.items()}
+    return {name: unsupported(reasons[name]) if name in reasons else accs[name].compute() for name in BASELINES}
+
+
+def unsupported(reason: str) -> dict:
+    """The metrics dict of a baseline that could not be computed: every figure None, and why under "missing"."""
+    blank = {"mae": None, "rmse": None, "mape": None}
+    return {**blank, "per_horizon": dict(blank), "unmasked": dict(blank), "step_mean": dict(blank),
+            "n_windows": 0, "missing": reason}
+
+
+def _unsupported(city: CityData, starts: np.ndarray, train_end: int | None) -> dict[str, str]:
+    """{baseline: reason} for the baselines whose reference history does not exist for these windows."""
+    spd, first = city.steps_per_day, int(starts.min())
+    reasons = {name: f"needs {lag} steps of history before the first window, has {first}"
+               for name, lag in (("last", 1), ("same_time_yesterday", spd), ("same_time_last_week", 7 * spd))
+               if first < lag}
+    trained = city.n_steps if train_end is None else min(int(train_end), city.n_steps)
+    if trained < 7 * spd:
+        reasons["historical_average"] = (f"needs {7 * spd} steps of training data (one week, for every time-of-week "
+                                         f"slot), has {trained}")
+    return reasons

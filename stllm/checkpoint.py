@@ -171,6 +171,25 @@ def read_config(path: str | Path, run: str | Path) -> dict:
     return raw
 
 
+def load_run_config(run: str | Path, overrides: list[str] = ()):
+    """The Config a run's config.yaml describes (a damaged file raises DamagedRun naming it), with the settings
+    runs saved before a key existed were trained with (`legacy_overrides`), then `overrides`."""
+    from stllm.config import load_config
+    path = Path(run) / "config.yaml"
+    read_config(path, run)
+    return load_config(path, [*legacy_overrides(path), *overrides])
+
+
+def legacy_overrides(config_path: str | Path) -> list[str]:
+    """Settings that runs saved before a config key existed were trained with (their config.yaml lacks the key,
+    and today's default differs)."""
+    raw = yaml.safe_load(Path(config_path).read_text()) or {}
+    legacy = [] if "mix_hidden" in (raw.get("encoder") or {}) else ["encoder.mix_hidden=0"]
+    if "own_adapter" not in (raw.get("explain") or {}):
+        legacy.append("explain.own_adapter=false")
+    return legacy
+
+
 def read_json(path: str | Path, run: str | Path) -> dict:
     """A run's JSON file (meta.json); a damaged one raises DamagedRun naming it."""
     path = Path(path)

@@ -1,4 +1,5 @@
-"""Command line: stllm train | evaluate | predict | demo | explain."""
+"""Command line: stllm train | distill | evaluate | predict | demo | explain; a thin layer over `stllm.train` and
+the model object (`STLLM.from_pretrained(run)`, then its predict / evaluate / explain)."""
 from __future__ import annotations
 
 import argparse
@@ -156,46 +157,45 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_run(args):
+def _load_run(args, merge_lora: bool = False):
+    """The run of --run (quantized on --quantize, LoRA merged on --merge-lora), on the GPU when there is one."""
     from stllm.model import STLLM
-    overrides = {"quantize": args.quantize} if args.quantize else None
-    model, meta = STLLM.from_pretrained(args.run, backbone_overrides=overrides)
-    if args.merge_lora:
+    model = STLLM.from_pretrained(args.run, quantize=getattr(args, "quantize", None))
+    if merge_lora:
         model.merge_lora()
     import torch
     if torch.cuda.is_available():
         model.to_device("cuda")
-    return model, meta
+    return model
 
 
-def _load_data(model, meta: dict, args):
-    """The run's own dataset (with its config's options) or another one, fitted to the run's channels/interval."""
-    from stllm.data import load
-    from stllm.data.notes import with_notes
-    from stllm.infer import fit_to_run, load_city
-    if args.data is None or args.data == meta["dataset"]:
-        city = load_city(model.cfg.data)
-    else:
-        city = load(args.data)
-    return with_notes(fit_to_run(city, meta, args.channels, args.resample), args.notes)
+def _load_data(model, args):
+    """The run's own dataset (with its config's options) or --data, fitted to the run's channels/interval."""
+    from stllm.data.fit import load_for_run
+    return load_for_run(model.meta, model.cfg.data, args.data, getattr(args, "channels", None),
+                        getattr(args, "resample", None), getattr(args, "notes", None))
+
+
+def _adapted(model, prep, args, before_last: bool = False):
+    """--adapt-steps: the model adapted on the prepared data's input history before the first window used."""
+    if not args.adapt_steps:
+        return model
+    from stllm.adapt import adapt
+    before = prep.city.n_steps if before_last else int(prep.starts(args.split, why="--adapt-steps")[0])
+    return adapt(model, prep, before=before, steps=args.adapt_steps)
 
 
 def cmd_evaluate(args) -> int:
-    from stllm.infer import evaluate_with_baselines, prepare
     if args.out:
         check_writable(args.out)
-    model, meta = _load_run(args)
-    city = _load_data(model, meta, args)
-    prep = prepare(model, meta, city)
-    if args.adapt_steps:
-        from stllm.adapt import adapt
-        model = adapt(model, prep, before=int(prep.splits[args.split][0]), steps=args.adapt_steps)
-    metrics = evaluate_with_baselines(model, prep, args.split, batch_size=args.batch_size)
-    zero_shot = city.name != meta["dataset"] or city.n_nodes != meta["n_nodes"]
-    metrics.update({"run": str(args.run), "zero_shot": zero_shot, "source_dataset": meta["dataset"],
-                    "adapt_steps": args.adapt_steps})
+    model = _load_run(args, args.merge_lora)
+    city = _load_data(model, args)
+    prep = model.prepare(city)                     # once, for adapting and evaluating
+    model = _adapted(model, prep, args)
+    metrics = model.evaluate(prep, args.split, batch_size=args.batch_size)
+    metrics.update({"run": str(args.run), "adapt_steps": args.adapt_steps})
     print(f"{city.name} ({args.split}, {metrics['n_windows']} windows, {city.n_nodes} nodes)"
-          + (f", zero-shot from {meta['dataset']}" if zero_shot else ""))
+          + (f", zero-shot from {metrics['source_dataset']}" if metrics["zero_shot"] else ""))
     print(comparison_table(metrics, "stllm" if model.backbone is not None else "encoder only"))
     if args.out:
         from stllm.checkpoint import atomic_write_text
@@ -208,15 +208,11 @@ def cmd_predict(args) -> int:
     if Path(args.out).suffix not in (".npz", ".csv"):   # refused before the model is loaded, not after predicting
         raise ValueError(f"--out must end in .npz or .csv, got {args.out}")
     check_writable(args.out)
-    model, meta = _load_run(args)
-    city = _load_data(model, meta, args)
-    if args.adapt_steps:
-        from stllm.adapt import adapt
-        from stllm.infer import prepare
-        prep = prepare(model, meta, city)
-        before = city.n_steps if args.last else int(prep.splits[args.split][0])
-        model = adapt(model, prep, before=before, steps=args.adapt_steps)
-    result = model.predict(city, meta=meta, split=args.split, last=args.last, batch_size=args.batch_size)
+    model = _load_run(args, args.merge_lora)
+    city = _load_data(model, args)
+    prep = model.prepare(city)
+    model = _adapted(model, prep, args, before_last=args.last)
+    result = model.predict(prep, split=args.split, last=args.last, batch_size=args.batch_size)
     write_predictions(result, args.out)
     print(f"{len(result['starts'])} forecast window(s) for {city.n_nodes} nodes written to {args.out}")
     return 0
@@ -259,8 +255,19 @@ def cmd_demo(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from stllm.explain import cmd_explain as run
-    return run(args)
+    """`stllm explain`: load the run and the data, explain one (node, time), print or write JSON, plot."""
+    from stllm.explain import format_explanation, plot_explanation
+    model = _load_run(args)
+    city = _load_data(model, args)
+    mode = args.mode or (model.cfg.explain.mode if model.backbone is not None else "analytic")
+    result = model.explain(city, args.node, args.at, mode=mode, channel=args.channel or 0,
+                           max_new_tokens=args.max_new_tokens or model.cfg.explain.max_new_tokens)
+    print(json.dumps(result, indent=1, ensure_ascii=False) if args.json else format_explanation(result))
+    if args.plot:
+        plot_explanation(result, args.plot)
+        if not args.json:
+            print(f"plot written to {args.plot}")
+    return 0
 
 
 if __name__ == "__main__":

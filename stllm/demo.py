@@ -64,27 +64,20 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
 
 def _event_errors(runs: dict, city) -> dict:
     """Masked MAE of each model on the test forecast entries that lie inside an event."""
-    from stllm.infer import forecast, prepare
     from stllm.model import STLLM
     out = {}
     for label, run_dir in runs.items():
-        model, meta = STLLM.from_pretrained(run_dir)
-        prep = prepare(model, meta, city)
-        starts = prep.splits["test"]
-        inside = event_mask(city, starts, prep.t_out)[..., None]                # [b, t_out, N, 1]
-        errs, offset = [], 0
-        for chunk, pred, true in forecast(model, prep, starts):
-            keep = inside[offset:offset + len(chunk)] & np.isfinite(true) & (np.abs(np.nan_to_num(true)) > 1e-4)
-            errs.append(np.abs(pred - np.nan_to_num(true))[keep])
-            offset += len(chunk)
-        out[label] = float(np.concatenate(errs).mean())
+        result = STLLM.from_pretrained(run_dir).predict(city, split="test")
+        pred, true = result["prediction"], result["truth"]                      # [b, t_out, N, C]
+        inside = event_mask(city, result["starts"], pred.shape[1])[..., None]   # [b, t_out, N, 1]
+        keep = inside & np.isfinite(true) & (np.abs(np.nan_to_num(true)) > 1e-4)
+        out[label] = float(np.abs(pred - np.nan_to_num(true))[keep].mean())
     return out
 
 
 def _plot(run_dir: Path, city, path: Path) -> Path:
     from stllm.model import STLLM
     from stllm.plots import plot_forecasts
-    model, meta = STLLM.from_pretrained(run_dir)
-    result = model.predict(city, meta=meta, split="test")
+    result = STLLM.from_pretrained(run_dir).predict(city, split="test")
     # odd sensors: where the test events (and their paraphrased notes) fall
     return plot_forecasts(result, path, nodes=[1, 3, 5, 7], title="Synthetic city: stllm forecasts on the test split")

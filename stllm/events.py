@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from stllm.data.city import CityData
-from stllm.metrics import _to_numpy
+from stllm.metrics import to_numpy
 
 ST_SHN_RATE_RANGE = (0.2, 0.8)  # ST-SHN scores a (cell, category) only when its training event rate is inside
 
@@ -64,7 +64,7 @@ class EventAccumulator:
 
     def update(self, prob: Any, counts: Any, mask: Any = None) -> None:
         """prob, counts: [b, t_out, ..., K]; mask: optional bool, broadcastable to them, True = scored."""
-        prob, counts = _to_numpy(prob), _to_numpy(counts)
+        prob, counts = to_numpy(prob), to_numpy(counts)
         if prob.shape != counts.shape:
             raise ValueError(f"predictions have shape {prob.shape}, targets {counts.shape}; they must match")
         if prob.ndim < 3:
@@ -76,7 +76,7 @@ class EventAccumulator:
             raise ValueError(f"[t_out, K] changed between batches: {list(self._sums['tp'].shape)} then {[t_out, k]}")
         scored = ~np.isnan(counts)
         if mask is not None:
-            scored &= np.broadcast_to(np.asarray(_to_numpy(mask), dtype=bool), prob.shape)
+            scored &= np.broadcast_to(np.asarray(to_numpy(mask), dtype=bool), prob.shape)
         event = counts > 0
         with np.errstate(invalid="ignore"):
             pred = prob >= self.threshold  # threshold broadcasts over the category axis

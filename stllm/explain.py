@@ -15,14 +15,16 @@ Either way the program writes the head's numbers into the FORECAST_SLOT (`_join`
 lists the language model wrote itself are replaced by the slot first, so no sampled forecast digit survives.
 Then `check_explanation` tests every checkable claim against the data.
 
-Weather effects (`estimate_effects`) are read from the run's effects.json when the data is the run's own city
-(`stllm train` writes it for cities with weather); otherwise they are estimated here from the given city's training part (steps before the
-train split's end), which needs no more than the data explaining needs anyway.
+Weather effects (`estimate_effects`) are computed here, at explain time, from the given city's training part
+(steps before the train split's end of the run's split), which needs no more than the data explaining needs
+anyway: on the run's own dataset they are the effects of its training data, elsewhere the other city's own. Runs
+store none (training does not call this module); pass `effects=` to reuse them across calls.
+
+`STLLM.explain(city, node, at, **options)` is the usual way in; `stllm explain` (stllm/cli.py) wraps that.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from pathlib import Path
@@ -30,74 +32,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stllm.data.city import CityData, DataError
+from stllm.data.city import CityData
+from stllm.data.fit import resolve_node, resolve_time
+from stllm.data.prepared import PreparedCity, batch_to
 from stllm.distill.checker import check_explanation
-from stllm.distill.facts import (compute_facts, effects_from_dict, effects_to_dict, estimate_effects,
-                                 forecast_direction, time_text)
+from stllm.distill.facts import compute_facts, estimate_effects, forecast_direction, time_text
 from stllm.distill.teachers import (FACT_SLOT, FORECAST_SLOT, fact_text, format_forecast, horizon_text,
                                     opening_segments, render_node_prompt, render_rationale, stage4_slot_names)
 
-EFFECTS = "effects.json"     # weather effects in a run folder (stllm.distill.facts.effects_to_dict)
 MODES = ("analytic", "generated")
 _SAMPLED_LIST = re.compile(r"\[[^\[\]]*\d[^\[\]]*\]")   # a bracketed list with digits: a forecast the LM wrote
 
 
-def save_effects(prep, run_dir: str | Path) -> dict:
-    """Estimate the weather effects on a prepared city's training part and write them to run_dir/effects.json
-    ({} for a city without weather). Returns them."""
-    effects = (estimate_effects(prep.city, prep.train_end, prep.t_in, prep.t_out)
-               if prep.city.exog is not None else {})
-    (Path(run_dir) / EFFECTS).write_text(json.dumps(effects_to_dict(effects), indent=1))
-    return effects
-
-
-def load_effects(run_dir: str | Path | None) -> dict | None:
-    """The weather effects saved with a run, or None when it has none."""
-    path = Path(run_dir) / EFFECTS if run_dir else None
-    return effects_from_dict(json.loads(path.read_text())) if path is not None and path.is_file() else None
-
-
-def resolve_node(city: CityData, node) -> int:
-    """Node position from an id, name or position; the error lists the city's ids."""
-    try:
-        return city.node_index(node)[0]
-    except DataError:
-        if isinstance(node, str) and node.isdigit() and int(node) < city.n_nodes:
-            return int(node)                                      # a position typed on the command line
-        ids = city.nodes["id"].astype(str).tolist()
-        shown = ", ".join(ids[:60]) + (f", ... ({len(ids)} in all)" if len(ids) > 60 else "")
-        raise DataError(f"{city.name}: unknown node {node!r}; the city's node ids are: {shown}") from None
-
-
-def resolve_time(city: CityData, at, t_in: int) -> int:
-    """Index of the first forecast step from a timestamp (or an int index); the error names the valid range."""
-    first_ok = pd.Timestamp(city.timestamps[0]) + t_in * city.interval
-    last_ok = pd.Timestamp(city.timestamps[-1]) + city.interval
-    span = (f"the data covers {pd.Timestamp(city.timestamps[0])} .. {pd.Timestamp(city.timestamps[-1])} every "
-            f"{city.interval}; --at is the first forecast step and needs {t_in} steps of history, so it must lie in "
-            f"{first_ok} .. {last_ok}")
-    if isinstance(at, (int, np.integer)) and not isinstance(at, bool):
-        s = int(at)
-        if not t_in <= s <= city.n_steps:
-            raise DataError(f"{city.name}: step {s} is outside the data: {span}")
-        return s
-    try:
-        ts = pd.Timestamp(at)
-    except (ValueError, TypeError) as err:
-        raise DataError(f"{city.name}: cannot read the time {at!r} ({err}); {span}") from None
-    if ts < first_ok or ts > last_ok:
-        raise DataError(f"{city.name}: time {ts} is outside the data: {span}")
-    offset = (ts - pd.Timestamp(city.timestamps[0])) / city.interval
-    if offset != int(offset):
-        raise DataError(f"{city.name}: time {ts} is not on the data's {city.interval} grid; {span}")
-    return int(offset)
-
-
-def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic", channel: str | int = 0,
-            effects: dict | None = None, prep=None, max_new_tokens: int = 256) -> dict:
+def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analytic", channel: str | int = 0,
+            effects: dict | None = None, max_new_tokens: int = 256) -> dict:
     """Forecast and explain node `node` (id, name or position) for the window whose first forecast step is `at`
-    (timestamp or step index). `prep`: a `stllm.infer.prepare(model, meta, city)` result to reuse across calls;
-    `effects`: weather effects (default: the run's, else estimated from the city's training part, see above).
+    (timestamp or step index). `city`: the data, or `model.prepare(city)` to prepare it once across calls;
+    `effects`: weather effects (default: estimated from the city's training part, see above).
 
     Returns a JSON-ready dict: mode, dataset, node, node_name, channel, unit, at, timestamps [t_out], forecast
     [t_out] (original scale), truth [t_out] (None where unknown), history_timestamps / history [t_in], explanation,
@@ -105,7 +56,7 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
     generated mode `generation` (new tokens, seconds, tokens per second) and, when the text holds no checkable
     claim, `warning`.
     """
-    from stllm.infer import forecast, prepare
+    from stllm.infer import forecast
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if getattr(model.cfg.model, "task", "forecast") != "forecast":
@@ -113,7 +64,8 @@ def explain(model, meta: dict, city: CityData, node, at, mode: str = "analytic",
     if mode == "generated" and getattr(model, "backbone", None) is None:
         raise ValueError("this run has no language model (model.use_llm=false, the encoder-only ablation): "
                          "only mode 'analytic' can explain its forecasts")
-    prep = prep if prep is not None else prepare(model, meta, city)
+    prep = model.prepare(city)
+    city = prep.city
     t_in, t_out = prep.t_in, prep.t_out
     i, s = resolve_node(city, node), resolve_time(city, at, t_in)
     c = city.channel_index(channel)
@@ -189,7 +141,7 @@ def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_
 
     from stllm.distill.node_layout import explain_adapter, generate_with_facts, node_inputs, slot_vectors
     device = next(model.parameters()).device
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prep.batch(np.array([start])).items()}
+    batch = batch_to(prep.batch(np.array([start])), device)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -272,31 +224,3 @@ def plot_explanation(result: dict, path: str | Path) -> Path:
     ax.legend(fontsize=8, loc="best")
     from stllm.plots import save_figure
     return save_figure(fig, path)
-
-
-def cmd_explain(args) -> int:
-    """`stllm explain`: load the run and the data, explain one (node, time), print or write JSON, plot."""
-    from stllm.data import load
-    from stllm.infer import fit_to_run, load_city
-    from stllm.model import STLLM
-    quantize = getattr(args, "quantize", None)
-    model, meta = STLLM.from_pretrained(args.run, backbone_overrides={"quantize": quantize} if quantize else None)
-    import torch
-    if torch.cuda.is_available():
-        model.to_device("cuda")
-    own_data = args.data is None or args.data == meta["dataset"]
-    city = load_city(model.cfg.data) if own_data else fit_to_run(load(args.data), meta)
-    if getattr(args, "notes", None):
-        from stllm.data.notes import with_notes
-        city = with_notes(city, args.notes)
-    mode = args.mode or (model.cfg.explain.mode if model.backbone is not None else "analytic")
-    max_new_tokens = args.max_new_tokens or model.cfg.explain.max_new_tokens
-    result = explain(model, meta, city, args.node, args.at, mode=mode, channel=args.channel or 0,
-                     # the run's weather effects belong to its own city; another city's are estimated from its data
-                     effects=load_effects(args.run) if own_data else None, max_new_tokens=max_new_tokens)
-    print(json.dumps(result, indent=1, ensure_ascii=False) if args.json else format_explanation(result))
-    if args.plot:
-        plot_explanation(result, args.plot)
-        if not args.json:
-            print(f"plot written to {args.plot}")
-    return 0

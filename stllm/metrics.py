@@ -29,7 +29,7 @@ import numpy as np
 NULL_ATOL = 1e-4  # |true - null_value| below this counts as "equal to null_value"; also MAPE's zero-denominator guard
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
     """numpy float64 view of an array or a torch tensor (bf16/fp16 tensors are upcast first)."""
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
         x = x.detach().cpu()
@@ -53,7 +53,7 @@ def _mean_where(x: np.ndarray, valid: np.ndarray) -> float:
 
 
 def _pair(pred: Any, true: Any) -> tuple[np.ndarray, np.ndarray]:
-    pred, true = _to_numpy(pred), _to_numpy(true)
+    pred, true = to_numpy(pred), to_numpy(true)
     if pred.shape != true.shape:
         raise ValueError(f"pred has shape {pred.shape}, true has shape {true.shape}; they must match")
     return pred, true
@@ -191,13 +191,19 @@ def evaluate_forecast(pred: Any, true: Any, null_value: float | None = 0.0) -> d
 
 # ---- reporting ----------------------------------------------------------------------------------------------------
 def format_table(rows: dict[str, dict]) -> str:
-    """Plain-text comparison table: one row per name, masked MAE/RMSE/MAPE and unmasked MAE/RMSE."""
+    """Plain-text comparison table: one row per name, masked MAE/RMSE/MAPE and unmasked MAE/RMSE.
+
+    A metric that is None prints as "n/a"; a row with a "missing" reason (a baseline the history cannot support,
+    stllm.baselines) gets that reason in a note under the table.
+    """
     header = ("name", "MAE", "RMSE", "MAPE%", "MAE unmasked", "RMSE unmasked")
-    lines = [[str(name), f"{m['mae']:.2f}", f"{m['rmse']:.2f}", f"{m['mape']:.2f}",
-              f"{m.get('unmasked', {}).get('mae', float('nan')):.2f}",
-              f"{m.get('unmasked', {}).get('rmse', float('nan')):.2f}"] for name, m in rows.items()]
+    cell = lambda v: "n/a" if v is None else f"{v:.2f}"
+    lines = [[str(name), cell(m["mae"]), cell(m["rmse"]), cell(m["mape"]),
+              cell((m.get("unmasked") or {}).get("mae", float("nan"))),
+              cell((m.get("unmasked") or {}).get("rmse", float("nan")))] for name, m in rows.items()]
     widths = [max(len(r[i]) for r in [list(header), *lines]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     out = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)]
     out.append("MAE/RMSE/MAPE masked (targets equal to 0 or missing ignored), pooled over all horizon steps.")
+    out += [f"{name}: n/a, {m['missing']}" for name, m in rows.items() if m.get("missing")]
     return "\n".join(out)

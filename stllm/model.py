@@ -1,17 +1,21 @@
-"""STLLM: encoder -> projector -> prompt -> backbone -> head, and saving/loading runs."""
+"""STLLM: encoder -> projector -> prompt -> backbone -> head; the object users hold (predict, evaluate, explain),
+and saving/loading runs."""
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
-import yaml
 from safetensors.torch import save_file
 from torch import nn
 
 from stllm import checkpoint
-from stllm.config import Config, load_config
+from stllm.config import Config
+from stllm.data.city import CityData
+from stllm.data.fit import RunMeta, is_own_data, prepare, resolve_nodes, resolve_time
+from stllm.data.prepared import PreparedCity
 from stllm.nn.encoder import STEncoder
 from stllm.nn.classification import ClassificationHead
 from stllm.nn.heads import LinearHead, Projector, RegressionHead
@@ -29,7 +33,15 @@ class STLLM(nn.Module):
 
     forward(batch) -> [b, t_out, N, C] forecasts on the scaled axis (model.task=forecast), or event logits per
     channel (model.task=events).
+
+    A trained model carries what it needs to be used on data: its config (`cfg`), tokenizer and backbone, and in
+    `meta` (a `stllm.data.fit.RunMeta`) its training data's scaler, channels, units, interval, dataset name, node
+    count, exogenous features and training end. `STLLM.from_pretrained(run)` loads one; `predict`, `evaluate` and
+    `explain` take a CityData (or `model.prepare(city)` to prepare it once for several calls). Training attaches
+    `meta` (`stllm.train.build_model`) before `save_pretrained`.
     """
+
+    meta: RunMeta | None = None   # set by training or from_pretrained; saving needs it
 
     def __init__(self, cfg: Config, n_channels: int, n_exog: int, backbone=None, tokenizer=None,
                  prompt: PromptTemplate | None = None):
@@ -136,7 +148,8 @@ class STLLM(nn.Module):
         b, g, m, _ = his.shape
         layout = self.layout(g, context, 0 if when is None else when[0].shape[1])
         device = his.device
-        decoder = _decoder(self.backbone)
+        from stllm.backbone import decoder_body
+        decoder = decoder_body(self.backbone)
         embed = decoder.get_input_embeddings()
         emb = embed(layout.ids.to(device)).unsqueeze(0).expand(b, -1, -1).clone()   # [b, L, d_llm]
         emb[:, layout.his_pos.reshape(-1)] = his.reshape(b, g * m, -1).to(emb.dtype)
@@ -211,16 +224,19 @@ class STLLM(nn.Module):
                 own[name].copy_(value.to(own[name].dtype))
         return sorted(state)
 
-    def save_pretrained(self, directory: str | Path, meta: dict) -> None:
-        """Write config.yaml, model.safetensors (trainable weights), the peft adapter, meta.json, prompt.txt. Each
-        replaces its old version only once complete (written beside it, then renamed)."""
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.yaml, model.safetensors (trainable weights), the peft adapter, meta.json (`self.meta`),
+        prompt.txt. Each replaces its old version only once complete (written beside it, then renamed)."""
+        if self.meta is None:
+            raise ValueError("this model carries no RunMeta (model.meta): build it with stllm.train.build_model, "
+                             "or set model.meta = RunMeta.from_prepared(prep), before saving")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with checkpoint.replacing(directory / "config.yaml") as tmp:
             self.cfg.save(tmp)
         with checkpoint.replacing(directory / WEIGHTS) as tmp:
             save_file(self.trainable_state_dict(), str(tmp))
-        checkpoint.atomic_write_text(directory / META, json.dumps(meta, indent=1))
+        checkpoint.atomic_write_text(directory / META, json.dumps(self.meta.to_dict(), indent=1))
         if self.backbone is not None:
             checkpoint.atomic_write_text(directory / PROMPT, self.prompt.text)
             if hasattr(self.backbone, "peft_config"):
@@ -228,29 +244,37 @@ class STLLM(nn.Module):
                     self.backbone.save_pretrained(str(tmp))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, backbone_overrides: dict | None = None) -> tuple["STLLM", dict]:
-        """Rebuild a run from its folder alone (no training data needed). Returns (model, meta)."""
+    def from_pretrained(cls, directory: str | Path, quantize: str | None = None,
+                        dtype: str | None = None) -> "STLLM":
+        """Rebuild a run from its folder alone (no training data needed), in eval mode, carrying its config,
+        meta, tokenizer and backbone. quantize: "none" | "int8" | "nf4" and dtype: the backbone's (default: the
+        run's config); the adapter trained unquantized loads onto a quantized backbone."""
         directory = Path(directory)
         for name in ("config.yaml", WEIGHTS, META):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not a stllm run: {name} is missing")
-        checkpoint.read_config(directory / "config.yaml", directory)   # one that does not parse: an error naming it
-        cfg = load_config(directory / "config.yaml", _legacy_overrides(directory / "config.yaml"))
-        if backbone_overrides:  # e.g. {"quantize": "int8"}: the adapter trained unquantized loads onto it
-            cfg.backbone = dataclasses.replace(cfg.backbone, **backbone_overrides)
-        meta = checkpoint.read_json(directory / META, directory)
+        cfg = checkpoint.load_run_config(directory)       # one that does not parse: an error naming it
+        overrides = {k: v for k, v in (("quantize", quantize), ("dtype", dtype)) if v is not None}
+        if overrides:
+            cfg.backbone = dataclasses.replace(cfg.backbone, **overrides)
+        raw = checkpoint.read_json(directory / META, directory)
+        try:
+            meta = RunMeta.from_dict(raw)
+        except (ValueError, TypeError, KeyError) as err:
+            raise checkpoint.DamagedRun(f"{META} of {directory} is damaged ({err}); retrain or restore it") from err
         backbone = tokenizer = prompt = None
         if cfg.model.use_llm:
             from stllm.backbone import build_backbone
             backbone, tokenizer = build_backbone(cfg.backbone)
             prompt = PromptTemplate(cfg.model.prompt, (directory / PROMPT).read_text())
-        model = cls(cfg, meta["n_channels"], meta["n_exog"], backbone, tokenizer, prompt)
+        model = cls(cfg, meta.n_channels, meta.n_exog, backbone, tokenizer, prompt)
+        model.meta = meta
         if cfg.explain.enabled and cfg.explain.own_adapter:
             model.add_explain_adapter()
         weights = checkpoint.read_weights(directory / WEIGHTS, directory, model)   # damaged or misfit: named errors
         model.load_trainable_state_dict(weights, str(directory / WEIGHTS))
         model.eval()
-        return model, meta
+        return model
 
     def to_device(self, device: str | torch.device) -> "STLLM":
         """Move the model to a device; a quantized backbone stays where bitsandbytes placed it (it cannot move)."""
@@ -295,10 +319,56 @@ class STLLM(nn.Module):
         self.backbone = self.backbone.merge_and_unload()
         return self
 
-    def predict(self, city, **kwargs):
-        """Forecasts for a CityData on the original scale; see stllm.infer.predict."""
+    # ---- use ---------------------------------------------------------------------------------------------------
+    def prepare(self, city: CityData) -> PreparedCity:
+        """The city as this run reads it: the run's scaler on its own dataset, a fresh one (fitted on the city's
+        training part) elsewhere, the run's exogenous features. The city must have the run's channels and interval
+        (`stllm.data.fit.fit_to_run` maps another city's)."""
+        if isinstance(city, PreparedCity):
+            return city
+        if self.meta is None:
+            raise ValueError("this model carries no RunMeta (model.meta); load a run with STLLM.from_pretrained")
+        return prepare(city, self.meta, self.cfg)
+
+    def predict(self, city: CityData | PreparedCity, at=None, nodes=None, split: str = "test", last: bool = False,
+                batch_size: int = 16) -> dict:
+        """Forecasts on the original scale. Which windows: the one whose first forecast step is `at` (a timestamp
+        or a step index), else with last=True the one after the data ends, else every window of `split`.
+        nodes: ids, names or positions (one or a list) to keep; all by default (the model reads the whole city).
+
+        Returns {"starts": [b], "timestamps": [b, t_out] datetime64, "prediction": [b, t_out, N', C],
+                 "truth": [b, t_out, N', C] (NaN where unknown), "node_ids": [N'], "channels": [C]}.
+        """
         from stllm.infer import predict
-        return predict(self, city, **kwargs)
+        prep = self.prepare(city)
+        if at is not None and last:
+            raise ValueError("predict: give `at` or last=True, not both")
+        if at is not None:
+            starts = np.array([resolve_time(prep.city, at, prep.t_in)])
+        elif last:
+            starts = np.array([prep.city.n_steps])
+        else:
+            if split not in prep.splits:
+                raise ValueError(f"split must be one of {list(prep.splits)}, got {split!r}")
+            starts = prep.starts(split, why="predict")
+        keep = None if nodes is None else resolve_nodes(prep.city, nodes)
+        return predict(self, prep, starts, keep, batch_size)
+
+    def evaluate(self, city: CityData | PreparedCity, split: str = "test", batch_size: int = 16) -> dict:
+        """The metrics JSON of `stllm evaluate`: this model and the baselines on one split of `city` (masked and
+        unmasked MAE, RMSE, MAPE per horizon; event metrics for model.task=events), with `zero_shot` (the city is
+        not the run's own dataset) and `source_dataset`."""
+        from stllm.infer import evaluate_with_baselines
+        prep = self.prepare(city)
+        metrics = evaluate_with_baselines(self, prep, split, batch_size)
+        return {**metrics, "zero_shot": not is_own_data(prep.city, self.meta), "source_dataset": self.meta.dataset}
+
+    def explain(self, city: CityData | PreparedCity, node, at, **options) -> dict:
+        """Forecast node `node` (id, name or position) for the window whose first forecast step is `at` and explain
+        it, checked against the data. options: mode ("analytic" | "generated"), channel, effects,
+        max_new_tokens; see `stllm.explain.explain` for them and the result."""
+        from stllm.explain import explain
+        return explain(self, city, node, at, **options)
 
 
 def _saved(name: str, p: torch.Tensor) -> bool:
@@ -309,19 +379,3 @@ def _saved(name: str, p: torch.Tensor) -> bool:
 def default_context(cfg: Config) -> dict:
     return {"city": "an unnamed city", "domain": "sensor data", "channels": "value", "interval": "step",
             "t_in": cfg.data.t_in, "t_out": cfg.data.t_out}
-
-
-def _decoder(backbone):
-    """The transformer body (no LM head) of a causal LM, through a peft wrapper if there is one."""
-    model = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
-    return model.base_model
-
-
-def _legacy_overrides(config_path: Path) -> list[str]:
-    """Settings that runs saved before a config key existed were trained with (their config.yaml lacks the key,
-    and today's default differs)."""
-    raw = yaml.safe_load(config_path.read_text()) or {}
-    legacy = [] if "mix_hidden" in (raw.get("encoder") or {}) else ["encoder.mix_hidden=0"]
-    if "own_adapter" not in (raw.get("explain") or {}):
-        legacy.append("explain.own_adapter=false")
-    return legacy

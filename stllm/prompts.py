@@ -90,7 +90,7 @@ def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int, cross_node: b
 
     # The block as segments: ("text", ids) or ("his"|"pre", n)
     segments = []
-    for piece in _split_slots(block):
+    for piece in split_slots(block):
         if piece == ST_HIS:
             segments.append(("his", n_tokens))
         elif piece == ST_PRE:
@@ -134,7 +134,7 @@ def city_layout(text: str, tokenizer, n_nodes: int, n_tokens: int, cross_node: b
                       torch.tensor(when_pos, dtype=torch.long))
 
 
-def _split_slots(text: str) -> list[str]:
+def split_slots(text: str) -> list[str]:
     """'a<ST_HIS>b<ST_PRE>' -> ['a', '<ST_HIS>', 'b', '<ST_PRE>'] (empty pieces dropped)."""
     out, buf = [], text
     while buf:

@@ -17,10 +17,11 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from stllm import checkpoint
-from stllm.config import Config, ConfigError, load_config
+from stllm.config import Config, ConfigError
 from stllm.data.city import CityData
-from stllm.data.prepared import PreparedCity
-from stllm.infer import evaluate, load_city, run_meta, selection_error
+from stllm.data.fit import RunMeta, load_city
+from stllm.data.prepared import PreparedCity, batch_to
+from stllm.infer import evaluate, evaluate_with_baselines, selection_error
 from stllm.nn.classification import event_loss
 from stllm.model import STLLM, WEIGHTS
 
@@ -40,11 +41,15 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ki
 
 
 def build_model(cfg: Config, prep: PreparedCity) -> STLLM:
+    """The model `cfg` describes, sized by the prepared city and carrying its `RunMeta` (what `save_pretrained`
+    writes beside the weights, so the run can be used without its data)."""
     backbone = tokenizer = None
     if cfg.model.use_llm:
         from stllm.backbone import build_backbone
         backbone, tokenizer = build_backbone(cfg.backbone)
-    return STLLM(cfg, prep.city.n_channels, prep.n_exog, backbone, tokenizer)
+    model = STLLM(cfg, prep.city.n_channels, prep.n_exog, backbone, tokenizer)
+    model.meta = RunMeta.from_prepared(prep)
+    return model
 
 
 def freeze(model: STLLM, prefixes: list[str]) -> None:
@@ -173,7 +178,6 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     if world > 1:
         accelerator.print(f"training on {world} processes ({accelerator.distributed_type}), "
                           f"{cfg.train.batch_size // world}+ windows per process per step")
-    meta = run_meta(prep, cfg)
 
     # stage 1 (two-stage training only): the language model is bypassed; stage 2: the language-model side
     # (train.stage2_freeze holds the encoder and its read-out still).
@@ -292,7 +296,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
             starts = order[i * bs:(i + 1) * bs]
             if world > 1:  # this process's share; every process needs at least one window to step together
                 starts = np.resize(starts, max(len(starts), world))[rank::world]
-            batch = _to(prep.batch(starts, cfg.train.mask_zeros and not events), accelerator.device)
+            batch = batch_to(prep.batch(starts, cfg.train.mask_zeros and not events), accelerator.device)
             pred = model(batch)
             if events:
                 loss = event_loss(pred, batch["y_raw"])
@@ -350,19 +354,16 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     if not main:
         return {}
     log.close()
-    return finish(raw_model, prep, cfg, out, meta, state)
+    return finish(raw_model, prep, cfg, out, state)
 
 
-def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, meta: dict, state: dict) -> dict:
-    """Load the best weights, save the run, evaluate on the test split with the baselines, write metrics.json."""
+def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, state: dict) -> dict:
+    """Load the best weights, save the run (with the meta `build_model` attached), evaluate on the test split with
+    the baselines, write metrics.json."""
     if (out / BEST).exists():
         model.load_trainable_state_dict(checkpoint.load(out / BEST)[0], str(out / BEST))
     model.eval()
-    model.save_pretrained(out, meta)
-    if prep.city.exog is not None and cfg.model.task == "forecast":
-        from stllm.explain import save_effects   # weather effects from the training part, for `stllm explain`
-        save_effects(prep, out)
-    from stllm.infer import evaluate_with_baselines
+    model.save_pretrained(out)
     metrics = evaluate_with_baselines(model, prep, "test", batch_size=cfg.train.batch_size)
     stage1 = state.get("stage1")
     if stage1 is not None and "encoder" in cfg.train.stage2_freeze and "skip" in cfg.train.stage2_freeze:
@@ -425,9 +426,7 @@ def check_resume(cfg: Config, out: Path) -> list[str]:
     if not (out / LAST).exists() and (out / WEIGHTS).exists():
         raise FileNotFoundError(f"--resume: {out} holds a finished run without its {LAST}, so it cannot continue; "
                                 f"train into another --out")
-    from stllm.model import _legacy_overrides   # a run saved before a key existed was trained with its old value
-    checkpoint.read_config(saved, out)
-    run, given = _flat(load_config(saved, _legacy_overrides(saved))), _flat(cfg)
+    run, given = _flat(checkpoint.load_run_config(out)), _flat(cfg)
     differ = [k for k in given if run.get(k) != given[k]]
     refused = [f"{k}: {_show(run.get(k))} in the run, {_show(given[k])} given" for k in differ
                if k not in RESUME_MAY_CHANGE]
@@ -483,6 +482,3 @@ def _spread(starts: np.ndarray, limit: int) -> np.ndarray:
         return starts
     return starts[np.linspace(0, len(starts) - 1, limit).round().astype(int)]
 
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -252,3 +252,42 @@ def test_baselines_reproduce_reference_table(name):
         filled = run_baselines(city, starts, t_out, train_end)
         for baseline, ref in zip(BASELINES, REFERENCE_MAE[name]):
             assert filled[baseline]["mae"] == pytest.approx(ref, rel=0.02)
+
+
+def test_a_baseline_without_the_history_it_needs_is_reported_missing_not_replaced():
+    import json
+
+    from stllm.baselines import unsupported
+    from stllm.cli import comparison_table
+    from stllm.metrics import format_table
+    city = weekly_city()                                       # hourly: a week is 168 steps
+    starts = np.arange(40, 400, 5)
+    out = run_baselines(city, starts, 12, train_end=100)
+    assert tuple(out) == BASELINES
+    week, average = out["same_time_last_week"], out["historical_average"]
+    assert week["missing"] == "needs 168 steps of history before the first window, has 40"
+    assert average["missing"].startswith("needs 168 steps of training data") and average["missing"].endswith("has 100")
+    assert week["mae"] is None and week["unmasked"]["rmse"] is None and week == unsupported(week["missing"])
+    for name in ("last", "same_time_yesterday"):               # these had their 1 and 24 steps: real figures
+        assert "missing" not in out[name] and np.isfinite(out[name]["mae"])
+    assert json.loads(json.dumps(out))["same_time_last_week"]["mae"] is None   # metrics.json holds null
+
+    text = format_table({"model": out["last"], **out})
+    row = next(line for line in text.splitlines() if line.startswith("same_time_last_week"))
+    assert row.split()[1:] == ["n/a"] * 5
+    assert "same_time_last_week: n/a, needs 168 steps of history before the first window, has 40" in text
+    assert "historical_average: n/a, needs 168 steps of training data" in text
+    cli = comparison_table({**out["last"], "baselines": out})       # the table `stllm evaluate` prints
+    assert "n/a" in cli and "has 40" in cli
+
+    starts = np.arange(10, 400, 5)                              # ten steps: not even a day for "yesterday"
+    out = run_baselines(city, starts, 12, train_end=24 * 7 * 4)
+    assert out["same_time_yesterday"]["missing"] == "needs 24 steps of history before the first window, has 10"
+    assert "missing" not in out["historical_average"] and "missing" not in out["last"]
+    assert run_baselines(city, np.array([0]), 3, train_end=200)["last"]["mae"] is None
+
+
+def test_exactly_enough_history_gives_every_baseline_figures():
+    city = weekly_city()
+    out = run_baselines(city, np.array([168, 300]), 12, train_end=168, missing="skip")
+    assert all("missing" not in m and np.isfinite(m["mae"]) for m in out.values())

@@ -50,8 +50,26 @@ def test_holiday_groups_of_windows():
 def test_without_a_calendar_only_the_date_is_given_and_unknown_calendars_are_errors():
     assert window_text(hours("2020-11-26 14:00"), None) == "Forecast from Thursday 26 November 2020, 14:00."
     assert holiday_names("", hours("2020-11-26")) == {}
-    with pytest.raises(DataError, match="my-city: CityData.holidays is 'CN'.*known: \\['US'\\]"):
-        holiday_names("CN", hours("2020-11-26"), "my-city")
+    with pytest.raises(DataError, match="my-city: CityData.holidays is 'XX', an unknown holiday calendar; "
+                                        "known: 'US'.*'AU', 'CN'.*'AU-VIC'"):
+        holiday_names("XX", hours("2020-11-26"), "my-city")
+    with pytest.raises(DataError, match="'AU-XYZ', but AU has no subdivision 'XYZ'; its subdivisions are .*'VIC'"):
+        holiday_names("AU-XYZ", hours("2020-11-26"), "my-city")
+
+
+def test_other_countries_come_from_the_holidays_package_in_english():
+    year = hours("2021-01-01", 24 * 365)
+    au, vic = holiday_names("AU", year), holiday_names("AU-VIC", year)
+    day = lambda text: pd.Timestamp(text).date()
+    assert au[day("2021-01-26")] == "Australia Day" and au[day("2021-04-25")] == "ANZAC Day"
+    assert day("2021-11-02") not in au and vic[day("2021-11-02")] == "Melbourne Cup Day"   # a Victorian holiday
+    assert set(au) < set(vic)
+    it, cn = holiday_names("IT", year), holiday_names("CN", year)
+    assert it[day("2021-04-25")] == "Liberation Day" and it[day("2021-12-26")] == "Saint Stephen's Day"
+    assert cn[day("2021-10-01")] == "National Day"                                           # not 国庆节
+    assert "Holiday in the forecast: Melbourne Cup Day." in window_text(hours("2021-11-02 08:00"), vic)
+    # "US" stays pandas' federal calendar: one name per closed day, not the holidays package's two
+    assert US_2020[pd.Timestamp("2020-01-20").date()] == "Birthday of Martin Luther King, Jr."
 
 
 def test_batches_carry_one_calendar_text_per_window(tiny_city, tiny_config):
@@ -94,5 +112,12 @@ def test_holiday_features_reach_the_encoder_only_when_asked_for(tiny_city, tiny_
     flipped["tf_out"][:, :, 4] = 1 - flipped["tf_out"][:, :, 4]          # "the forecast day is (not) a holiday"
     assert not torch.allclose(enc(batch), enc(flipped))                   # the period tokens read it
 
-    with pytest.raises(DataError, match="data.holiday_features needs a holiday calendar"):
-        PreparedCity(tiny_city, cfg.data, cfg.encoder)                    # tiny_city has no calendar
+
+
+def test_holiday_features_on_a_city_without_a_calendar_warn_and_know_no_holidays(tiny_city, tiny_config):
+    cfg = tiny_config(["data.holiday_features=true"])
+    with pytest.warns(UserWarning, match=r"data.holiday_features is on.*no holiday calendar.*holidays=XX"):
+        prep = PreparedCity(tiny_city, cfg.data, cfg.encoder)             # tiny_city has no calendar
+    assert prep.tf.shape[1] == 4 + 1 + 2 and not prep.tf[:, 4:].any()     # same features, every flag 0
+    assert prep.holidays is None                                          # prompts give the date only
+    assert prep.batch(prep.splits["test"][:1])["window_text"][0].endswith(":00.")

@@ -4,7 +4,6 @@ import pandas as pd
 import pytest
 
 from stllm.data.city import CityData
-from stllm.infer import evaluate_with_baselines, prepare
 from stllm.model import STLLM
 from stllm.train import train
 
@@ -51,12 +50,13 @@ def test_events_train_and_report_f1_next_to_baselines(events_run):
 
 def test_events_transfer_to_a_city_with_other_categories_and_size(events_run):
     out, _ = events_run
-    model, meta = STLLM.from_pretrained(out)
+    model = STLLM.from_pretrained(out)
     other = event_city(3, 5, 150, 7, "grid-b")
     other.channels = ["theft", "battery"]
-    from stllm.infer import fit_to_run
-    other = fit_to_run(other, meta, ["theft=0", "battery=1"])
-    m = evaluate_with_baselines(model, prepare(model, meta, other), "test")
+    from stllm.data.fit import fit_to_run
+    other = fit_to_run(other, model.meta, ["theft=0", "battery=1"])
+    m = model.evaluate(other, "test")
+    assert m["zero_shot"] and m["source_dataset"] == model.meta.dataset
     assert m["n_nodes"] == 15 and 0 <= m["macro_f1"] <= 1
     assert list(m["per_category"]) == ["theft", "battery"]                  # labelled with the target's categories
     assert all(c["scored"] == 15 * m["n_windows"] for c in m["per_category"].values())  # every cell is scored

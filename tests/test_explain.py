@@ -19,8 +19,9 @@ from stllm.data.synthetic import make_city
 from stllm.distill import FORECAST_SLOT, check_explanation, compute_facts, format_forecast
 from stllm.distill.node_layout import target_ids
 from stllm.distill.student import joint_loss, make_samples, make_teacher, pick_windows, train_student
-from stllm.explain import explain, format_explanation, resolve_time
-from stllm.infer import forecast, prepare
+from stllm.data.fit import resolve_time
+from stllm.explain import explain, format_explanation
+from stllm.infer import forecast
 from stllm.model import STLLM
 from stllm.train import build_model, make_optimizer, train
 
@@ -39,8 +40,7 @@ def run(tmp_path_factory):
     """A tiny trained run (2-layer random LLaMA + LoRA), loaded back from its folder."""
     out = tmp_path_factory.mktemp("explain") / "run"
     train(load_config(TINY, LLAMA + ["train.max_steps=3"]), out, city=_city(), progress=False)
-    model, meta = STLLM.from_pretrained(out)
-    return out, model, meta
+    return out, STLLM.from_pretrained(out)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +58,10 @@ def _stated_forecast(text: str) -> list[float]:
 
 
 def test_forecast_is_the_heads_output_for_that_window(run, city):
-    _, model, meta = run
+    _, model = run
     at = pd.Timestamp(city.timestamps[AT])
-    r = explain(model, meta, city, "S03", at)
-    _, pred, true = next(forecast(model, prepare(model, meta, city), np.array([AT])))
+    r = explain(model, city, "S03", at)
+    _, pred, true = next(forecast(model, model.prepare(city), np.array([AT])))
     i = city.node_index("S03")[0]
     np.testing.assert_allclose(r["forecast"], pred[0, :, i, 0], rtol=1e-6)
     assert r["at"] == at.strftime("%Y-%m-%d %H:%M") and len(r["timestamps"]) == 12
@@ -70,14 +70,14 @@ def test_forecast_is_the_heads_output_for_that_window(run, city):
     truth = [None if not np.isfinite(v) else v for v in true[0, :, i, 0]]
     assert r["truth"] == pytest.approx(truth)
     # an int step index is the same window; `at` is the first forecast step
-    assert explain(model, meta, city, 3, AT)["forecast"] == r["forecast"]
+    assert explain(model, city, 3, AT)["forecast"] == r["forecast"]
 
 
 def test_analytic_numbers_are_the_heads_and_claims_hold(run, city):
-    _, model, meta = run
-    prep = prepare(model, meta, city)
+    _, model = run
+    prep = model.prepare(city)
     for node, s in [(0, AT), (2, 250), (5, 480), (1, 300)]:
-        r = explain(model, meta, city, node, s, prep=prep)
+        r = explain(model, prep, node, s)                            # prepared once for all four
         assert r["mode"] == "analytic"
         assert format_forecast(r["forecast"]) in r["explanation"]
         assert _stated_forecast(r["explanation"]) == pytest.approx(r["forecast"], abs=0.05 + 1e-9)
@@ -87,23 +87,23 @@ def test_analytic_numbers_are_the_heads_and_claims_hold(run, city):
 
 
 def test_generated_mode_inserts_the_heads_numbers(run, city):
-    _, model, meta = run
-    r = explain(model, meta, city, "S01", AT, mode="generated", max_new_tokens=24)
+    _, model = run
+    r = explain(model, city, "S01", AT, mode="generated", max_new_tokens=24)
     assert r["mode"] == "generated" and r["generation"]["new_tokens"] <= 24
     assert r["generation"]["tokens_per_s"] > 0
     assert _stated_forecast(r["explanation"]) == pytest.approx(r["forecast"], abs=0.05 + 1e-9)
     assert r["numbers_consistent"] is True
-    analytic = explain(model, meta, city, "S01", AT)
+    analytic = explain(model, city, "S01", AT)
     assert r["forecast"] == analytic["forecast"]                  # same head, same window
 
 
 def test_sampled_forecast_digits_never_survive(run, city, monkeypatch):
     """A language model that writes its own numbers: the program replaces them with the head's."""
-    _, model, meta = run
+    _, model = run
     fake = lambda *a, **k: ([("It will rise. Forecast: [1.0, 2.0, 3.0]; the end.", False)],  # noqa: E731
                             {"new_tokens": 9, "seconds": 0.1, "tokens_per_s": 90.0})
     monkeypatch.setattr(explain_module, "generate_rationale", fake)
-    r = explain(model, meta, city, 0, AT, mode="generated")
+    r = explain(model, city, 0, AT, mode="generated")
     assert "[1.0, 2.0, 3.0]" not in r["explanation"]
     assert _stated_forecast(r["explanation"]) == pytest.approx(r["forecast"], abs=0.05 + 1e-9)
     assert r["numbers_consistent"] is True
@@ -152,7 +152,7 @@ def test_generation_fills_fact_slots_as_they_are_written(run):
 
 def test_generated_claims_say_who_wrote_them(run, city, monkeypatch):
     """The program's fact text is checked like the rest; the claims in the model's own words are counted apart."""
-    _, model, meta = run
+    _, model = run
     rising = compute_facts(city, 0, AT).trend.direction == "up"
     right, wrong = ("flow rose recently", "flow fell recently")[::1 if rising else -1]
 
@@ -162,7 +162,7 @@ def test_generated_claims_say_who_wrote_them(run, city, monkeypatch):
                 {"new_tokens": 20, "filled_tokens": 60, "seconds": 0.1, "tokens_per_s": 200.0})
 
     monkeypatch.setattr(explain_module, "generate_rationale", fake)
-    r = explain(model, meta, city, 0, AT, mode="generated")
+    r = explain(model, city, 0, AT, mode="generated")
     assert "The latest reading is" in r["explanation"] and "{recent}" not in r["explanation"]
     by = {c["written_by"] for c in r["claims"]}
     assert by == {"program", "model"}
@@ -174,8 +174,8 @@ def test_generated_claims_say_who_wrote_them(run, city, monkeypatch):
 
 
 def test_a_wrong_claim_is_caught(run, city):
-    _, model, meta = run
-    r = explain(model, meta, city, 2, AT)
+    _, model = run
+    r = explain(model, city, 2, AT)
     m = re.search(r"The latest reading is ([\d.]+)", r["explanation"])
     wrong = r["explanation"].replace(m.group(0), f"The latest reading is {float(m.group(1)) * 3 + 50:.1f}")
     report = check_explanation(wrong, city, 2, AT, forecast=r["forecast"])
@@ -187,19 +187,19 @@ def test_a_wrong_claim_is_caught(run, city):
 
 
 def test_bad_inputs_give_clear_errors(run, city):
-    _, model, meta = run
+    _, model = run
     with pytest.raises(DataError, match=r"unknown node 'S99'.*S00, S01, S02, S03, S04, S05"):
-        explain(model, meta, city, "S99", AT)
+        explain(model, city, "S99", AT)
     with pytest.raises(DataError, match=r"outside the data.*2024-01-01 12:00:00 \.\. 2024-01-22 00:00:00"):
-        explain(model, meta, city, 0, "2030-01-01 00:00")
+        explain(model, city, 0, "2030-01-01 00:00")
     with pytest.raises(DataError, match="outside the data"):
-        explain(model, meta, city, 0, pd.Timestamp(city.timestamps[3]))   # not enough history
+        explain(model, city, 0, pd.Timestamp(city.timestamps[3]))   # not enough history
     with pytest.raises(DataError, match="grid"):
-        explain(model, meta, city, 0, "2024-01-10 10:30")
+        explain(model, city, 0, "2024-01-10 10:30")
     with pytest.raises(ValueError, match="mode must be one of"):
-        explain(model, meta, city, 0, AT, mode="poetry")
+        explain(model, city, 0, AT, mode="poetry")
     # one step after the data ends is a forecast into the unknown: no truth
-    r = explain(model, meta, city, 0, city.n_steps)
+    r = explain(model, city, 0, city.n_steps)
     assert r["truth"] == [None] * 12 and r["numbers_consistent"] is True
     assert resolve_time(city, city.timestamps[AT], 12) == AT
 
@@ -207,10 +207,10 @@ def test_bad_inputs_give_clear_errors(run, city):
 def test_encoder_only_run_explains_analytically_only(tmp_path, city):
     out = tmp_path / "enc"
     train(load_config(TINY, ["model.use_llm=false", "train.max_steps=2"]), out, city=city, progress=False)
-    model, meta = STLLM.from_pretrained(out)
-    assert explain(model, meta, city, 0, AT)["faithfulness"] == 1.0
+    model = STLLM.from_pretrained(out)
+    assert explain(model, city, 0, AT)["faithfulness"] == 1.0
     with pytest.raises(ValueError, match="no language model.*only mode 'analytic'"):
-        explain(model, meta, city, 0, AT, mode="generated")
+        explain(model, city, 0, AT, mode="generated")
 
 
 # ----------------------------------------------------------------------------------------------------- cli
@@ -248,8 +248,8 @@ def test_cli_errors(run, capsys):
 @pytest.mark.parametrize("fact_slots", [False, True])
 def test_node_layout_places_slots_and_labels_only_the_rationale(run, city, fact_slots):
     from stllm.distill.node_layout import node_inputs, slot_vectors
-    _, model, meta = run
-    prep = prepare(model, meta, city)
+    _, model = run
+    prep = model.prepare(city)
     samples, _ = make_samples(city, prep, [(AT, 1), (AT + 5, 4)], make_teacher("analytic", fact_slots=fact_slots))
     batch = prep.batch(np.array([AT, AT + 5]))
     with torch.no_grad():
@@ -343,8 +343,12 @@ def test_train_student_writes_a_run_that_explains(tmp_path, city, monkeypatch):
     assert metrics["training"]["steps"] == 3 and np.isfinite(metrics["mae"])
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(logged) == 3 and all(np.isfinite(x["lm"]) for x in logged)
-    model, meta = STLLM.from_pretrained(out)
-    assert model.cfg.explain.enabled and explain_module.load_effects(out) is not None
+    model = STLLM.from_pretrained(out)
+    from stllm.distill.facts import effects_from_dict, effects_to_dict, estimate_effects
+    saved = json.loads((out / "effects.json").read_text())          # the effects the rationales used ...
+    here = estimate_effects(city, model.prepare(city).train_end)      # ... are the ones explain estimates
+    assert model.cfg.explain.enabled and json.dumps(effects_to_dict(here)) == json.dumps(saved)
+    effects = effects_from_dict(saved)
     from stllm.distill import node_layout
     seen, generate = [], node_layout.generate_with_facts
 
@@ -352,15 +356,14 @@ def test_train_student_writes_a_run_that_explains(tmp_path, city, monkeypatch):
         seen.append(allowed)
         return generate(model, inputs, fill, max_new_tokens, allowed)
     monkeypatch.setattr(node_layout, "generate_with_facts", spy)
-    r = explain(model, meta, city, 1, AT, mode="generated", effects=explain_module.load_effects(out),
-                max_new_tokens=16)
-    _, pred, _ = next(forecast(model, prepare(model, meta, city), np.array([AT])))
+    r = model.explain(city, 1, AT, mode="generated", max_new_tokens=16)   # the same effects, estimated here
+    _, pred, _ = next(forecast(model, model.prepare(city), np.array([AT])))
     np.testing.assert_allclose(r["forecast"], pred[0, :, 1, 0], rtol=1e-6)
     assert _stated_forecast(r["explanation"]) == pytest.approx(r["forecast"], abs=0.05 + 1e-9)
     # stages 1-3 hold no choice of the student: the program feeds them as training showed them, then it writes
     from stllm.distill.facts import compute_facts
     from stllm.distill.teachers import fact_text
-    facts = compute_facts(city, 1, AT, effects=explain_module.load_effects(out))
+    facts = compute_facts(city, 1, AT, effects=effects)
     opening = (f"1. Question: {fact_text(facts, 'question', None)}\n2. Drivers: {fact_text(facts, 'drivers', None)}"
                f"\n3. Recent data: {fact_text(facts, 'recent', None)}")
     assert r["explanation"].startswith(opening) and r["generation"]["new_tokens"] == 16
@@ -369,8 +372,8 @@ def test_train_student_writes_a_run_that_explains(tmp_path, city, monkeypatch):
     assert seen == [stage4_slot_names(facts)]
 
     # the student trained its own adapter only: the forecasts it explains are exactly the forecaster's
-    forecaster, fmeta = STLLM.from_pretrained(out / "forecaster")
-    _, fpred, _ = next(forecast(forecaster, prepare(forecaster, fmeta, city), np.array([AT])))
+    forecaster = STLLM.from_pretrained(out / "forecaster")
+    _, fpred, _ = next(forecast(forecaster, forecaster.prepare(city), np.array([AT])))
     np.testing.assert_allclose(pred, fpred, rtol=1e-6)
     assert metrics["mae"] == pytest.approx(metrics["explain"]["forecaster_test_mae"], rel=1e-6)
     lora = {k: v for k, v in model.trainable_state_dict().items() if "lora_" in k}
@@ -392,7 +395,7 @@ def test_student_without_its_own_adapter_trains_the_forecaster(tmp_path, city):
                                      "explain.steps=3", "explain.own_adapter=false"])
     metrics = train_student(cfg, out, city=city, progress=False)
     assert metrics["mae"] != pytest.approx(metrics["explain"]["forecaster_test_mae"], rel=1e-6)
-    model, _ = STLLM.from_pretrained(out)
+    model = STLLM.from_pretrained(out)
     assert set(model.backbone.peft_config) == {"default"}
 
 

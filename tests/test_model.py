@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stllm.data.prepared import PreparedCity
-from stllm.infer import evaluate, prepare
+from stllm.infer import evaluate
 from stllm.model import STLLM
 from stllm.train import build_model, masked_loss, train
 
@@ -26,10 +26,9 @@ def test_train_save_load_evaluate(tmp_path, tiny_city, tiny_config, backbone):
     assert np.isfinite(metrics["mae"]) and set(metrics["baselines"]) == {
         "last", "same_time_yesterday", "same_time_last_week", "historical_average"}
 
-    from stllm.explain import load_effects
-    assert load_effects(tmp_path / "run")                            # the weather effects `stllm explain` reads
-    model, meta = STLLM.from_pretrained(tmp_path / "run")            # needs no training data
-    prep = prepare(model, meta, tiny_city)
+    assert not (tmp_path / "run" / "effects.json").exists()         # training leaves explaining to explain time
+    model = STLLM.from_pretrained(tmp_path / "run")                  # needs no training data
+    prep = model.prepare(tiny_city)
     starts = prep.splits["test"][:8]
     reloaded = evaluate(model, prep, starts)["mae"]
     batch = prep.batch(starts)
@@ -115,7 +114,7 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, tiny_city
 def test_encoder_only_ablation_has_no_backbone(tmp_path, tiny_city, tiny_config):
     cfg = tiny_config(["model.use_llm=false"])
     metrics = train(cfg, tmp_path / "enc", city=tiny_city, progress=False)
-    model, _ = STLLM.from_pretrained(tmp_path / "enc")
+    model = STLLM.from_pretrained(tmp_path / "enc")
     assert model.backbone is None and np.isfinite(metrics["mae"])
     assert not (tmp_path / "enc" / "adapter").exists()
 
@@ -259,7 +258,7 @@ def test_freeze_holds_parts_still_and_the_run_still_loads(tmp_path, tiny_city, t
         moved = not torch.equal(value, new[f"model.{name}"])
         # frozen parts still, the rest trained (the note effect too, but this city has no notes to train it on)
         assert moved != name.startswith(("encoder.", "skip.", "notes.")), name
-    model, _ = STLLM.from_pretrained(tmp_path / "llm_side")
+    model = STLLM.from_pretrained(tmp_path / "llm_side")
     assert model.skip is not None
 
 
@@ -346,7 +345,7 @@ def test_a_run_saved_before_the_token_mix_existed_still_loads(tmp_path, tiny_cit
     raw = yaml.safe_load((out / "config.yaml").read_text())
     del raw["encoder"]["mix_hidden"]                                 # as written before the key existed
     (out / "config.yaml").write_text(yaml.safe_dump(raw))
-    model, _ = STLLM.from_pretrained(out)
+    model = STLLM.from_pretrained(out)
     assert model.encoder.mix is None and model.cfg.encoder.mix_hidden == 0
 
 

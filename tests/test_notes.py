@@ -176,3 +176,27 @@ def test_notes_through_cli_config_and_errors(tmp_path, capsys):
     assert "field 'zones' names 'Nowhere Street'" in capsys.readouterr().err
     assert main(["predict", "--run", str(run), "--data", "synthetic", "--notes", str(good),
                  "--out", str(tmp_path / "f.npz")]) == 0
+
+
+def test_node_text_reaches_each_node_once_and_the_cache_is_exact(tiny_city, tiny_config):
+    """model.node_text: each node's name and description, read once by the language model, moves its own tokens;
+    a renamed node changes its own forecast and (without cross-node attention) no other node's."""
+    from dataclasses import replace
+    from stllm.train import build_model
+    cfg = tiny_config(["model.node_text=true"])
+    prep = PreparedCity(tiny_city, cfg.data, cfg.encoder)
+    model = build_model(cfg, prep).eval()
+    torch.nn.init.normal_(model.node_proj.weight, std=0.5)
+    torch.nn.init.normal_(model.head.w3.weight, std=0.5)                    # the language model's correction, as
+    batch = prep.batch(prep.splits["test"][:2])                            # training would give it
+    assert batch["node_texts"][0] == f"{tiny_city.nodes['name'][0]}: {tiny_city.nodes['description'][0]}"
+    with torch.no_grad():
+        a = model(batch)
+        assert len(model.reader.cache) == tiny_city.n_nodes                  # read once per node
+        model.reader.cache.clear()
+        assert torch.equal(a, model(batch))                                  # cached = read again
+        renamed = list(batch["node_texts"])
+        renamed[3] = "Harbour Ferry Terminal: the busiest pier of the city"
+        b = model({**batch, "node_texts": renamed})
+    changed = (a - b).abs().amax(dim=(0, 1, 3)) > 1e-7                      # [N]
+    assert changed.tolist() == [n == 3 for n in range(tiny_city.n_nodes)]

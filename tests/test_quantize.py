@@ -20,7 +20,7 @@ import torch
 import stllm.backbone as bb
 from stllm.cli import main
 from stllm.config import load_config
-from stllm.infer import evaluate, prepare
+from stllm.infer import evaluate
 from stllm.model import STLLM
 from stllm.train import train
 
@@ -66,9 +66,9 @@ def run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(run):
     """(prepared city, batch of 16 test windows, fp32 forecasts [16, t_out, N, C]) of the unquantized run."""
-    from stllm.infer import load_city
-    model, meta = STLLM.from_pretrained(run)
-    prep = prepare(model, meta, load_city(model.cfg.data))
+    from stllm.data.fit import load_city
+    model = STLLM.from_pretrained(run)
+    prep = model.prepare(load_city(model.cfg.data))
     batch = prep.batch(prep.splits["test"][:16])
     with torch.no_grad():
         return prep, batch, model(batch)
@@ -85,8 +85,8 @@ def lora_weights(model: STLLM) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_quantized_backbone_takes_the_adapter_and_stays_close(run, reference, mode):
     device_supports(mode, "cuda" if torch.cuda.is_available() else "cpu")
-    fp32, _ = STLLM.from_pretrained(run)
-    model, _ = STLLM.from_pretrained(run, backbone_overrides={"quantize": mode})
+    fp32 = STLLM.from_pretrained(run)
+    model = STLLM.from_pretrained(run, quantize=mode)
     assert bb.base_model(model.backbone).is_quantized
     kinds = {type(m).__name__ for m in model.backbone.modules()}
     assert QUANTIZED_LINEAR[mode] in kinds                           # the decoder's linear layers are quantized
@@ -108,7 +108,7 @@ def test_quantized_backbone_takes_the_adapter_and_stays_close(run, reference, mo
 
 def test_merged_lora_equals_unmerged_fp32(run, reference):
     _, batch, ref = reference
-    model, _ = STLLM.from_pretrained(run)
+    model = STLLM.from_pretrained(run)
     assert any("lora_" in n for n, _ in model.named_parameters())
     model.merge_lora()
     assert not any("lora_" in n for n, _ in model.named_parameters())
@@ -122,7 +122,7 @@ def test_merged_lora_equals_unmerged_fp32(run, reference):
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_merging_into_a_quantized_backbone_is_refused(run, mode, capsys):
     device_supports(mode, "cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = STLLM.from_pretrained(run, backbone_overrides={"quantize": mode})
+    model = STLLM.from_pretrained(run, quantize=mode)
     with pytest.raises(ValueError, match=f"cannot merge LoRA into a {mode} backbone.*quantize=none"):
         model.merge_lora()
     assert hasattr(model.backbone, "peft_config")                   # nothing was half-merged
@@ -160,7 +160,7 @@ def test_cuda_bf16_forecasts_match_fp32(run, reference, mode):
     cuda = "cuda"
     if mode != "none":
         device_supports(mode, cuda)
-    model, meta = STLLM.from_pretrained(run, backbone_overrides={"quantize": mode, "dtype": "bfloat16"})
+    model = STLLM.from_pretrained(run, quantize=mode, dtype="bfloat16")
     model.to(cuda)
     assert bb.base_model(model.backbone).dtype == torch.bfloat16 or mode == "int8"
     prep, batch, ref = reference
@@ -219,9 +219,9 @@ def _supported(mode: str) -> bool:
 def test_cli_explain_quantize_int8_states_the_quantized_head_numbers(run, capsys):
     device_supports("int8", "cuda" if torch.cuda.is_available() else "cpu")
     meta = json.loads((run / "meta.json").read_text())
-    from stllm.infer import load_city
+    from stllm.data.fit import load_city
     from stllm.model import STLLM
-    city = load_city(STLLM.from_pretrained(run)[0].cfg.data)
+    city = load_city(STLLM.from_pretrained(run).cfg.data)
     at = str(city.timestamps[city.n_steps - 30])
     assert main(["explain", "--run", str(run), "--node", "0", "--at", at, "--json", "--quantize", "int8",
                  "--mode", "analytic"]) == 0

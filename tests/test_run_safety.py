@@ -129,7 +129,7 @@ def test_every_file_of_a_run_is_written_beside_and_renamed_into_place(tmp_path, 
 
 
 def test_a_crash_while_saving_leaves_the_old_weights_and_adapter_whole(run_copy, monkeypatch):
-    model, meta = STLLM.from_pretrained(run_copy)
+    model = STLLM.from_pretrained(run_copy)
     before = hashes(run_copy)
 
     def half_then_crash(tensors, path, *args, **kwargs):
@@ -137,7 +137,7 @@ def test_a_crash_while_saving_leaves_the_old_weights_and_adapter_whole(run_copy,
         raise KeyboardInterrupt
     monkeypatch.setattr("stllm.model.save_file", half_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        model.save_pretrained(run_copy, meta)
+        model.save_pretrained(run_copy)
     monkeypatch.undo()
 
     def adapter_half_then_crash(folder, *args, **kwargs):
@@ -146,7 +146,7 @@ def test_a_crash_while_saving_leaves_the_old_weights_and_adapter_whole(run_copy,
         raise KeyboardInterrupt
     monkeypatch.setattr(model.backbone, "save_pretrained", adapter_half_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        model.save_pretrained(run_copy, meta)
+        model.save_pretrained(run_copy)
     after = hashes(run_copy)
     for name in ("model.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert after[name] == before[name], name
@@ -299,7 +299,7 @@ import os, signal, sys
 import peft, transformers.models.gpt2.modeling_gpt2   # imported once, before the children fork
 from stllm import checkpoint
 from stllm.config import load_config
-from stllm.infer import load_city
+from stllm.data.fit import load_city
 from stllm.train import train
 overrides, out, kills = sys.argv[1].split(), sys.argv[2], sys.argv[3:]
 load_city(load_config("configs/tiny.yaml", overrides).data)   # imports the data modules; numpy only

@@ -21,7 +21,7 @@ def test_short_smollm2_run_on_real_nyc_bike(tmp_path):
     metrics = train(cfg, tmp_path / "run", city=city, progress=False)
     assert np.isfinite(metrics["mae"]) and metrics["n_nodes"] == 8
     assert json.loads((tmp_path / "run" / "meta.json").read_text())["channels"] == ["departures", "arrivals"]
-    model, meta = STLLM.from_pretrained(tmp_path / "run")
+    model = STLLM.from_pretrained(tmp_path / "run")
     assert type(model.backbone.get_base_model()).__name__ == "LlamaForCausalLM"
-    out = model.predict(city, meta=meta, last=True)
+    out = model.predict(city, last=True)
     assert out["prediction"].shape == (1, 12, 8, 2) and np.isfinite(out["prediction"]).all()

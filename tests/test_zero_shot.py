@@ -7,7 +7,8 @@ import pytest
 from stllm.cli import main
 from stllm.data.city import CityData, DataError
 from stllm.data.synthetic import make_city
-from stllm.infer import evaluate_with_baselines, fit_to_run, prepare
+from stllm.data.fit import RunMeta, fit_to_run
+from stllm.data.windows import Scaler
 from stllm.model import STLLM
 from stllm.train import train
 
@@ -31,25 +32,25 @@ def tiny_config_module():
 
 
 def test_transfer_to_a_bigger_unseen_city_beats_last_value(source_run):
-    model, meta = STLLM.from_pretrained(source_run)
+    model = STLLM.from_pretrained(source_run)
     target = make_city(n_nodes=13, n_days=28, seed=11, name="city-b")     # other sensors, other map, other scales
-    prep = prepare(model, meta, target)
+    prep = model.prepare(target)
     assert prep.scaler is not None and prep.city.n_nodes == 13
-    m = evaluate_with_baselines(model, prep, "test")
-    assert m["n_nodes"] == 13 and np.isfinite(m["mae"])
+    m = model.evaluate(prep, "test")
+    assert m["n_nodes"] == 13 and np.isfinite(m["mae"]) and m["zero_shot"] and m["source_dataset"] == "city-a"
     assert m["mae"] < m["baselines"]["last"]["mae"], (m["mae"], m["baselines"]["last"]["mae"])
 
 
 def test_target_scaler_never_sees_target_futures(source_run):
-    model, meta = STLLM.from_pretrained(source_run)
+    model = STLLM.from_pretrained(source_run)
     target = make_city(n_nodes=5, n_days=28, seed=12, name="city-c")
-    a = prepare(model, meta, target)
+    a = model.prepare(target)
     future = target.values.copy()
     future[a.splits["test"][0]:] *= 1000.0                                  # the evaluated future explodes
-    b = prepare(model, meta, CityData(**{**target.__dict__, "values": future}))
+    b = model.prepare(CityData(**{**target.__dict__, "values": future}))
     np.testing.assert_array_equal(a.scaler.mean, b.scaler.mean)
     np.testing.assert_array_equal(a.scaler.std, b.scaler.std)
-    assert not np.allclose(a.scaler.mean, meta["scaler"]["mean"])           # fitted on the target, not reused
+    assert not np.allclose(a.scaler.mean, model.meta.scaler.mean)           # fitted on the target, not reused
 
 
 def test_cli_zero_shot_json(source_run, tmp_path, monkeypatch):
@@ -62,8 +63,15 @@ def test_cli_zero_shot_json(source_run, tmp_path, monkeypatch):
     assert m["zero_shot"] is True and m["source_dataset"] == "city-a" and m["dataset"] == "city-d"
 
 
+def hourly_run(channels: list[str]) -> RunMeta:
+    """The meta of a run trained on hourly data with these channels (scaler and sizes do not matter here)."""
+    c = len(channels)
+    return RunMeta(dataset="source", n_nodes=1, channels=channels, units=[""] * c, interval="1h",
+                   scaler=Scaler(np.zeros((1, c), np.float32), np.ones((1, c), np.float32)))
+
+
 def test_channel_mapping_and_its_errors():
-    meta = {"channels": ["flow"], "interval": "0 days 01:00:00"}
+    meta = hourly_run(["flow"])
     two = make_city(n_nodes=4, n_days=10, n_channels=2, seed=1)             # inflow, outflow
     with pytest.raises(DataError, match=r"do not match the run's \['flow'\].*--channels"):
         fit_to_run(two, meta)
@@ -76,13 +84,13 @@ def test_channel_mapping_and_its_errors():
         fit_to_run(two, meta, ["pickups=0"])
     with pytest.raises(DataError, match="TARGET=RUN"):
         fit_to_run(two, meta, ["outflow"])
-    two_meta = {"channels": ["a", "b"], "interval": "0 days 01:00:00"}
+    two_meta = hourly_run(["a", "b"])
     with pytest.raises(DataError, match=r"without data; map every run channel"):
         fit_to_run(two, two_meta, ["inflow=a"])
 
 
 def test_other_interval_is_refused_or_resampled():
-    meta = {"channels": ["flow"], "interval": "0 days 01:00:00"}
+    meta = hourly_run(["flow"])
     fine = make_city(n_nodes=3, n_days=5, interval="30min", seed=2)
     with pytest.raises(DataError, match="--resample"):
         fit_to_run(fine, meta)
@@ -111,9 +119,9 @@ def test_test_time_adaptation_touches_only_norms_and_never_the_evaluated_future(
     import torch
 
     from stllm.adapt import adapt, adaptable_parameters
-    model, meta = STLLM.from_pretrained(source_run)
+    model = STLLM.from_pretrained(source_run)
     target = make_city(n_nodes=7, n_days=28, seed=31, name="city-f")
-    prep = prepare(model, meta, target)
+    prep = model.prepare(target)
     before = int(prep.splits["test"][0])
     adapted = adapt(model, prep, before=before, steps=5)
     names = {n for n, _ in adaptable_parameters(model)}
@@ -124,6 +132,6 @@ def test_test_time_adaptation_touches_only_norms_and_never_the_evaluated_future(
 
     future = target.values.copy()
     future[before:] = 1e6                                                   # the evaluated future is poisoned
-    poisoned = prepare(model, meta, CityData(**{**target.__dict__, "values": future}))
+    poisoned = model.prepare(CityData(**{**target.__dict__, "values": future}))
     again = dict(adapt(model, poisoned, before=before, steps=5).named_parameters())
     assert all(torch.equal(again[n], new[n]) for n in names)                # ... and adaptation never saw it

@@ -3,6 +3,11 @@
 The encoder sees time of day and day of week as numbers; public holidays it cannot see. A prompt can tell the
 language model the date of the forecast and which holidays fall on the forecast days and on the days the period
 context comes from (one day and one week earlier), where the history is not a guide to the future.
+
+Calendars (`CityData.holidays`): "US" is pandas' US federal calendar (the days federal offices close, one name per
+day, e.g. Independence Day on Friday 3 July 2020 when the 4th is a Saturday); any other country code the `holidays`
+package knows ("AU", "IT", "CN", "GB", ...) is its national public holidays, observed days included, named in English
+where the package has an English translation; "AU-VIC" adds the holidays of one subdivision (state, province).
 """
 from __future__ import annotations
 
@@ -18,22 +23,48 @@ def _us_federal(first, last) -> dict:
     return {day.date(): str(name) for day, name in names.items()}
 
 
-# CityData.holidays -> a function (first day, last day) -> {date: holiday name}
+def _country(calendar: str, city: str):
+    """A function (first day, last day) -> {date: name} from the `holidays` package for "CC" or "CC-SUBDIV"."""
+    try:
+        import holidays
+    except ImportError as e:
+        raise DataError(f"{city}: CityData.holidays is {calendar!r}, which needs the `holidays` package "
+                        "(pip install 'holidays>=0.50')") from e
+    code, _, subdiv = calendar.partition("-")
+    known = holidays.list_supported_countries()
+    if code not in known:
+        examples = [c for c in ("AU", "CN", "DE", "FR", "GB", "IT", "JP", "US") if c in known]
+        raise DataError(f"{city}: CityData.holidays is {calendar!r}, an unknown holiday calendar; known: "
+                        f"'US' (pandas' federal calendar) and the country codes of the `holidays` package, e.g. "
+                        f"{examples} (all: holidays.list_supported_countries()), optionally with a subdivision "
+                        "('AU-VIC'), or '' for none")
+    if subdiv and subdiv not in known[code]:
+        raise DataError(f"{city}: CityData.holidays is {calendar!r}, but {code} has no subdivision {subdiv!r}; "
+                        f"its subdivisions are {list(known[code])[:12]}, or give {code!r} alone")
+    supported = holidays.country_holidays(code).supported_languages
+    language = next((x for x in (f"en_{code}", "en_US", "en_GB") if x in supported), None)
+
+    def names(first, last) -> dict:
+        days = holidays.country_holidays(code, subdiv=subdiv or None, years=range(first.year, last.year + 1),
+                                         language=language)
+        return {day: str(name) for day, name in sorted(days.items()) if first.date() <= day <= last.date()}
+    return names
+
+
+# CityData.holidays -> a function (first day, last day) -> {date: holiday name}; other codes go to `holidays`
 CALENDARS = {"US": _us_federal}
 LAGS = {"day": (1, "One day earlier"), "week": (7, "One week earlier")}
 
 
 def holiday_names(calendar: str, timestamps: np.ndarray, city: str = "city") -> dict:
     """{date: name} of the public holidays between the first and the last timestamp (plus a week of margin);
-    empty for calendar ''. An unknown calendar is an error that names the known ones."""
+    empty for calendar ''. An unknown calendar is an error that names a few known ones."""
     if not calendar:
         return {}
-    if calendar not in CALENDARS:
-        raise DataError(f"{city}: CityData.holidays is {calendar!r}, an unknown holiday calendar; known: "
-                        f"{sorted(CALENDARS)}, or '' for none")
+    names = CALENDARS.get(calendar) or _country(calendar, city)
     first = pd.Timestamp(timestamps[0]) - pd.Timedelta(days=8)
     last = pd.Timestamp(timestamps[-1]) + pd.Timedelta(days=8)
-    return CALENDARS[calendar](first, last)
+    return names(first, last)
 
 
 def window_text(target_times: np.ndarray, holidays: dict | None, periods=("day", "week")) -> str:

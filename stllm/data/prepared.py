@@ -56,10 +56,13 @@ class PreparedCity:
         self.timestamps = city.timestamps[0] + np.arange(len(values)) * np.timedelta64(city.interval.value, "ns")
         tf = time_features(self.timestamps)                                                              # [T', 4]
         if data_cfg.holiday_features:
-            if self.holidays is None:
-                raise DataError(f"{city.name}: data.holiday_features needs a holiday calendar, and this city has "
-                                f"none (CityData.holidays is empty; e.g. load_byo(..., holidays='US'))")
-            tf = np.concatenate([tf, holiday_flags(self.timestamps, self.holidays, self.periods)], axis=1)
+            if self.holidays is None:   # e.g. a run trained with holidays used zero-shot on a city without a calendar
+                import warnings
+                warnings.warn(f"{city.name}: data.holiday_features is on but this city has no holiday calendar "
+                              "(CityData.holidays is empty), so no holidays are known and every holiday flag is 0; "
+                              "give the city a calendar with the loader option holidays=XX (a country code such as "
+                              "'US', 'AU', 'IT', or 'AU-VIC')", stacklevel=2)
+            tf = np.concatenate([tf, holiday_flags(self.timestamps, self.holidays or {}, self.periods)], axis=1)
         self.tf = torch.from_numpy(tf)                                                   # [T', 4 (+1+P holiday)]
         exog, self.exog_names = exog_features(city, max(self.train_end, 1))
         self.exog = torch.from_numpy(exog)                                                               # [T, N|1, E]
@@ -167,6 +170,11 @@ class PreparedCity:
         used = cover.flatten(0, 2).any(0).nonzero().flatten().tolist()       # notes that meet these windows
         return {"note_texts": [self.note_texts[j] for j in used], "note_kinds": [self.note_kinds[j] for j in used],
                 "note_cover": cover[..., used].float()}
+
+
+def batch_to(batch: dict, device) -> dict:
+    """A batch of `PreparedCity.batch` with its tensors on `device` (the rest as it is)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def node_texts(city: CityData) -> list[str]:

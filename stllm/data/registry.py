@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stllm.data.city import CityData, DataError
-from stllm.data.loaders import load_bayarea, load_beijing, load_byo, load_dcrnn, load_losloop, load_nyc, load_pems
+from stllm.data.loaders import (load_bayarea, load_beijing, load_byo, load_dcrnn, load_losloop, load_melbourne,
+                                load_nyc, load_pems)
 from stllm.data.loaders.crime import load_crime
 
 ENV_ROOT = "STLLM_DATA_ROOT"
@@ -35,6 +36,7 @@ BUILTINS: dict[str, Builtin] = {
     "bayarea-bike": Builtin(_BAY, load_bayarea),
     "bayarea-bike-sf": Builtin(_BAY, load_bayarea, {"sf_only": True}),
     "los-loop": Builtin("LosLoop", load_losloop),
+    "melbourne-pedestrian": Builtin("Melbourne_Pedestrian", load_melbourne),
     # Daily crime counts per 3 km grid cell (ST-SHN / STHSL); their own split: loaders.crime.crime_split_bounds
     "nyc-crime": Builtin("NYC_CHI_Crime", load_crime, {"city": "nyc"}),
     "chicago-crime": Builtin("NYC_CHI_Crime", load_crime, {"city": "chicago"}),

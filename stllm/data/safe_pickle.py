@@ -1,6 +1,7 @@
 """`safe_load`: read a pickle that may only hold builtin containers, scalars and numpy arrays.
 
-Benchmark graphs (DCRNN's `adj_mx.pkl`) and tensors (STHSL's crime `*.pkl`) ship as pickles. A plain
+Benchmark graphs (DCRNN's `adj_mx.pkl`), tensors (STHSL's crime `*.pkl`) and UCTB datasets (a dict of lists and
+numpy arrays, zipped: Melbourne pedestrians) ship as pickles. A plain
 `pickle.load` runs whatever callable the file names, so every global the file asks for is checked against
 an allow-list first; anything else raises `DataError` naming the file and the global.
 """
@@ -67,7 +68,12 @@ def safe_load(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: pickle file not found")
-    raw = path.read_bytes()
+    return safe_loads(path.read_bytes(), path)
+
+
+def safe_loads(raw: bytes, source: str | Path) -> Any:
+    """`safe_load` of pickle bytes already in memory (e.g. a zip member); `source` names them in errors."""
+    path = Path(source)
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)

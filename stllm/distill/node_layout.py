@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from stllm.backbone import base_model
-from stllm.prompts import ST_HIS, ST_PRE, PromptError, _split_slots
+from stllm.prompts import ST_HIS, ST_PRE, PromptError, split_slots
 
 
 @dataclass
@@ -76,7 +76,7 @@ def tokenize_prompt(tokenizer, text: str, n_tokens: int) -> tuple[list[int], lis
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = list(tokenizer("", add_special_tokens=True)["input_ids"])   # BOS where the tokenizer adds one
     his_pos, pre_pos = [], -1
-    for piece in _split_slots(text):
+    for piece in split_slots(text):
         if piece == ST_HIS:
             his_pos = list(range(len(ids), len(ids) + n_tokens))
             ids += [pad] * n_tokens

@@ -38,13 +38,14 @@ from stllm import checkpoint
 from stllm.backbone import base_model
 from stllm.config import Config
 from stllm.data.city import CityData
-from stllm.data.prepared import PreparedCity
+from stllm.data.prepared import PreparedCity, batch_to
 from stllm.distill.dataset import distill, save_rationales
 from stllm.distill.node_layout import explain_adapter, lm_loss, node_forward, node_inputs, slot_vectors
-from stllm.distill.facts import Facts
+from stllm.distill.facts import Facts, effects_to_dict, estimate_effects
 from stllm.distill.teachers import AnalyticTeacher, HFChatTeacher, OpenAITeacher, Teacher, fill_facts
-from stllm.explain import save_effects
-from stllm.train import LAST, _to, build_model, make_optimizer, masked_loss, peak_rss_mb
+from stllm.train import LAST, build_model, make_optimizer, masked_loss, peak_rss_mb
+
+EFFECTS = "effects.json"     # the weather effects the rationales use (stllm.distill.facts.effects_to_dict)
 
 
 @dataclass
@@ -100,14 +101,14 @@ def write_rationales(cfg: Config, out_dir: str | Path, city: CityData | None = N
     """`stllm distill`: the teacher's rationales for explain.n_samples (window, sensor) pairs of the training
     split, as a `datasets` dataset and JSONL in out_dir (see stllm.distill.dataset), plus the weather effects
     they use (effects.json). Returns a summary (also written as summary.json)."""
-    from stllm.infer import load_city
+    from stllm.data.fit import load_city
     out = Path(out_dir)
     city = city if city is not None else load_city(cfg.data)
     prep = PreparedCity(city, cfg.data, cfg.encoder)
     teacher = teacher_from_config(cfg.explain)
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    effects = save_effects(prep, out)
+    effects = write_effects(prep, out)
     pairs = pick_windows(prep, cfg.explain.n_samples, cfg.train.seed)
     _, ds = make_samples(city, prep, pairs, teacher, effects=effects)
     save_rationales(ds, out)
@@ -115,6 +116,15 @@ def write_rationales(cfg: Config, out_dir: str | Path, city: CityData | None = N
                "seconds": round(time.time() - t0, 2), "columns": list(ds.column_names), "out": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def write_effects(prep: PreparedCity, folder: str | Path) -> dict:
+    """The weather effects the teacher's rationales use, estimated on the prepared city's training part ({} for a
+    city without weather), written to folder/effects.json as a record of the rationales' inputs. Returns them.
+    `stllm explain` does not read the file: it estimates the same effects from the data (stllm.explain)."""
+    effects = estimate_effects(prep.city, prep.train_end, prep.t_in, prep.t_out) if prep.city.exog is not None else {}
+    (Path(folder) / EFFECTS).write_text(json.dumps(effects_to_dict(effects), indent=1))
+    return effects
 
 
 def make_samples(city: CityData, prep: PreparedCity, pairs: list[tuple[int, int]], teacher: Teacher,
@@ -154,7 +164,7 @@ def _student_inputs(model, prep: PreparedCity, samples: list[StudentSample], mas
     """(city batch of the samples' windows, rows [(window in batch, node)], NodeInputs with the targets)."""
     device = next(model.parameters()).device
     starts = sorted({x.start for x in samples})
-    batch = _to(prep.batch(np.array(starts), mask_zeros), device)
+    batch = batch_to(prep.batch(np.array(starts), mask_zeros), device)
     his, pre, base = slot_vectors(model, batch)                                  # [b, N, m, d], [b, N, d], ...
     rows = [(starts.index(x.start), x.node) for x in samples]
     inputs = node_inputs(model, his, pre, rows, [x.prompt for x in samples], [x.target for x in samples],
@@ -200,7 +210,8 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
                   progress: bool = True) -> dict:
     """Write rationales with the teacher, fine-tune the student with the joint loss, save the run like
     `stllm.train.train` does (plus effects.json and rationales/), evaluate on the test split. Returns metrics."""
-    from stllm.infer import evaluate_with_baselines, load_city, run_meta
+    from stllm.data.fit import load_city
+    from stllm.infer import evaluate_with_baselines
     out = Path(out_dir)
     if (out / LAST).exists() and not resume:
         raise FileExistsError(f"{out} holds a run; pass --resume to continue it or choose another --out")
@@ -232,7 +243,7 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
         cfg.train, lora_lr=ex.lora_lr or cfg.train.lora_lr)))
     cfg.save(out / "config.yaml")
 
-    effects = save_effects(prep, out)
+    effects = write_effects(prep, out)
     pairs = pick_windows(prep, ex.n_samples, cfg.train.seed)
     samples, ds = make_samples(city, prep, pairs, teacher_from_config(ex), effects=effects)
     save_rationales(ds, out / "rationales")
@@ -269,7 +280,7 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
     log.close()
     checkpoint.atomic_save(checkpoint.training_state(model, optimizer), out / LAST, state)
     model.eval()
-    model.save_pretrained(out, run_meta(prep, cfg))
+    model.save_pretrained(out)                    # with the meta build_model attached
     metrics = evaluate_with_baselines(model, prep, "test", batch_size=cfg.train.batch_size)
     metrics["training"] = {"steps": state["step"], "wall_s": round(state["elapsed_s"], 2),
                            "peak_rss_mb": peak_rss_mb(), "student": True}
