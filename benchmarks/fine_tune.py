@@ -46,6 +46,7 @@ def table(results: dict) -> str:
                       else f" | {t['best_val_error']:.3f}" if t else " | -")
             extra += f" | {test.get('mae', test.get('macro_f1')):.3f}" if test else " | -"
             scores = (f"{m['macro_f1']:.3f} | {m['recall']:.3f} | -" if "macro_f1" in m
+                      else "n/a | n/a | n/a" if m.get("mae") is None     # a baseline the history cannot support
                       else f"{m['mae']:.2f} | {m['rmse']:.2f} | {m['mape']:.1f}")
             lines.append(f"| {dataset} | {name} | {scores} | {extra} |")
     return "\n".join(lines)

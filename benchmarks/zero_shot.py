@@ -118,7 +118,9 @@ def main() -> None:
         header, cols = "| row | MAE | RMSE | MAPE % |\n|---|---|---|---|", ("mae", "rmse", "mape")
     lines = [f"{args.source} -> {args.target} (test split)", "", header]
     for row_name, m in rows.items():
-        lines.append(f"| {row_name} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + " |")
+        # a baseline the target's history cannot support is missing (None, with its reason), never a number
+        lines.append(f"| {row_name} | " + " | ".join("n/a" if m.get(c) is None else f"{m[c]:.3f}" for c in cols)
+                     + " |" + (f" ({m['missing']})" if m.get("missing") else ""))
     table = "\n".join(lines)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"zero_shot_{name}.json").write_text(json.dumps(rows, indent=1))

@@ -252,21 +252,24 @@ def _e(x) -> str:
 
 
 def metrics_html(metrics: dict, name: str = "stllm") -> str:
-    """The table `stllm evaluate` prints, as HTML: the run and its baselines, the best value per column bold."""
+    """The table `stllm evaluate` prints, as HTML: the run and its baselines, the best value per column bold, "n/a"
+    and the reason for a baseline the history cannot support."""
     columns = [("MAE", lambda m: m["mae"]), ("RMSE", lambda m: m["rmse"]), ("MAPE %", lambda m: m["mape"]),
-               ("MAE unmasked", lambda m: m.get("unmasked", {}).get("mae", np.nan)),
-               ("RMSE unmasked", lambda m: m.get("unmasked", {}).get("rmse", np.nan))]
+               ("MAE unmasked", lambda m: (m.get("unmasked") or {}).get("mae")),
+               ("RMSE unmasked", lambda m: (m.get("unmasked") or {}).get("rmse"))]
     rows = {name: metrics, **metrics["baselines"]}
-    values = np.array([[float(get(m)) for _, get in columns] for m in rows.values()])      # [rows, columns]
-    best = np.nanmin(np.where(np.isfinite(values), values, np.nan), axis=0) if np.isfinite(values).any() else []
+    values = np.array([[np.nan if get(m) is None else float(get(m)) for _, get in columns]
+                       for m in rows.values()])                                       # [rows, columns]
+    best = [np.nanmin(v) if np.isfinite(v).any() else np.nan for v in values.T]
+    cell = lambda v, k: f"<td{' class=best' if v == best[k] else ''}>{v:.2f}</td>" if np.isfinite(v) \
+        else "<td class=na>n/a</td>"  # noqa: E731
     head = "".join(f"<th>{_e(c)}</th>" for c, _ in columns)
-    body = "".join(
-        f"<tr{' class=run' if r == 0 else ''}><th>{_e(n)}</th>"
-        + "".join(f"<td{' class=best' if v == best[k] else ''}>{v:.2f}</td>" for k, v in enumerate(values[r]))
-        + "</tr>" for r, n in enumerate(rows))
+    body = "".join(f"<tr{' class=run' if r == 0 else ''}><th>{_e(n)}</th>"
+                   + "".join(cell(v, k) for k, v in enumerate(values[r])) + "</tr>" for r, n in enumerate(rows))
+    missing = "".join(f"<br>{_e(n)}: n/a, {_e(m['missing'])}" for n, m in rows.items() if m.get("missing"))
     return (f"<table class=metrics><thead><tr><th>model</th>{head}</tr></thead><tbody>{body}</tbody></table>"
             "<p class=caption>MAE/RMSE/MAPE masked (targets equal to 0 or missing ignored), pooled over all horizon "
-            "steps; the best value in each column is bold.</p>")
+            f"steps; the best value in each column is bold.{missing}</p>")
 
 
 def verdict(claim: dict) -> str:
@@ -355,7 +358,7 @@ h3{margin:20px 0 4px;font-size:16px} .sub,.caption{color:#666;font-size:13px} na
 svg{max-width:100%;height:auto} .figure{margin:8px 0}
 table{border-collapse:collapse;font-size:14px;margin:8px 0} th,td{padding:4px 10px;border-bottom:1px solid #e3e3e3}
 table.metrics td{text-align:right;font-variant-numeric:tabular-nums} table.metrics th{cursor:pointer;text-align:left}
-tr.run th,tr.run td{background:#eef4fb} td.best{font-weight:bold}
+tr.run th,tr.run td{background:#eef4fb} td.best{font-weight:bold} td.na{color:#999}
 table.notes td{vertical-align:top} .explanation{border:1px solid #e3e3e3;border-radius:6px;padding:4px 16px;margin:14px 0}
 .rationale{white-space:pre-wrap;background:#f7f7f7;padding:8px 10px;border-radius:4px;font-size:14px}
 mark.held{background:#d7f0d2} mark.failed{background:#f7d0cc} mark{background:#eee}

@@ -56,6 +56,15 @@ def test_page_is_self_contained_and_complete(page):
     assert text.count("<svg") == 2 + 3                          # map, forecasts, one plot per explanation
 
 
+def test_metrics_table_marks_the_best_and_missing_baselines():
+    row = lambda mae: {"mae": mae, "rmse": mae, "mape": mae, "unmasked": {"mae": mae, "rmse": mae}}  # noqa: E731
+    table = report.metrics_html({**row(2.0), "baselines": {"last": row(3.0), "same_time_last_week": {
+        "mae": None, "rmse": None, "mape": None, "unmasked": {"mae": None, "rmse": None},
+        "missing": "needs 168 steps of history before the first window, has 40"}}})
+    assert table.count("<td class=best>2.00</td>") == 5 and table.count("<td>3.00</td>") == 5
+    assert table.count("<td class=na>n/a</td>") == 5 and "same_time_last_week: n/a, needs 168 steps" in table
+
+
 def test_claims_are_marked_by_their_check():
     claims = [{"kind": "trend", "quantity": "direction", "text": "flow rose", "stated": "up", "actual": "up",
                "verdict": "holds", "by": "model"},
@@ -142,10 +151,10 @@ def browse(chromium: str, page: Path, tmp: Path, *what: str) -> subprocess.Compl
 
 def test_page_renders_in_chromium(page, chromium, tmp_path):
     done = browse(chromium, page, tmp_path, "--dump-dom")
-    dom = done.stdout
+    dom, root = done.stdout, re.search(r"<html[^>]*>", done.stdout).group(0)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "data-script-errors" not in dom and "Uncaught" not in done.stderr, done.stderr[-2000:]
-    assert 'data-ready="1"' in dom                               # the page's own script ran to its end
+    assert "data-script-errors" not in root and "Uncaught" not in done.stderr, (root, done.stderr[-2000:])
+    assert 'data-ready="1"' in root                              # the page's own script ran to its end
     sections = dict(re.findall(r'<section id="(\w+)">(.*?)</section>', dom, re.S))
     assert "<svg" in sections["map"] and "test MAE" in sections["map"]
     assert sections["forecasts"].count("<svg") == 1 and "1 step ahead" in sections["forecasts"]
@@ -161,5 +170,6 @@ def test_page_renders_in_chromium(page, chromium, tmp_path):
 def test_a_script_error_would_be_seen(page, chromium, tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text(page.read_text(encoding="utf-8").replace("</main>", "</main><script>noSuchFunction()</script>"))
-    dom = browse(chromium, broken, tmp_path, "--dump-dom").stdout
-    assert "data-script-errors" in dom and "noSuchFunction" in dom
+    done = browse(chromium, broken, tmp_path, "--dump-dom")
+    root = re.search(r"<html[^>]*>", done.stdout).group(0)
+    assert "data-script-errors" in root and "noSuchFunction" in root and "Uncaught" in done.stderr
