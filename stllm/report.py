@@ -13,11 +13,12 @@ import html
 import io
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from stllm.data.city import CityData, DataError
+if TYPE_CHECKING:                                  # the CLI imports this module: keep pandas out of its start-up
+    from stllm.data.city import CityData
 
 N_PLOTTED = 4            # default number of forecast panels: the nodes with the largest test MAE
 MAX_NOTES = 200          # notes listed on the page at most (the rest are counted)
@@ -83,6 +84,7 @@ def node_errors(result: dict, channel: int = 0) -> np.ndarray:
 
 def _node(city: CityData, node) -> int:
     """A node position from an id, name or position (a digit string is a position when no id matches)."""
+    from stllm.data.city import DataError
     try:
         return city.node_index(node)[0]
     except DataError:
@@ -128,6 +130,7 @@ def node_layout(city: CityData) -> tuple[np.ndarray, bool, np.ndarray | None]:
     Without coordinates: a spring layout of the city's static graph, or a circle when it has no graph."""
     if city.has_coordinates:
         return city.nodes[["lon", "lat"]].to_numpy(float), True, None
+    from stllm.data.city import DataError
     from stllm.data.graphs import static_graph
     try:
         graph = static_graph(city)
@@ -142,9 +145,9 @@ def active_notes(city: CityData, start, end) -> list[dict]:
     notes = city.notes
     if notes is None or not len(notes):
         return []
-    start, end = pd.Timestamp(start), pd.Timestamp(end)
+    start, end = np.datetime64(start), np.datetime64(end)
     names = city.nodes["name"].astype(str).tolist()
-    return [{"start": str(n.start), "end": str(n.end), "kind": n.kind, "text": n.text,
+    return [{"start": _minute(n.start), "end": _minute(n.end), "kind": n.kind, "text": n.text,
              "where": "all" if not len(n.nodes) else ", ".join(names[i] for i in n.nodes),
              "nodes": list(n.nodes)}
             for n in notes.sort_values("start").itertuples(index=False) if n.start <= end and n.end >= start]
@@ -209,7 +212,7 @@ def forecast_svg(result: dict, nodes: list[int], labels: list[str], channel: int
     b, h = min(max_windows, len(pred)), pred.shape[1]
     rows = -(-len(nodes) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(11, 2.6 * rows), sharex=True, squeeze=False)
-    t0, t1 = pd.Timestamp(times[0, 0]), pd.Timestamp(times[b - 1, h - 1])
+    t0, t1 = times[0, 0], times[b - 1, h - 1]
     for ax, node in zip(axes.flat, nodes):
         ax.plot(times[:b, 0], truth[:b, 0, node, channel], color="black", lw=1.2, label="truth")
         ax.plot(times[:b, 0], pred[:b, 0, node, channel], color="tab:blue", lw=1, label="1 step ahead")
@@ -218,7 +221,7 @@ def forecast_svg(result: dict, nodes: list[int], labels: list[str], channel: int
                     label=f"{h} steps ahead")
         for note in notes:
             if not note["nodes"] or node in note["nodes"]:
-                a, z = max(pd.Timestamp(note["start"]), t0), min(pd.Timestamp(note["end"]), t1)
+                a, z = max(np.datetime64(note["start"]), t0), min(np.datetime64(note["end"]), t1)
                 if a <= z:
                     ax.axvspan(a, z, color="tab:green", alpha=0.12, lw=0)
         ax.set_title(labels[node], fontsize=9, loc="left")
@@ -234,7 +237,7 @@ def explanation_svg(result: dict) -> str:
     """History, forecast and truth of one explained window."""
     plt = _pyplot()
     nan = lambda xs: [np.nan if x is None else x for x in xs]  # noqa: E731
-    ht, ft = pd.to_datetime(result["history_timestamps"]), pd.to_datetime(result["timestamps"])
+    ht, ft = (np.array(result[k], dtype="datetime64[m]") for k in ("history_timestamps", "timestamps"))
     fig, ax = plt.subplots(figsize=(6.5, 2.4))
     ax.plot(ht, nan(result["history"]), color="black", lw=1.2, label="history")
     ax.plot(ft, nan(result["truth"]), color="gray", ls="--", lw=1, label="truth")
@@ -328,15 +331,19 @@ def explanation_html(result: dict, with_plot: bool = True) -> str:
             "</article>")
 
 
-def _duration(step: pd.Timedelta) -> str:
-    minutes = int(step / pd.Timedelta("1min"))
+def _minute(t) -> str:
+    return str(np.datetime64(t, "m")).replace("T", " ")
+
+
+def _duration(step) -> str:
+    minutes = int(step / np.timedelta64(1, "m"))
     return f"{minutes // 1440} day(s)" if minutes % 1440 == 0 else f"{minutes // 60} h" if minutes % 60 == 0 \
         else f"{minutes} min"
 
 
 def _short(x) -> str:
     if isinstance(x, float):
-        return f"{x:.3g}"
+        return f"{x:.0f}" if abs(x) >= 1e4 else f"{x:.4g}"
     if isinstance(x, (list, tuple)) and len(x) > 4:
         return "[" + ", ".join(_short(v) for v in x[:4]) + ", …]"
     return str(x)
@@ -359,14 +366,16 @@ svg{max-width:100%;height:auto} .figure{margin:8px 0}
 table{border-collapse:collapse;font-size:14px;margin:8px 0} th,td{padding:4px 10px;border-bottom:1px solid #e3e3e3}
 table.metrics td{text-align:right;font-variant-numeric:tabular-nums} table.metrics th{cursor:pointer;text-align:left}
 tr.run th,tr.run td{background:#eef4fb} td.best{font-weight:bold} td.na{color:#999}
-table.notes td{vertical-align:top} .explanation{border:1px solid #e3e3e3;border-radius:6px;padding:4px 16px;margin:14px 0}
+table.notes td{vertical-align:top}
+.explanation{border:1px solid #e3e3e3;border-radius:6px;padding:4px 16px;margin:14px 0}
 .rationale{white-space:pre-wrap;background:#f7f7f7;padding:8px 10px;border-radius:4px;font-size:14px}
 mark.held{background:#d7f0d2} mark.failed{background:#f7d0cc} mark{background:#eee}
 ul.claims{font-size:13px;padding-left:18px} li.claim{margin:2px 0;list-style:none}
 .mark{display:inline-block;min-width:64px;text-align:center;border-radius:3px;padding:0 4px;font-weight:bold;
 font-size:12px;background:#ddd} .held .mark{background:#2e7d32;color:#fff} .failed .mark{background:#c62828;color:#fff}
 .pair{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,6fr);gap:16px;align-items:start}
-details{margin:6px 0 10px} summary{cursor:pointer;color:#444;font-size:14px} .by{color:#888} .warning{color:#a15c00} #script-errors{color:#c62828}
+details{margin:6px 0 10px} summary{cursor:pointer;color:#444;font-size:14px} .by{color:#888}
+.warning{color:#a15c00} #script-errors{color:#c62828}
 """
 
 # The first script records errors of every later one (the test reads them from the DOM); the second makes the
@@ -377,7 +386,8 @@ var box=document.getElementById('script-errors');if(box){box.hidden=false;box.te
 JS_PAGE = """document.querySelectorAll('table.metrics thead th').forEach(function(th,k){
 th.title='sort by this column';th.addEventListener('click',function(){var body=th.closest('table').tBodies[0];
 var rows=Array.from(body.rows),key=function(r){var t=r.cells[k].textContent;return k?parseFloat(t):t;};
-rows.sort(function(a,b){var x=key(a),y=key(b);return x<y?-1:x>y?1:0;});rows.forEach(function(r){body.appendChild(r);});});});
+rows.sort(function(a,b){var x=key(a),y=key(b);return x<y?-1:x>y?1:0;});
+rows.forEach(function(r){body.appendChild(r);});});});
 document.documentElement.setAttribute('data-ready','1');"""
 
 
@@ -391,50 +401,61 @@ def render_page(title: str, subtitle: str, sections: list[tuple[str, str, str]])
             f"<nav>{nav}</nav><pre id=script-errors hidden></pre>{body}</main><script>{JS_PAGE}</script></body></html>")
 
 
-def write_report(model, city: CityData, out: str | Path, nodes: list | None = None, n_explain: int = 3,
-                 channel: str | int = 0, explain_mode: str | None = None, title: str | None = None) -> Path:
-    """Forecast and evaluate `model` on `city`'s test split, explain `n_explain` (node, time) pairs (each plotted
-    node at its worst window), and write the page to `out`. `nodes`: ids, names or positions to plot (default: the
-    N_PLOTTED nodes with the largest test MAE)."""
+def collect(model, city: CityData, nodes: list | None = None, n_explain: int = 3, channel: str | int = 0,
+            explain_mode: str | None = None) -> dict:
+    """The plain data of a report: test forecasts, metrics with baselines, error per node, the nodes to plot
+    (`nodes`: ids, names or positions; default the N_PLOTTED with the largest test MAE), `n_explain` explanations
+    (each of the first plotted nodes at its worst test window), and the notes in force in the test split."""
     if getattr(model.cfg.model, "task", "forecast") != "forecast":
         raise ValueError(f"stllm report covers forecast runs; this run has model.task={model.cfg.model.task!r}")
     c = city.channel_index(channel)
     result = _predict(model, city, "test")
-    metrics = _evaluate(model, city, "test")
     errors = node_errors(result, c)
     chosen = [_node(city, n) for n in nodes] if nodes else worst_nodes(errors, min(N_PLOTTED, city.n_nodes))
     times = result["timestamps"]                                                          # [b, t_out]
-    kwargs = {"mode": explain_mode} if explain_mode else {}
-    explained = [_explain(model, city, i, str(pd.Timestamp(times[worst_window(result, i, c), 0])), channel=c, **kwargs)
-                 for i in chosen[:n_explain]]
-    notes = active_notes(city, times[0, 0], times[-1, -1])
+    options = {"channel": c, **({"mode": explain_mode} if explain_mode else {})}
+    return {"channel": c, "result": result, "metrics": _evaluate(model, city, "test"), "errors": errors,
+            "nodes": chosen, "picked": bool(nodes), "notes": active_notes(city, times[0, 0], times[-1, -1]),
+            "explained": [_explain(model, city, i, _minute(times[worst_window(result, i, c), 0]), **options)
+                          for i in chosen[:max(n_explain, 0)]],
+            "model": "stllm" if getattr(model, "backbone", None) is not None else "encoder only"}
 
-    unit = city.units[c]
-    labels = [n if i in n else f"{n} [{i}]" for i, n in zip(city.nodes["id"].astype(str), city.nodes["name"].astype(str))]
+
+def page_html(city: CityData, data: dict, title: str | None = None, max_windows: int = 168) -> str:
+    """The report page from `collect`'s data; forecasts drawn over the first `max_windows` test windows."""
+    c, times, nodes, notes = data["channel"], data["result"]["timestamps"], data["nodes"], data["notes"]
+    ids, names = city.nodes["id"].astype(str), city.nodes["name"].astype(str)
+    labels = [n if i in n else f"{n} [{i}]" for i, n in zip(ids, names)]
     xy, geographic, graph = node_layout(city)
-    period = f"{pd.Timestamp(times[0, 0])} to {pd.Timestamp(times[-1, -1])}"
-    name = "stllm" if getattr(model, "backbone", None) is not None else "encoder only"
-    b = min(168, len(times))
+    b = min(max_windows, len(times))
+    drawn_map = map_svg(xy, data["errors"], labels, geographic, graph, nodes, city.units[c])
     sections = [
-        ("map", "Test error by node", f"<div class=figure>{map_svg(xy, errors, labels, geographic, graph, chosen, unit)}"
-         f"</div><p class=caption>Masked MAE of {_e(city.channels[c])} per node over the test split; the plotted "
-         "nodes are labelled in bold.</p>"),
+        ("map", "Test error by node", f"<div class=figure>{drawn_map}</div><p class=caption>Masked MAE of "
+         f"{_e(city.channels[c])} per node over the test split; the plotted nodes are labelled in bold.</p>"),
         ("forecasts", "Forecast against truth",
-         f"<div class=figure>{forecast_svg(result, chosen, labels, c, b, notes)}</div><p class=caption>The first {b} "
-         f"test windows; {'the nodes chosen' if nodes else 'the nodes with the largest test MAE'}"
+         f"<div class=figure>{forecast_svg(data['result'], nodes, labels, c, b, notes)}</div><p class=caption>The "
+         f"first {b} test windows; {'the nodes asked for' if data['picked'] else 'the nodes with the largest test MAE'}"
          f"{'; shaded: notes in force' if notes else ''}.</p>"),
-        ("metrics", "Metrics against the baselines", metrics_html(metrics, name)),
+        ("metrics", "Metrics against the baselines", metrics_html(data["metrics"], data["model"])),
         ("explanations", "Explained forecasts",
          "<p class=caption>Each claim in an explanation is checked against the data: <b>held</b>, <b>failed</b>, "
          "or not checkable (unchecked). Each node at its worst test window.</p>"
-         + "".join(explanation_html(r) for r in explained)),
+         + "".join(explanation_html(r) for r in data["explained"])),
     ]
     if city.notes is not None:
         sections.append(("notes", "Notes in the test period", notes_html(notes) if notes else
                          "<p>No note of this city is in force during the test period.</p>"))
-    subtitle = (f"{city.name}: {city.n_nodes} nodes, {_e(city.channels[c])} ({unit}), every {_duration(city.interval)}; "
-                f"test split {period}, {len(times)} windows; model: {name}")
-    page = render_page(title or f"stllm report: {city.name}", subtitle, sections)
+    place = f" ({city.city})" if city.city else ""
+    subtitle = (f"{city.name}{place}: {city.n_nodes} nodes, {city.channels[c]} ({city.units[c]}), every "
+                f"{_duration(city.interval)}; test split {_minute(times[0, 0])} to {_minute(times[-1, -1])}, "
+                f"{len(times)} windows; model: {data['model']}")
+    return render_page(title or f"stllm report: {city.name}", subtitle, sections)
+
+
+def write_report(model, city: CityData, out: str | Path, nodes: list | None = None, n_explain: int = 3,
+                 channel: str | int = 0, explain_mode: str | None = None, title: str | None = None) -> Path:
+    """Write the report page of `model` on `city`'s test split to `out` (see `collect` for the options)."""
+    page = page_html(city, collect(model, city, nodes, n_explain, channel, explain_mode), title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
@@ -450,15 +471,20 @@ def add_report_parser(sub) -> None:
                    "own dataset)")
     p.add_argument("--nodes", nargs="+", metavar="NODE", help="sensor ids, names or positions to plot (default: the "
                    f"{N_PLOTTED} with the largest test MAE)")
-    p.add_argument("--explain", type=int, default=3, metavar="N", help="explain N of the plotted nodes (default 3)")
+    p.add_argument("--explain", type=int, default=3, metavar="N", help="explain N of the plotted nodes, each at its "
+                   "worst test window (default 3; 0 = none)")
     p.add_argument("--channel", default="0", help="channel to show (name or position; default the first)")
     p.add_argument("--out", required=True, help="the HTML file to write")
 
 
 def cmd_report(args) -> int:
-    if Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a folder; give a file name, e.g. report.html")
+    import torch
+
+    from stllm.cli import check_writable
+    check_writable(args.out)                        # refused before the model is loaded, not after forecasting
     model = _load(args.run)
+    if torch.cuda.is_available():
+        model.to_device("cuda")
     city = _load_city(model, args.data, args.notes)
     out = write_report(model, city, args.out, nodes=args.nodes, n_explain=args.explain, channel=args.channel)
     print(f"report on {city.name} written to {out}")

@@ -167,7 +167,7 @@ def test_page_renders_in_chromium(page, chromium, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
 
 
-def test_a_script_error_would_be_seen(page, chromium, tmp_path):
+def test_chromium_sees_a_script_error(page, chromium, tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text(page.read_text(encoding="utf-8").replace("</main>", "</main><script>noSuchFunction()</script>"))
     done = browse(chromium, broken, tmp_path, "--dump-dom")
