@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from stllm.distill.facts import estimate_effects
-from stllm.explain import explain, load_effects
-from stllm.infer import forecast, load_city, prepare
+from stllm.data.fit import load_city
+from stllm.infer import forecast
 from stllm.model import STLLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,13 +147,11 @@ def push_accuracies(model, prep, city, effects, n: int, seed: int = 0) -> dict:
 def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_tokens: int,
               n_push: int = 0) -> dict:
     t0 = time.time()
-    model, meta = STLLM.from_pretrained(run_dir)
+    model = STLLM.from_pretrained(run_dir)
     city = load_city(model.cfg.data)
-    prep = prepare(model, meta, city)
-    effects = load_effects(run_dir)
-    effects_source = "run" if effects is not None else "estimated at explain time from the training part"
-    if effects is None:
-        effects = estimate_effects(city, prep.train_end, prep.t_in, prep.t_out) if city.exog is not None else {}
+    prep = model.prepare(city)
+    effects_source = "estimated from the training part (as stllm explain does), once for every pair"
+    effects = estimate_effects(city, prep.train_end, prep.t_in, prep.t_out) if city.exog is not None else {}
     pairs = pick_pairs(prep, n_pairs)
     out = {"run": str(run_dir), "dataset": city.name, "n_nodes": city.n_nodes, "channels": city.channels,
            "effects": effects_source, "load_s": round(time.time() - t0, 1),
@@ -162,7 +160,7 @@ def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_t
     results, seconds = [], []
     for s, i, c in pairs:
         t = time.perf_counter()
-        results.append(explain(model, meta, city, i, s, channel=c, effects=effects, prep=prep))
+        results.append(model.explain(prep, i, s, channel=c, effects=effects))
         seconds.append(time.perf_counter() - t)
     out["analytic"] = summarise(results, seconds)
     # the city layout's numbers for the same windows, batched as `stllm evaluate` does
@@ -183,8 +181,8 @@ def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_t
         results, seconds = [], []
         for s, i, c in pairs[:n_generated]:
             t = time.perf_counter()
-            results.append(explain(model, meta, city, i, s, channel=c, effects=effects, prep=prep,
-                                   mode="generated", max_new_tokens=max_new_tokens))
+            results.append(model.explain(prep, i, s, channel=c, effects=effects, mode="generated",
+                                         max_new_tokens=max_new_tokens))
             seconds.append(time.perf_counter() - t)
             print(f"  {name} generated {len(results)}/{n_generated}: {results[-1]['generation']}", flush=True)
         out["generated"] = summarise(results, seconds)

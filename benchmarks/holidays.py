@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from stllm.data.calendar import holiday_group, holiday_names
-from stllm.infer import forecast, load_city, prepare
+from stllm.data.fit import load_city
+from stllm.infer import forecast
 from stllm.model import STLLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,11 +25,11 @@ GROUPS = ("holiday", "after_holiday", "other")   # stllm.data.calendar.holiday_g
 
 
 def errors_by_group(run: Path, splits: list[str]) -> dict:
-    model, meta = STLLM.from_pretrained(run)
+    model = STLLM.from_pretrained(run)
     city = load_city(model.cfg.data)
     if not city.holidays:
         raise SystemExit(f"{run}: its dataset {city.name} has no holiday calendar (CityData.holidays is empty)")
-    prep = prepare(model, meta, city)
+    prep = model.prepare(city)
     holidays = holiday_names(city.holidays, city.timestamps, city.name)
     out = {}
     for split in splits:

@@ -177,16 +177,18 @@ def worker_mode(args) -> dict:
     """One backbone mode on the run's own test windows."""
     import numpy as np
 
-    from stllm.infer import forecast, load_city, prepare
+    from stllm.backbone import decoder_body
+    from stllm.data.fit import load_city
+    from stllm.infer import forecast
     from stllm.metrics import MetricAccumulator
-    from stllm.model import STLLM, _decoder
+    from stllm.model import STLLM
     rss_start = rss_mb()
-    model, meta = STLLM.from_pretrained(args.run, backbone_overrides={"quantize": MODES[args.worker]})
+    model = STLLM.from_pretrained(args.run, quantize=MODES[args.worker])
     memory = backbone_memory(model.backbone)
     city = load_city(model.cfg.data)
-    prep = prepare(model, meta, city)
+    prep = model.prepare(city)
     starts = prep.splits["test"][:args.windows]
-    timer = DecoderTimer(_decoder(model.backbone))
+    timer = DecoderTimer(decoder_body(model.backbone))
 
     def one_pass():
         preds, truths = [], []
@@ -231,17 +233,19 @@ def worker_mode(args) -> dict:
 def worker_city(args) -> dict:
     """The run on a synthetic city of --city-nodes sensors, nodes_per_sequence = args.group."""
     from stllm.data.synthetic import make_city
-    from stllm.infer import fit_to_run, forecast, prepare
-    from stllm.model import STLLM, _decoder
-    model, meta = STLLM.from_pretrained(args.run)
+    from stllm.backbone import decoder_body
+    from stllm.data.fit import fit_to_run
+    from stllm.infer import forecast
+    from stllm.model import STLLM
+    model = STLLM.from_pretrained(args.run)
     model.cfg.model.nodes_per_sequence = args.group
-    city = make_city(n_nodes=args.city_nodes, n_days=args.city_days, n_channels=meta["n_channels"], seed=0)
-    mapping = [f"{c}={i}" for i, c in enumerate(city.channels)] if city.channels != meta["channels"] else []
-    city = fit_to_run(city, meta, mapping)
-    prep = prepare(model, meta, city)
+    city = make_city(n_nodes=args.city_nodes, n_days=args.city_days, n_channels=model.meta.n_channels, seed=0)
+    mapping = [f"{c}={i}" for i, c in enumerate(city.channels)] if city.channels != model.meta.channels else []
+    city = fit_to_run(city, model.meta, mapping)
+    prep = model.prepare(city)
     starts = prep.splits["test"][:args.city_windows]
     rss_loaded = rss_mb()
-    timer = DecoderTimer(_decoder(model.backbone))
+    timer = DecoderTimer(decoder_body(model.backbone))
     for _ in forecast(model, prep, starts[:1], batch_size=1):  # warm-up
         pass
     walls, backbone_s = [], []

@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     from stllm.config import load_config
     from stllm.data.notes import with_notes
-    from stllm.infer import load_city
+    from stllm.data.fit import load_city
     torch.set_num_threads(1)
     cfg = load_config(ROOT / "configs" / f"{args.data}.yaml")
     city = with_notes(load_city(cfg.data), args.notes)

@@ -31,10 +31,9 @@ CONFIG = ROOT / "configs" / "text-probe.yaml"
 def probe_errors(run_dir: str | Path, city, truth_city=None, split: str = "test") -> dict:
     """Masked MAE of a trained run on the probe city (whose notes may be altered: shuffled, removed), with the events
     taken from `truth_city`'s true notes (default: `city`'s): {"event_windows": mae, "other_windows": mae, ...}."""
-    from stllm.infer import prepare
     from stllm.model import STLLM
-    model, meta = STLLM.from_pretrained(run_dir)
-    return errors_of(model, prepare(model, meta, city), truth_city or city, split)
+    model = STLLM.from_pretrained(run_dir)
+    return errors_of(model, model.prepare(city), truth_city or city, split)
 
 
 def errors_of(model, prep, truth_city, split: str = "test") -> dict:

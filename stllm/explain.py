@@ -15,10 +15,10 @@ Either way the program writes the head's numbers into the FORECAST_SLOT (`_join`
 lists the language model wrote itself are replaced by the slot first, so no sampled forecast digit survives.
 Then `check_explanation` tests every checkable claim against the data.
 
-Weather effects (`estimate_effects`) are computed here, at explain time, from the given city's training part
-(steps before the train split's end of the run's split), which needs no more than the data explaining needs
-anyway: on the run's own dataset they are the effects of its training data, elsewhere the other city's own. Runs
-store none (training does not call this module); pass `effects=` to reuse them across calls.
+Weather effects (`estimate_effects`) are computed here, at explain time, from the given city's training part (the
+steps before its train split ends, split as the run's config splits data), which needs no more than the data
+explaining needs anyway: on the run's own dataset they are the effects of its training data, elsewhere the other
+city's own. Runs store none (training does not call this module); pass `effects=` to reuse them across calls.
 
 `STLLM.explain(city, node, at, **options)` is the usual way in; `stllm explain` (stllm/cli.py) wraps that.
 """

@@ -19,6 +19,8 @@ def test_demo_trains_both_models_prints_the_table_and_plots(tmp_path, capsys):
                 "historical_average"):
         assert row in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    events = summary.pop("event_hours_mae")                               # {model: MAE inside the events}
     assert all(v["mae"] == v["mae"] for v in summary.values())           # no NaN figure
+    assert set(events) == {"stllm (SmolLM2 + LoRA)", "encoder only"} and all(v == v for v in events.values())
     png = (tmp_path / "demo" / "forecast.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -217,7 +217,7 @@ def test_encoder_only_run_explains_analytically_only(tmp_path, city):
 
 
 def test_cli_json_and_plot(run, city, tmp_path, capsys):
-    out, _, _ = run
+    out, _ = run
     at = str(pd.Timestamp(city.timestamps[AT]))
     png = tmp_path / "e.png"
     assert main(["explain", "--run", str(out), "--node", "S02", "--at", at, "--json", "--plot", str(png)]) == 0
@@ -234,7 +234,7 @@ def test_cli_json_and_plot(run, city, tmp_path, capsys):
 
 
 def test_cli_errors(run, capsys):
-    out, _, _ = run
+    out, _ = run
     assert main(["explain", "--run", str(out), "--node", "nowhere", "--at", "2024-01-10 10:00"]) == 2
     err = capsys.readouterr().err
     assert "unknown node 'nowhere'" in err and "S00" in err
