@@ -61,7 +61,7 @@ def noted_city(data_cfg, notes: str | None):
     """The config's dataset with the notes attached before any node selection (notes name zones of the full city;
     select_nodes then moves them and drops the ones about none of the kept nodes)."""
     from stllm.data.notes import with_notes
-    from stllm.infer import load_city
+    from stllm.data.fit import load_city
     city = with_notes(load_city(replace(data_cfg, max_nodes=0)), notes)
     if data_cfg.max_nodes and data_cfg.max_nodes < city.n_nodes:
         city = city.select_nodes(list(range(data_cfg.max_nodes)))
@@ -134,20 +134,19 @@ def permuted(texts: list[str], seed: int) -> list[str]:
 def evaluate_variants(runs: Path, city, max_hours: float, seed: int) -> dict:
     """{variant: errors} on the city's test split (shuffled_text: stllm's run on shuffled notes and node texts)."""
     from stllm.data.notes import shuffled
-    from stllm.infer import prepare
     from stllm.model import STLLM
     result = {}
     for name in VARIANTS + CONTROLS:
         t0 = time.time()
-        model, meta = STLLM.from_pretrained(runs / RUN_OF.get(name, name))
+        model = STLLM.from_pretrained(runs / RUN_OF.get(name, name))
         if name == "encoder_flags_no_notes":
-            prep = prepare(model, meta, replace(city, notes=None))
+            prep = model.prepare(replace(city, notes=None))
         elif name == "shuffled_text":
             moved = None if city.notes is None else shuffled(city.notes, city, seed=seed)
-            prep = prepare(model, meta, replace(city, notes=moved))
+            prep = model.prepare(replace(city, notes=moved))
             prep.node_texts = permuted(prep.node_texts, seed)
         else:
-            prep = prepare(model, meta, city)
+            prep = model.prepare(city)
         events = short_note_cover(city, prep, max_hours)                                 # the true notes' hours
         result[name] = errors_of(model, prep, events) | {"eval_s": round(time.time() - t0, 1)}
         print(f"{name}: {json.dumps(result[name])}", flush=True)
@@ -156,14 +155,14 @@ def evaluate_variants(runs: Path, city, max_hours: float, seed: int) -> dict:
 
 def zero_shot(runs: Path, data_cfg, target: str, seed: int) -> dict:
     """{variant: errors} of every run on another dataset's test split (no notes there; overall only)."""
-    from stllm.infer import fit_to_run, load_city, prepare
+    from stllm.data.fit import fit_to_run, load_city
     from stllm.model import STLLM
     city = load_city(replace(data_cfg, name=target, options={}, channels=[], notes=""))
     result = {}
     for name in VARIANTS:
         t0 = time.time()
-        model, meta = STLLM.from_pretrained(runs / RUN_OF.get(name, name))
-        prep = prepare(model, meta, fit_to_run(city, meta))
+        model = STLLM.from_pretrained(runs / RUN_OF.get(name, name))
+        prep = model.prepare(fit_to_run(city, model.meta))
         if name == "shuffled_text":   # no notes to shuffle there: only the node texts move
             prep.node_texts = permuted(prep.node_texts, seed)
         result[name] = errors_of(model, prep, None) | {"eval_s": round(time.time() - t0, 1)}

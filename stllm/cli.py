@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stllm.report import add_report_parser, cmd_report
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stllm", description="LLM-based spatiotemporal forecasting")
@@ -70,13 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, help="bound on generated tokens (default: the run's explain.max_new_tokens)")
     p.add_argument("--quantize", choices=["none", "int8", "nf4"], help="load the backbone in 8 or 4 bits (bitsandbytes)")
 
+    add_report_parser(sub)   # stllm report: a self-contained HTML page (stllm/report.py)
+
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):  # transformers' own bars too (loading weights)
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     try:
         return {"train": cmd_train, "distill": cmd_distill, "evaluate": cmd_evaluate, "predict": cmd_predict,
-                "demo": cmd_demo, "explain": cmd_explain}[args.command](args)
+                "demo": cmd_demo, "explain": cmd_explain, "report": cmd_report}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as err:
         print(f"stllm {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -24,53 +24,6 @@ N_PLOTTED = 4            # default number of forecast panels: the nodes with the
 MAX_NOTES = 200          # notes listed on the page at most (the rest are counted)
 
 
-# ---- model API adapter --------------------------------------------------------------------------------------------
-# The model API is moving from `model, meta = STLLM.from_pretrained(run)` + functions taking `meta` to one object
-# (`model.predict(city, split=)`, `model.evaluate(city, split=)`, `model.explain(city, node, at)`). These five
-# helpers work with either, so the report works before and after the change; remove them once it has landed.
-def _load(run: str | Path):
-    from stllm.model import STLLM
-    loaded = STLLM.from_pretrained(run)
-    if isinstance(loaded, tuple):               # the old API: keep meta with the model
-        model, meta = loaded
-        model._report_meta = meta
-        return model
-    return loaded
-
-
-def _predict(model, city: CityData, split: str) -> dict:
-    meta = getattr(model, "_report_meta", None)
-    return model.predict(city, split=split) if meta is None else model.predict(city, meta=meta, split=split)
-
-
-def _evaluate(model, city: CityData, split: str) -> dict:
-    meta = getattr(model, "_report_meta", None)
-    if meta is None:
-        return model.evaluate(city, split=split)
-    from stllm.infer import evaluate_with_baselines, prepare
-    return evaluate_with_baselines(model, prepare(model, meta, city), split)
-
-
-def _explain(model, city: CityData, node: int, at: str, **kwargs) -> dict:
-    meta = getattr(model, "_report_meta", None)
-    if meta is None:
-        return model.explain(city, node, at, **kwargs)
-    from stllm.explain import explain
-    return explain(model, meta, city, node, at, **kwargs)
-
-
-def _load_city(model, data: str, notes: str | None) -> CityData:
-    meta = getattr(model, "_report_meta", None)
-    if meta is None:
-        from stllm.data.fit import load_for_run
-        return load_for_run(model.meta, model.cfg.data, data, notes=notes)
-    from stllm.data import load
-    from stllm.data.notes import with_notes
-    from stllm.infer import fit_to_run, load_city
-    own = data == meta["dataset"]
-    return with_notes(load_city(model.cfg.data) if own else fit_to_run(load(data), meta), notes)
-
-
 # ---- plain data ---------------------------------------------------------------------------------------------------
 def node_errors(result: dict, channel: int = 0) -> np.ndarray:
     """Masked MAE per node [N] over all windows and horizon steps (targets 0 or NaN ignored, as `stllm evaluate`);
@@ -409,14 +362,14 @@ def collect(model, city: CityData, nodes: list | None = None, n_explain: int = 3
     if getattr(model.cfg.model, "task", "forecast") != "forecast":
         raise ValueError(f"stllm report covers forecast runs; this run has model.task={model.cfg.model.task!r}")
     c = city.channel_index(channel)
-    result = _predict(model, city, "test")
+    result = model.predict(city, split="test")
     errors = node_errors(result, c)
     chosen = [_node(city, n) for n in nodes] if nodes else worst_nodes(errors, min(N_PLOTTED, city.n_nodes))
     times = result["timestamps"]                                                          # [b, t_out]
     options = {"channel": c, **({"mode": explain_mode} if explain_mode else {})}
-    return {"channel": c, "result": result, "metrics": _evaluate(model, city, "test"), "errors": errors,
+    return {"channel": c, "result": result, "metrics": model.evaluate(city, split="test"), "errors": errors,
             "nodes": chosen, "picked": bool(nodes), "notes": active_notes(city, times[0, 0], times[-1, -1]),
-            "explained": [_explain(model, city, i, _minute(times[worst_window(result, i, c), 0]), **options)
+            "explained": [model.explain(city, i, _minute(times[worst_window(result, i, c), 0]), **options)
                           for i in chosen[:max(n_explain, 0)]],
             "model": "stllm" if getattr(model, "backbone", None) is not None else "encoder only"}
 
@@ -482,10 +435,12 @@ def cmd_report(args) -> int:
 
     from stllm.cli import check_writable
     check_writable(args.out)                        # refused before the model is loaded, not after forecasting
-    model = _load(args.run)
+    from stllm.model import STLLM
+    model = STLLM.from_pretrained(args.run)
     if torch.cuda.is_available():
         model.to_device("cuda")
-    city = _load_city(model, args.data, args.notes)
+    from stllm.data.fit import load_for_run
+    city = load_for_run(model.meta, model.cfg.data, args.data, notes=args.notes)
     out = write_report(model, city, args.out, nodes=args.nodes, n_explain=args.explain, channel=args.channel)
     print(f"report on {city.name} written to {out}")
     return 0

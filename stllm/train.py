@@ -302,6 +302,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
                 loss = event_loss(pred, batch["y_raw"])
             else:
                 loss = masked_loss(pred, batch["y"], batch["y_mask"], cfg.train.loss)
+            if not loss.requires_grad:
+                # Only parts that this batch does not reach are trainable (e.g. the note effect alone, and no note
+                # meets these windows): a zero gradient, so the step and every process's step count stay in line.
+                loss = loss + sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             accelerator.backward(loss)
             if cfg.train.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

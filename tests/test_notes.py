@@ -200,3 +200,15 @@ def test_node_text_reaches_each_node_once_and_the_cache_is_exact(tiny_city, tiny
         b = model({**batch, "node_texts": renamed})
     changed = (a - b).abs().amax(dim=(0, 1, 3)) > 1e-7                      # [N]
     assert changed.tolist() == [n == 3 for n in range(tiny_city.n_nodes)]
+
+
+def test_training_only_the_note_effect_survives_batches_without_notes(tmp_path, tiny_city, tiny_config):
+    """train.freeze=[encoder, head] with note flags leaves only the note effect trainable: a batch that meets no
+    note has a loss without gradient, which must be a zero step, not a crash."""
+    from stllm.train import train
+    city = with_notes(tiny_city, [{"start": "2024-01-05 10:00", "end": "2024-01-05 15:00", "zones": "S02",
+                                   "kind": "fair", "text": "A street fair"}])
+    cfg = tiny_config(["model.use_llm=false", "model.notes=flags", "train.freeze=[encoder,head]",
+                       "train.max_steps=4"])
+    metrics = train(cfg, tmp_path / "run", city=city, progress=False)
+    assert metrics["training"]["steps"] == 4
