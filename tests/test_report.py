@@ -15,6 +15,7 @@ from stllm import report
 from stllm.config import load_config
 from stllm.data.notes import with_notes
 from stllm.data.synthetic import make_city
+from stllm.model import STLLM
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTES = [{"start": "2024-01-20 06:00", "end": "2024-01-20 18:00", "zones": "all", "kind": "parade",
@@ -40,7 +41,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(run) -> Path:
-    return report.write_report(report._load(run), with_notes(city(), NOTES), run.parent / "report.html")
+    return report.write_report(STLLM.from_pretrained(run), with_notes(city(), NOTES), run.parent / "report.html")
 
 
 def test_page_is_self_contained_and_complete(page):
