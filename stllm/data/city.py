@@ -148,7 +148,8 @@ class CityData:
         if how not in ("sum", "mean"):
             raise DataError(f"{self.name}: resample how must be 'sum' or 'mean', got {how!r}")
         if factor < 1 or factor != int(factor):
-            raise DataError(f"{self.name}: can only aggregate {self.interval} steps to a whole multiple, not {interval}")
+            raise DataError(f"{self.name}: can only aggregate {self.interval} steps to a whole multiple of them "
+                            f"({self.interval * 2}, {self.interval * 3}, ...), not {interval}; data cannot be made finer")
         k, t = int(factor), (self.n_steps // int(factor)) * int(factor)
         import warnings
         with warnings.catch_warnings():

@@ -77,10 +77,19 @@ class RunMeta:
 
 
 def load_city(data_cfg) -> CityData:
-    """The dataset a DataConfig names, with its notes (data.notes) and its channel and node selections applied."""
+    """The dataset a DataConfig names, resampled (data.resample), with its notes (data.notes) and its channel and
+    node selections applied."""
+    from stllm.config import parse_resample
     from stllm.data import load
     from stllm.data.notes import with_notes
     city = load(data_cfg.name, **(data_cfg.options or {}))
+    if getattr(data_cfg, "resample", ""):
+        interval, how = parse_resample(data_cfg.resample)           # checked by DataConfig
+        if interval != city.interval:
+            try:
+                city = city.resample(interval, how)
+            except DataError as err:
+                raise DataError(f"data.resample={data_cfg.resample!r}: {err}") from None
     if data_cfg.channels:
         city = city.select_channels(data_cfg.channels)
     city = with_notes(city, data_cfg.notes or None)          # notes name nodes: attach them before any selection
@@ -90,12 +99,19 @@ def load_city(data_cfg) -> CityData:
 
 
 def load_for_run(meta: RunMeta, data_cfg, data: str | None = None, channels: list[str] | None = None,
-                 resample: str | None = None, notes=None) -> CityData:
+                 resample: str | None = None, notes=None, options: dict | None = None) -> CityData:
     """The data a run is used on: its own dataset as its config loads it (`data` None or the run's dataset name),
-    or another one (a registered name or a path) fitted to it (`fit_to_run`); `notes`: a notes CSV to attach."""
+    or another one (a registered name or a path) fitted to it (`fit_to_run`); `notes`: a notes CSV to attach;
+    `options`: loader options (`--data-option`), over the config's data.options on the run's own dataset."""
+    from dataclasses import replace
+
     from stllm.data import load
     from stllm.data.notes import with_notes
-    city = load_city(data_cfg) if data is None or data == meta.dataset else load(data)
+    options = dict(options or {})
+    if data is None or data == meta.dataset:
+        city = load_city(replace(data_cfg, options={**(data_cfg.options or {}), **options}) if options else data_cfg)
+    else:
+        city = load(data, **options)
     return with_notes(fit_to_run(city, meta, channels, resample), notes)
 
 
@@ -107,9 +123,9 @@ def fit_to_run(city: CityData, meta: RunMeta, channels: list[str] | None = None,
     every run channel must be fed. Without a mapping, channel names must match the run's (in any order).
     """
     if city.interval != meta.interval:
-        if not resample:
-            raise DataError(f"{city.name}: one step is {city.interval}, the run was trained on {meta.interval}; "
-                            f"pass --resample sum (counts) or mean (levels) to aggregate, or use matching data")
+        factor = meta.interval / city.interval
+        if not resample or factor < 1 or factor != int(factor):
+            raise DataError(interval_advice(city, meta))
         city = city.resample(meta.interval, resample)
     run_channels = list(meta.channels)
     if channels:
@@ -131,6 +147,30 @@ def fit_to_run(city: CityData, meta: RunMeta, channels: list[str] | None = None,
         return city.select_channels(run_channels)
     raise DataError(f"{city.name}: channels {city.channels} do not match the run's {run_channels}; map them, "
                     f"e.g. --channels {city.channels[0]}=0")
+
+
+def interval_advice(city: CityData, meta: RunMeta) -> str:
+    """What to do when `city`'s step is not the run's: aggregate finer data (--resample), else retrain or fine-tune
+    the run at the data's step (data.resample), since coarser data cannot be made finer."""
+    have, want = short_interval(city.interval), short_interval(meta.interval)
+    head = f"{city.name}: one step is {have}, the run was trained on {want} steps"
+    factor = meta.interval / city.interval
+    if factor > 1 and factor == int(factor):
+        return (f"{head}; pass --resample sum (counts) or --resample mean (levels) to aggregate {int(factor)} of the "
+                f"data's steps into one of the run's")
+    return (f"{head}; {want} steps cannot be built from {have} ones (--resample only aggregates finer data to a whole "
+            f"multiple of its step). Retrain, or fine-tune (--set train.init_from=<run>), with "
+            f"--set data.resample={have}:sum (counts) or data.resample={have}:mean (levels) on training data whose "
+            f"step divides {have}, so the run forecasts {have} steps")
+
+
+def short_interval(interval) -> str:
+    """Timedelta('1h') -> '1h', 15 minutes -> '15min', a day -> '1D': how data.resample and --set spell it."""
+    seconds = int(pd.Timedelta(interval).total_seconds())
+    for unit, size in (("D", 86400), ("h", 3600), ("min", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def is_own_data(city: CityData, meta: RunMeta) -> bool:

@@ -39,11 +39,13 @@ from stllm.backbone import base_model
 from stllm.config import Config
 from stllm.data.city import CityData
 from stllm.data.prepared import PreparedCity, batch_to
-from stllm.distill.dataset import distill, save_rationales
+from stllm.data.fit import resolve_node, resolve_time
+from stllm.distill.dataset import distill, load_rationales, save_rationales
 from stllm.distill.node_layout import explain_adapter, lm_loss, node_forward, node_inputs, slot_vectors
 from stllm.distill.facts import Facts, effects_to_dict, estimate_effects
 from stllm.distill.teachers import AnalyticTeacher, HFChatTeacher, OpenAITeacher, Teacher, fill_facts
 from stllm.train import LAST, build_model, make_optimizer, masked_loss, peak_rss_mb
+from stllm.model import run_weights
 
 EFFECTS = "effects.json"     # the weather effects the rationales use (stllm.distill.facts.effects_to_dict)
 
@@ -132,12 +134,23 @@ def make_samples(city: CityData, prep: PreparedCity, pairs: list[tuple[int, int]
     """The teacher's rationales for `pairs` as (samples, the `datasets.Dataset` of stllm.distill)."""
     ds = distill(city, teacher, [(i, s) for s, i in pairs], t_in=prep.t_in, t_out=prep.t_out, channel=channel,
                  effects=effects)
-    samples = []
-    for (s, i), row in zip(pairs, ds):     # fact slots -> the program's text, which the student reads, not writes
-        facts = Facts.from_dict(json.loads(row["facts"]))
-        target = fill_facts(row["rationale"], facts, row["target"], keep_slots=True)
-        samples.append(StudentSample(s, i, row["prompt"], row["rationale"], target))
-    return samples, ds
+    return [to_sample(s, i, row) for (s, i), row in zip(pairs, ds)], ds
+
+
+def read_samples(city: CityData, prep: PreparedCity, folder: str | Path):
+    """The rationales `stllm distill` wrote to `folder` (its `datasets` dataset, `datasets.load_from_disk`), row
+    for row, as (samples, that dataset): each row's node id and first target step locate its window."""
+    ds = load_rationales(folder)
+    return [to_sample(resolve_time(city, row["start"], prep.t_in), resolve_node(city, row["node"]), row)
+            for row in ds], ds
+
+
+def to_sample(start: int, node: int, row: dict) -> StudentSample:
+    """One rationale row as a StudentSample; its fact slots become the program's text, which the student reads
+    and does not write."""
+    facts = Facts.from_dict(json.loads(row["facts"]))
+    target = fill_facts(row["rationale"], facts, row["target"], keep_slots=True)
+    return StudentSample(start, node, row["prompt"], row["rationale"], target)
 
 
 def joint_loss(model, prep: PreparedCity, samples: list[StudentSample], lm_weight: float = 0.5,
@@ -234,9 +247,9 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
         forecaster = json.loads((init_from / "metrics.json").read_text())
     prep = PreparedCity(city, cfg.data, cfg.encoder)
     model = build_model(cfg, prep)
-    if init_from:                        # stage 2 starts from the forecaster's weights
+    if init_from:                        # stage 2 starts from the forecaster's weights (its LoRA from adapter/)
         source = Path(init_from) / "model.safetensors"
-        model.load_trainable_state_dict(checkpoint.load(source)[0], str(source))
+        model.load_trainable_state_dict(run_weights(init_from, model), str(source))
     if ex.own_adapter:
         hold_all_but_the_explain_adapter(model)
     optimizer = make_optimizer(model, dataclasses.replace(cfg, train=dataclasses.replace(
@@ -244,8 +257,12 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
     cfg.save(out / "config.yaml")
 
     effects = write_effects(prep, out)
-    pairs = pick_windows(prep, ex.n_samples, cfg.train.seed)
-    samples, ds = make_samples(city, prep, pairs, teacher_from_config(ex), effects=effects)
+    given = getattr(ex, "rationales", "")        # a folder `stllm distill` wrote: its rows, as they are
+    if given:
+        samples, ds = read_samples(city, prep, given)
+    else:
+        pairs = pick_windows(prep, ex.n_samples, cfg.train.seed)
+        samples, ds = make_samples(city, prep, pairs, teacher_from_config(ex), effects=effects)
     save_rationales(ds, out / "rationales")
 
     state = {"step": 0, "elapsed_s": 0.0}
