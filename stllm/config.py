@@ -41,6 +41,9 @@ class DataConfig:
     train_days: float = 0                    # few-shot: train only on windows inside the first k days (0 = all)
     notes: str = ""                          # notes CSV (start,end,zones,kind,text): dated text about places
                                              # (docs/data_formats.md); "" = none
+    profile: bool = False                    # the encoder also sees each node's average at the target steps' hour
+                                             # of the week over the training part (the historical-average forecast,
+                                             # denoised over every training week) as one more period token
     holiday_features: bool = False           # the encoder also sees, per step, whether its day, and the days one
                                              # day / one week earlier (data.periods), are public holidays
     resample: str = ""                       # aggregate the loaded data to a coarser step before anything else:

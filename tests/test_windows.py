@@ -97,3 +97,28 @@ def test_resample_sums_counts_and_averages_wind_on_the_circle(tiny_city):
     assert min(abs(city.resample("2h", "mean").exog[0, 0, wd] - 0.0), 360 - city.resample("2h", "mean").exog[0, 0, wd]) < 1e-3
     with pytest.raises(DataError, match="whole multiple"):
         tiny_city.resample("90min")
+
+
+def test_profile_is_the_training_hour_of_week_mean_and_reaches_the_encoder():
+    """data.profile: one more period token holding each node's hour-of-week mean over the training part only."""
+    import torch
+    from stllm.config import load_config
+    from stllm.data.prepared import PreparedCity
+    from stllm.data.synthetic import make_city
+    from pathlib import Path
+    city = make_city(n_nodes=3, n_days=21, seed=1)
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", ["data.profile=true"])
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    start = int(prep.splits["test"][0])
+    batch = prep.batch(np.array([start]))
+    assert batch["periods"].shape[1] == len(cfg.data.periods) + 1
+    got = batch["periods"][0, -1, 0, 1, 0].item()                           # first target step, node 1
+    week = 168
+    same_hour = np.arange(start % week, prep.train_end, week)                 # training steps at that hour of week
+    raw = city.values[same_hour, 1, 0]
+    expected = np.nanmean(prep.scaler.transform(city.values[same_hour])[:, 1, 0][np.isfinite(raw)])
+    assert abs(got - expected) < 1e-5
+    # the test part's own values never enter: changing them leaves the profile as it was
+    city.values[prep.train_end:] *= 3
+    again = PreparedCity(city, cfg.data, cfg.encoder, scaler=prep.scaler).batch(np.array([start]))
+    assert torch.equal(again["periods"][:, -1], batch["periods"][:, -1])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 
 from stllm.data import graphs
@@ -64,6 +65,7 @@ class PreparedCity:
                               "'US', 'AU', 'IT', or 'AU-VIC')", stacklevel=2)
             tf = np.concatenate([tf, holiday_flags(self.timestamps, self.holidays or {}, self.periods)], axis=1)
         self.tf = torch.from_numpy(tf)                                                   # [T', 4 (+1+P holiday)]
+        self.profile = self._profile() if data_cfg.profile else None   # ([T', N, C] values, [T', N, C] mask)
         exog, self.exog_names = exog_features(city, max(self.train_end, 1))
         self.exog = torch.from_numpy(exog)                                                               # [T, N|1, E]
         # Notes routed once to the steps and nodes they concern; a batch takes the ones its windows meet.
@@ -149,6 +151,9 @@ class PreparedCity:
             idx = idx.clamp(min=0)
             periods.append(self.x[idx] * valid)
             period_masks.append(self.mask[idx] * valid)
+        if self.profile is not None:                                          # the hour-of-week average
+            periods.append(self.profile[0][fut])
+            period_masks.append(self.profile[1][fut])
         if periods:
             out["periods"] = torch.stack(periods, 1)                          # [b, P, t_out, N, C]
             out["period_mask"] = torch.stack(period_masks, 1)
@@ -162,6 +167,23 @@ class PreparedCity:
         out["dynamic_adj"] = self.wind_adjacency(starts) if self.has_wind else None
         return out
 
+
+    def _profile(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each node's mean (scaled) at every hour of the week over the training part, laid out over all T' steps:
+        (values [T', N, C], mask [T', N, C]; mask 0 where the training part never observed that hour). Only the
+        training part is read, so for zero-shot it comes from the target's own inputs."""
+        week = pd.Timedelta(days=7) / self.city.interval
+        if week != int(week):
+            raise DataError(f"{self.city.name}: data.profile needs an interval that divides a week, got {self.city.interval}")
+        week, steps = int(week), len(self.x)
+        slot = np.arange(steps) % week                                           # [T'] hour of the week
+        seen = self.mask[: self.train_end].numpy()                               # [T_train, N, C]
+        total = np.zeros((week, *seen.shape[1:]), np.float64)
+        count = np.zeros_like(total)
+        np.add.at(total, slot[: self.train_end], self.x[: self.train_end].numpy() * seen)
+        np.add.at(count, slot[: self.train_end], seen)
+        mean = np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)
+        return torch.from_numpy(mean[slot]), torch.from_numpy((count > 0).astype(np.float32)[slot])
 
     def _notes(self, steps: torch.Tensor) -> dict:
         """The notes the windows meet: texts [J], kinds [J] and cover [b, t_in + t_out, N, J] (1 where note j holds

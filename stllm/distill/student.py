@@ -222,7 +222,8 @@ def hold_all_but_the_explain_adapter(model) -> None:
 def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData | None = None,
                   progress: bool = True) -> dict:
     """Write rationales with the teacher, fine-tune the student with the joint loss, save the run like
-    `stllm.train.train` does (plus effects.json and rationales/), evaluate on the test split. Returns metrics."""
+    `stllm.train.train` does (plus effects.json and rationales/), evaluate on the test split. Returns metrics.
+    With explain.rationales (a folder `stllm distill` wrote) the student learns exactly those rows instead."""
     from stllm.data.fit import load_city
     from stllm.infer import evaluate_with_baselines
     out = Path(out_dir)

@@ -17,7 +17,7 @@ class STEncoder(nn.Module):
     """Patching of the recent window, one token per period window (day, week), graph convolution on all tokens.
 
     Sizes that come from the data are passed explicitly: n_channels (C) and n_exog (E).
-    tokens per node: k = ceil(t_in / patch_len) + len(periods)
+    tokens per node: k = ceil(t_in / patch_len) + len(periods) (+ 1 with data.profile)
     """
 
     def __init__(self, enc_cfg, data_cfg, n_channels: int, n_exog: int):
@@ -26,9 +26,9 @@ class STEncoder(nn.Module):
         self.t_in, self.t_out = data_cfg.t_in, data_cfg.t_out
         self.n_channels, self.n_exog = n_channels, n_exog
         self.n_patches = math.ceil(self.t_in / self.patch_len)
-        self.n_periods = len(data_cfg.periods)
+        self.n_periods = len(data_cfg.periods) + int(data_cfg.profile)   # + the hour-of-week average (data.profile)
         self.n_tokens = self.n_patches + self.n_periods
-        self.n_time = N_TIME_FEATURES + (1 + self.n_periods if data_cfg.holiday_features else 0)
+        self.n_time = N_TIME_FEATURES + (1 + len(data_cfg.periods) if data_cfg.holiday_features else 0)
         n_features = 2 * n_channels + self.n_time + n_exog          # values, masks, calendar, weather
         self.input = nn.Linear(n_features, d)
         self.temporal = TemporalEncoder(d, enc_cfg.temporal_layers, enc_cfg.kernel_sizes, enc_cfg.dropout)
