@@ -154,6 +154,8 @@ class ExplainConfig:
                                              # (Beijing recipe: test MAE 26.66 -> 30.48 after 177 student steps)
     city_weight: float = 1.0                 # own_adapter=false only: weight of the city-layout regression loss
     n_samples: int = 256                     # (window, node) training samples the teacher writes rationales for
+    rationales: str = ""                     # a folder `stllm distill` wrote: the student learns its rows (read back
+                                             # with datasets.load_from_disk) instead of asking the teacher again
     batch_size: int = 4                      # node-layout samples per step (long sequences: keep it small on CPU)
     steps: int = 0                           # student optimizer steps (0 = one pass over the samples)
     minutes: float = 0.0                     # stop the student stage after this wall time (0 = no limit)
@@ -258,6 +260,7 @@ LIMITS: dict[str, Limit] = {
     "train.num_threads": _at_least(0), "train.encoder_first_minutes": _at_least(0),
     "train.encoder_first_steps": _at_least(0), "train.stage2_eval_every": _at_least(0),
     "explain.lm_weight": _at_least(0), "explain.city_weight": _at_least(0), "explain.n_samples": _at_least(1),
+    "explain.rationales": ("'' or a folder written by stllm distill", lambda v: v == "" or v.strip() != ""),
     "explain.batch_size": _at_least(1), "explain.steps": _at_least(0), "explain.minutes": _at_least(0),
     "explain.lora_lr": _at_least(0), "explain.mode": _one_of("analytic", "generated"),
     "explain.teacher": ("analytic, hf:<model folder> or openai:<model name>",

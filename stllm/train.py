@@ -23,7 +23,7 @@ from stllm.data.fit import RunMeta, load_city
 from stllm.data.prepared import PreparedCity, batch_to
 from stllm.infer import evaluate, evaluate_with_baselines, selection_error
 from stllm.nn.classification import event_loss
-from stllm.model import STLLM, WEIGHTS
+from stllm.model import STLLM, WEIGHTS, run_weights
 
 LAST, BEST = "checkpoints/last.safetensors", "checkpoints/best.safetensors"
 # What `resume` may change in a run's config: the budgets that decide how long training goes on (train.patience is
@@ -163,7 +163,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
         source = Path(cfg.train.init_from) / "model.safetensors"
         if not source.is_file():
             raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
-        weights = checkpoint.load(source)[0]
+        weights = run_weights(cfg.train.init_from, model)   # LoRA from its adapter/, the rest from the file
         if model.backbone is not None and model.skip is not None and "head.lin.weight" in weights:
             # an encoder-only run: its linear head becomes the skip read-out, so training starts from its forecast
             weights = {"skip." + k[5:] if k.startswith("head.lin.") else k: v for k, v in weights.items()}

@@ -7,7 +7,7 @@ import torch
 
 from stllm.data.prepared import PreparedCity
 from stllm.infer import evaluate
-from stllm.model import STLLM
+from stllm.model import STLLM, run_weights
 from stllm.train import build_model, masked_loss, train
 
 
@@ -191,7 +191,7 @@ def test_two_stage_training_trains_the_encoder_first_then_everything(tmp_path, t
     # stage 1 never ends (60 minutes): the language-model side gets no update at all
     m1 = train(tiny_config(["train.encoder_first_minutes=60", "train.max_steps=3", "train.eval_every=1"]),
                tmp_path / "one", city=tiny_city, progress=False)
-    w1 = load(tmp_path / "one" / "model.safetensors")[0]
+    w1 = run_weights(tmp_path / "one", STLLM.from_pretrained(tmp_path / "one"))
     lora_b = [k for k in w1 if "lora_B" in k]
     assert lora_b and all(w1[k].abs().max() == 0 for k in lora_b)      # peft starts lora_B at zero
     assert w1["head.w3.weight"].abs().max() == 0
@@ -251,7 +251,7 @@ def test_freeze_holds_parts_still_and_the_run_still_loads(tmp_path, tiny_city, t
     cfg = tiny_config([f"train.init_from={tmp_path / 'src'}", "train.freeze=[encoder,skip]", "train.max_steps=3",
                        "train.lr=0.01", "train.lora_lr=0.01", "train.eval_every=1", "train.patience=10"])
     train(cfg, tmp_path / "llm_side", city=tiny_city, progress=False)
-    src = load(tmp_path / "src" / "model.safetensors")[0]
+    src = run_weights(tmp_path / "src", STLLM.from_pretrained(tmp_path / "src"))
     new = load(tmp_path / "llm_side" / "checkpoints/last.safetensors")[0]
     assert set(src) == {k[len("model."):] for k in new if k.startswith("model.")}   # frozen parts are saved too
     for name, value in src.items():

@@ -57,7 +57,7 @@ def load_byo(values: str | Path, sensors: str | Path | None = None, adjacency: s
     try:
         return CityData(name=name or (folder.resolve().name if stem == "values" else stem),
                         values=array[:, [position[i] for i in node_ids]], timestamps=grid, interval=step,
-                        channels=channels, units=list(units) if units is not None else [""] * len(channels),
+                        channels=channels, units=_units(units, channels),
                         nodes=nodes, city=city, domain=domain, adjacency=adj, distances=dist, holidays=holidays)
     except DataError as e:                  # e.g. a sensor with no value at all: say which file it came from
         raise DataError(f"{values}: {e}") from e
@@ -298,3 +298,10 @@ def _graph_from_edges(df: pd.DataFrame, ids: list[str], path: Path, kind: str) -
     adjacency = np.zeros((len(ids), len(ids)))
     adjacency[i, j] = 1.0 if weight is None else weight   # directed as listed: list both ways if undirected
     return adjacency
+
+
+def _units(units: str | Sequence[str] | None, channels: list[str]) -> list[str]:
+    """One unit per channel: a single string (e.g. `--data-option units=people`) is the unit of one channel."""
+    if units is None:
+        return [""] * len(channels)
+    return [units] if isinstance(units, str) else list(units)
