@@ -201,6 +201,8 @@ def legacy_overrides(config_path: str | Path) -> list[str]:
     legacy = [] if "mix_hidden" in (raw.get("encoder") or {}) else ["encoder.mix_hidden=0"]
     if "own_adapter" not in (raw.get("explain") or {}):
         legacy.append("explain.own_adapter=false")
+    if "notes" not in (raw.get("model") or {}):   # runs from before notes have no note effect to load
+        legacy.append("model.notes=none")
     return legacy
 
 

@@ -212,3 +212,17 @@ def test_training_only_the_note_effect_survives_batches_without_notes(tmp_path, 
                        "train.max_steps=4"])
     metrics = train(cfg, tmp_path / "run", city=city, progress=False)
     assert metrics["training"]["steps"] == 4
+
+
+def test_runs_saved_before_notes_still_load(tmp_path, tiny_city, tiny_config):
+    """A run whose config.yaml has no model.notes key (saved before notes existed) has no note effect's weights: it
+    loads as model.notes=none instead of failing on missing weights."""
+    import yaml
+    from stllm.model import STLLM
+    from stllm.train import train
+    train(tiny_config(["model.notes=none", "train.max_steps=2"]), tmp_path / "old", city=tiny_city, progress=False)
+    raw = yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
+    del raw["model"]["notes"], raw["model"]["note_hidden"], raw["model"]["node_text"]
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(raw))
+    model = STLLM.from_pretrained(tmp_path / "old")
+    assert model.cfg.model.notes == "none" and model.notes is None
