@@ -98,26 +98,15 @@ def short_note_cover(city, prep, max_hours: float) -> np.ndarray:
 
 def errors_of(model, prep, events: np.ndarray | None, split: str = "test", batch_size: int = 32) -> dict:
     """Masked MAE of `model` on `prep`'s split: overall, and inside `events` ([T', N] bool) when given."""
-    from stllm.infer import forecast
+    from stllm.infer import masked_mae_where
     starts = prep.splits[split]
     steps = starts[:, None] + np.arange(prep.t_out)                                      # [b, t_out]
-    sums = {"overall": [0.0, 0], "event_hours": [0.0, 0]}
-    offset = 0
-    for chunk, pred, true in forecast(model, prep, starts, batch_size=batch_size):
-        b = len(chunk)
-        ok = np.isfinite(true) & (np.abs(np.nan_to_num(true)) > 1e-4)                   # masked: no zeros/NaN
-        err = np.abs(pred.astype(np.float64) - np.nan_to_num(true))                     # [b, t_out, N, C]
-        sums["overall"][0] += err[ok].sum()
-        sums["overall"][1] += int(ok.sum())
-        if events is not None:
-            ev = events[steps[offset:offset + b]][..., None] & ok                        # [b, t_out, N, C]
-            sums["event_hours"][0] += err[ev].sum()
-            sums["event_hours"][1] += int(ev.sum())
-        offset += b
+    selections = {"overall": np.ones((len(starts), prep.t_out, prep.n_nodes), bool)}
+    if events is not None:
+        selections["event_hours"] = events[steps]                                        # [b, t_out, N]
     out = {}
-    for part, (total, n) in sums.items():
-        if part == "overall" or events is not None:
-            out[part], out[f"n_{part}"] = (total / n if n else float("nan")), n
+    for part, (mae, n) in masked_mae_where(model, prep, starts, selections, batch_size).items():
+        out[part], out[f"n_{part}"] = mae, n
     return out
 
 

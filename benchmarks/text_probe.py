@@ -40,27 +40,16 @@ def errors_of(model, prep, truth_city, split: str = "test") -> dict:
     """Event and quiet-window errors of `model` on `prep`; events come from the true notes of `truth_city`."""
     from stllm.data.notes import coverage
     from stllm.data.probe import event_mask
-    from stllm.infer import forecast
+    from stllm.infer import masked_mae_where
     starts = prep.splits[split]
     t_in, t_out = prep.t_in, prep.t_out
     _, _, cover = coverage(truth_city.notes, prep.timestamps, truth_city.n_nodes)              # [T', N, J]
     touched = cover.any(2)                                                                   # [T', N]
     quiet = np.stack([~touched[s - t_in:s + t_out].any(0) for s in starts])                  # [b, N] no note
-    events = event_mask(truth_city, starts, t_out)                                           # [b, t_out, N]
-    err_event, err_other = [], []
-    offset = 0
-    for chunk, pred, true in forecast(model, prep, starts, batch_size=32):
-        b = len(chunk)
-        ok = np.isfinite(true) & (np.abs(np.nan_to_num(true)) > 1e-4)                       # masked: no zeros/NaN
-        err = np.abs(pred - np.nan_to_num(true))
-        ev = events[offset:offset + b][..., None] & ok                                       # [b, t_out, N, C]
-        err_event.append(err[ev])
-        calm = quiet[offset:offset + b][:, None, :, None] & ok                              # [b, t_out, N, C]
-        err_other.append(err[calm])
-        offset += b
-    return {"event_windows": float(np.concatenate(err_event).mean()),
-            "other_windows": float(np.concatenate(err_other).mean()),
-            "n_event_entries": int(sum(len(e) for e in err_event)), "n_quiet_entries": int(sum(len(e) for e in err_other))}
+    (event, n_event), (other, n_other) = masked_mae_where(model, prep, starts, {
+        "event": event_mask(truth_city, starts, t_out),                                      # [b, t_out, N]
+        "other": np.broadcast_to(quiet[:, None, :], (len(starts), t_out, quiet.shape[1]))}).values()
+    return {"event_windows": event, "other_windows": other, "n_event_entries": n_event, "n_quiet_entries": n_other}
 
 
 def train_run(out: Path, city, overrides: list[str], progress: bool, config: Path = CONFIG) -> dict:

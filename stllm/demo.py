@@ -15,11 +15,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from stllm.config import load_config
 from stllm.data.probe import event_mask, make_probe_city
-from stllm.metrics import format_table
+from stllm.metrics import format_table, masked_error_sum
+from stllm.model import STLLM
+from stllm.plots import plot_forecasts
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 MODELS = {"stllm (SmolLM2 + LoRA)": [], "encoder only": ["model.use_llm=false", "model.notes=none"]}
@@ -51,10 +51,13 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
     rows.update(metrics["baselines"])
     print("\nTest split of the synthetic city (masked, original scale):")
     print(format_table(rows))
-    events = _event_errors(runs, city)
+    results = {label: STLLM.from_pretrained(run_dir).predict(city, split="test") for label, run_dir in runs.items()}
+    events = {label: _event_error(result, city) for label, result in results.items()}
     print("\nOn the test forecasts inside an event (sensor and hour named by a note): "
           + ", ".join(f"{k} MAE {v:.2f}" for k, v in events.items()))
-    plot = _plot(runs["stllm (SmolLM2 + LoRA)"], city, out / "forecast.png")
+    # odd sensors: where the test events (and their paraphrased notes) fall
+    plot = plot_forecasts(results["stllm (SmolLM2 + LoRA)"], out / "forecast.png", nodes=[1, 3, 5, 7],
+                          title="Synthetic city: stllm forecasts on the test split")
     print(f"\nplot: {plot}")
     summary = {k: {m: v[m] for m in ("mae", "rmse", "mape")} for k, v in rows.items()}
     summary["event_hours_mae"] = events
@@ -62,22 +65,8 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
     return rows
 
 
-def _event_errors(runs: dict, city) -> dict:
-    """Masked MAE of each model on the test forecast entries that lie inside an event."""
-    from stllm.model import STLLM
-    out = {}
-    for label, run_dir in runs.items():
-        result = STLLM.from_pretrained(run_dir).predict(city, split="test")
-        pred, true = result["prediction"], result["truth"]                      # [b, t_out, N, C]
-        inside = event_mask(city, result["starts"], pred.shape[1])[..., None]   # [b, t_out, N, 1]
-        keep = inside & np.isfinite(true) & (np.abs(np.nan_to_num(true)) > 1e-4)
-        out[label] = float(np.abs(pred - np.nan_to_num(true))[keep].mean())
-    return out
-
-
-def _plot(run_dir: Path, city, path: Path) -> Path:
-    from stllm.model import STLLM
-    from stllm.plots import plot_forecasts
-    result = STLLM.from_pretrained(run_dir).predict(city, split="test")
-    # odd sensors: where the test events (and their paraphrased notes) fall
-    return plot_forecasts(result, path, nodes=[1, 3, 5, 7], title="Synthetic city: stllm forecasts on the test split")
+def _event_error(result: dict, city) -> float:
+    """Masked MAE of one model's test forecasts (a predict result) on the entries that lie inside an event."""
+    inside = event_mask(city, result["starts"], result["prediction"].shape[1])[..., None]   # [b, t_out, N, 1]
+    total, n = masked_error_sum(result["prediction"], result["truth"], inside)
+    return total / n

@@ -8,7 +8,7 @@ import torch
 from stllm.data.city import DataError
 from stllm.data.prepared import PreparedCity, batch_to
 from stllm.events import EventAccumulator
-from stllm.metrics import MetricAccumulator
+from stllm.metrics import MetricAccumulator, masked_error_sum
 
 
 @torch.inference_mode()
@@ -56,6 +56,21 @@ def evaluate_with_baselines(model, prep: PreparedCity, split: str = "test", batc
     return {"dataset": prep.city.name, "split": split, "n_windows": int(len(starts)), "n_nodes": prep.city.n_nodes,
             **result, "baselines": (run_event_baselines if _is_events(model) else run_baselines)(
                 prep.city, starts, prep.t_out, prep.train_end)}
+
+
+def masked_mae_where(model, prep: PreparedCity, starts: np.ndarray, selections: dict[str, np.ndarray],
+                     batch_size: int = 32) -> dict[str, tuple[float, int]]:
+    """Masked MAE on the original scale over chosen forecast entries: selections maps a name to a bool mask
+    [b, t_out, N] over the windows `starts` (e.g. the entries inside an event). Returns name -> (mae, entries)."""
+    sums = {name: [0.0, 0] for name in selections}
+    offset = 0
+    for chunk, pred, true in forecast(model, prep, starts, batch_size):
+        for name, mask in selections.items():
+            total, n = masked_error_sum(pred, true, mask[offset:offset + len(chunk), ..., None])
+            sums[name][0] += total
+            sums[name][1] += n
+        offset += len(chunk)
+    return {name: (total / n if n else float("nan"), n) for name, (total, n) in sums.items()}
 
 
 def predict(model, prep: PreparedCity, starts: np.ndarray, nodes: list[int] | None = None,

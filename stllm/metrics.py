@@ -59,6 +59,17 @@ def _pair(pred: Any, true: Any) -> tuple[np.ndarray, np.ndarray]:
     return pred, true
 
 
+def masked_error_sum(pred: Any, true: Any, where: Any = None, null_value: float | None = 0.0) -> tuple[float, int]:
+    """(sum of |pred - true|, count) over scored targets (not NaN, not null_value) inside `where` (a bool mask that
+    broadcasts to true's shape; None = all): masked MAE pooled over batches and over chosen entries (e.g. the
+    forecasts inside an event) is the sum of the sums over the sum of the counts."""
+    pred, true = _pair(pred, true)
+    valid = _null_mask(true, null_value)
+    if where is not None:
+        valid &= np.broadcast_to(np.asarray(where, dtype=bool), true.shape)
+    return float(np.where(valid, np.abs(pred - true), 0.0).sum()), int(valid.sum())
+
+
 # ---- single metrics (pooled over every element) -------------------------------------------------------------------
 def masked_mae(pred: Any, true: Any, null_value: float | None = 0.0) -> float:
     """Mean |pred - true| over targets that are not NaN and not null_value."""

@@ -143,3 +143,17 @@ def test_format_table_lists_every_row(forecast):
     assert "MAE" in lines[0] and "RMSE" in lines[0] and "MAPE" in lines[0]
     assert lines[2].startswith("last") and lines[3].startswith("zero")
     assert f"{rows['last']['mae']:.2f}" in lines[2]
+
+
+def test_masked_error_sum_pools_to_masked_mae_over_chosen_entries():
+    from stllm.metrics import masked_error_sum
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, 4, size=(5, 3, 2)).astype(float)
+    true[0, 0, 0] = np.nan
+    pred = rng.normal(size=true.shape)
+    where = rng.random((5, 3, 1)) < 0.5                                      # broadcast over the last axis
+    total, n = masked_error_sum(pred, true, where)
+    keep = np.isfinite(true) & (true != 0) & np.broadcast_to(where, true.shape)
+    assert n == keep.sum() and np.isclose(total, np.abs(pred - true)[keep].sum())
+    halves = [masked_error_sum(pred[i:i + 2], true[i:i + 2]) for i in (0, 2, 4)]   # pooled over batches
+    assert np.isclose(sum(t for t, _ in halves) / sum(k for _, k in halves), masked_mae(pred, true))
