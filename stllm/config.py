@@ -49,6 +49,14 @@ class DataConfig:
     resample: str = ""                       # aggregate the loaded data to a coarser step before anything else:
                                              # "<interval>:<sum|mean>", e.g. "1h:sum" (counts) or "1h:mean" (levels);
                                              # "" = off. Train at another city's interval to use the run there
+    window_norm: bool = False                # per-window normalisation (RevIN): the model reads each window's history,
+                                             # period windows and profile relative to that node and channel's mean
+                                             # and spread over the history, and its forecast is scaled back; scale
+                                             # comes from the window itself (x10 the values -> x10 the forecast)
+    sources: list[dict] = field(default_factory=list)  # more datasets to train on in the same loop, each a mapping
+                                             # of the data keys that differ from this section (name, options,
+                                             # channels, resample, max_nodes, notes, split, split_at); every source
+                                             # needs the same number of channels. [] = this section's dataset only
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -96,6 +104,9 @@ class ModelConfig:
     note_hidden: int = 64                    # width of the note effect (notes: text or flags)
     node_text: bool = False                  # add each node's name and description, read once by the language
                                              # model, to its ST-tokens (a static cache per city)
+    floor: bool = False                      # forecast relative to the naive references the history supports (last
+                                             # value, same time a day and a week earlier): a learned per-step mix of
+                                             # them plus the model's correction, so a new city's own rhythm is the start
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -124,6 +135,9 @@ class TrainConfig:
                                              # this decay (e.g. 0.999); validation, the best checkpoint and the
                                              # saved model use the average (0 = off)
     seed: int = 0                            # seeds python, numpy, torch and the data order
+    grad_accum: int = 1                      # optimizer step every k batches (gradient accumulation; the effective
+                                             # batch is batch_size * grad_accum)
+    mixed_precision: str = "no"              # no | bf16 | fp16: accelerate's mixed precision (where the device has it)
     num_threads: int = 0                     # torch threads (0 = leave torch's default)
     encoder_first_minutes: float = 0.0       # two-stage training: first train encoder + skip read-out alone (5x
                                              # faster on CPU) for at most this long or until early stopping, then
@@ -227,6 +241,8 @@ _POSITIVE: Limit = ("> 0", lambda v: v > 0)
 _FRACTION: Limit = ("in [0, 1)", lambda v: 0 <= v < 1)
 _NAME: Limit = ("a non-empty string", lambda v: v.strip() != "")
 
+SOURCE_KEYS = {"name", "options", "channels", "resample", "max_nodes", "notes", "split", "split_at"}
+
 # Ranges and choices by dotted key, beyond the annotated type. Every int and float field needs one
 # (tests/test_config_validation.py sets each to -1); backbone.* live in BackboneConfig.__post_init__.
 LIMITS: dict[str, Limit] = {
@@ -240,6 +256,10 @@ LIMITS: dict[str, Limit] = {
     "data.periods": ("a list of day and/or week", lambda v: all(p in ("day", "week") for p in v)),
     "data.scaler": _one_of("channel", "node"),
     "data.max_nodes": _at_least(0), "data.train_days": _at_least(0),
+    "data.sources": ("a list of mappings, each with a name and only the keys name, options, channels, resample, "
+                     "max_nodes, notes, split, split_at",
+                     lambda v: all(isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"].strip()
+                                   and set(d) <= SOURCE_KEYS for d in v)),
     "data.resample": ("'' or '<interval>:sum' / '<interval>:mean' with a positive interval, e.g. '1h:sum'",
                       lambda v: v == "" or parse_resample(v) is not None),
     "encoder.d_enc": _at_least(1), "encoder.patch_len": _at_least(1), "encoder.temporal_layers": _at_least(0),
@@ -257,6 +277,7 @@ LIMITS: dict[str, Limit] = {
     "train.val_windows": _at_least(0), "train.patience": _at_least(1), "train.lr_decay": _FRACTION,
     "train.lr_decay_after": _at_least(1), "train.loss": _one_of("mae", "huber"), "train.grad_clip": _at_least(0),
     "train.ema": _FRACTION, "train.seed": ("in [0, 2**32) (numpy's seed range)", lambda v: 0 <= v < 2**32),
+    "train.grad_accum": _at_least(1), "train.mixed_precision": _one_of("no", "bf16", "fp16"),
     "train.num_threads": _at_least(0), "train.encoder_first_minutes": _at_least(0),
     "train.encoder_first_steps": _at_least(0), "train.stage2_eval_every": _at_least(0),
     "explain.lm_weight": _at_least(0), "explain.city_weight": _at_least(0), "explain.n_samples": _at_least(1),
