@@ -17,6 +17,7 @@ from stllm.data.city import CityData
 from stllm.data.fit import RunMeta, is_own_data, prepare, resolve_nodes, resolve_time
 from stllm.data.prepared import PreparedCity
 from stllm.nn.encoder import STEncoder
+from stllm.nn.floor import NaiveFloor, normalized, window_stats
 from stllm.nn.classification import ClassificationHead
 from stllm.nn.heads import LinearHead, Projector, RegressionHead
 from stllm.nn.text import N_KIND_BUCKETS, NoteEffect, TextReader, kind_flags
@@ -61,6 +62,14 @@ class STLLM(nn.Module):
         reads_notes = cfg.model.task == "forecast" and (cfg.model.notes == "flags" or
                                                          (cfg.model.notes == "text" and cfg.model.use_llm))
         self.reader = None
+        # The floor (stllm.nn.floor): scale from each window (data.window_norm), a start from the naive forecasts
+        # (model.floor); the read-out then learns a correction to that start, from zero.
+        if (cfg.data.window_norm or cfg.model.floor) and cfg.model.task != "forecast":
+            raise ValueError("data.window_norm and model.floor need model.task=forecast (event logits have no scale)")
+        self.floor = NaiveFloor(t_out, 1 + len(cfg.data.periods) + int(cfg.data.profile)) if cfg.model.floor else None
+        if self.floor is not None:
+            nn.init.zeros_(readout.lin.weight)
+            nn.init.zeros_(readout.lin.bias)
         if not cfg.model.use_llm:   # for events the linear head's outputs are logits
             self.backbone = None
             self.head = readout
@@ -99,9 +108,23 @@ class STLLM(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
+        stats = window_stats(batch) if self.cfg.data.window_norm else None
+        if stats is not None:
+            batch = normalized(batch, *stats)
+        y = self._forecast(batch)                                      # [b, t_out, N, C]
+        if self.floor is not None:
+            y = y + self.floor(batch)
+        if stats is not None:
+            y = stats[0] + stats[1] * y                                 # back to the scaled axis
+        if self.backbone is not None and not self.llm_active:
+            return y                  # training's first stage: the encoder alone, as the encoder-only ablation
+        return self._read_notes(y, batch)
+
+    def _forecast(self, batch: dict) -> torch.Tensor:
+        """The model's own forecast [b, t_out, N, C] on the axis its inputs are on (before the floor, notes)."""
         tokens = self.encoder(batch)                                    # [b, N, k, d_enc]
         if self.backbone is None:
-            return self._read_notes(self.head(tokens), batch)
+            return self.head(tokens)
         base = self.skip(tokens) if self.skip is not None else 0.0     # [b, t_out, N, C]
         if not self.llm_active:
             if self.skip is None:
@@ -123,7 +146,7 @@ class STLLM(nn.Module):
             a, p = self._run_backbone(his[:, lo:hi], pre[:, lo:hi], batch.get("context") or {}, when)
             h_his.append(a)
             h_pre.append(p)
-        return self._read_notes(base + self.head(torch.cat(h_his, 1), torch.cat(h_pre, 1)), batch)
+        return base + self.head(torch.cat(h_his, 1), torch.cat(h_pre, 1))
 
     def _read_notes(self, y: torch.Tensor, batch: dict) -> torch.Tensor:
         """The forecast y [b, t_out, N, C] moved by the notes the windows meet (unchanged without notes)."""

@@ -1,0 +1,70 @@
+"""A floor under every forecast: scale from the window itself (data.window_norm) and a start from the naive
+forecasts its history supports (model.floor).
+
+Per-window normalisation (RevIN, as OpenCity and UniST use it): each window's node and channel is read relative to
+its own mean and spread over what the model is shown (the recent history and the target-aligned period windows:
+a day and a week earlier, the hour-of-week profile), and the forecast is scaled back. A city whose values are ten
+times larger then gives the same normalised inputs, and a forecast ten times larger. The spread is taken over the
+period windows too: a station that was empty all night has no spread in its history, but yesterday's same hours
+show the morning rush the forecast must reach.
+
+The naive floor: a learned mix, per horizon step, of the last observed value, the same time a day earlier and a
+week earlier (and the hour-of-week profile with data.profile), over those the history reaches (a missing one
+gets no weight). The model adds its correction to that mix, so on a new city its start is the city's own rhythm.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MIN_SPREAD = 1e-3   # on the scaled axis (z-scores): a window with no spread at all is read as this flat
+
+
+def window_stats(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and spread [b, 1, N, C] of each window's node and channel over its observed inputs (history and
+    period windows)."""
+    values, masks = [batch["x"]], [batch["x_mask"]]                       # [b, t_in, N, C]
+    if "periods" in batch:
+        values.append(batch["periods"].flatten(1, 2))                      # [b, P*t_out, N, C]
+        masks.append(batch["period_mask"].flatten(1, 2))
+    x, m = torch.cat(values, 1), torch.cat(masks, 1)
+    n = m.sum(1, keepdim=True).clamp(min=1.0)
+    mean = (x * m).sum(1, keepdim=True) / n
+    var = (((x - mean) * m) ** 2).sum(1, keepdim=True) / n
+    return mean, var.sqrt().clamp(min=MIN_SPREAD)
+
+
+def normalized(batch: dict, mean: torch.Tensor, spread: torch.Tensor) -> dict:
+    """The batch with its inputs (x, periods) read relative to (mean, spread); unobserved entries stay 0."""
+    out = dict(batch)
+    out["x"] = (batch["x"] - mean) / spread * batch["x_mask"]
+    if "periods" in batch:
+        out["periods"] = (batch["periods"] - mean[:, None]) / spread[:, None] * batch["period_mask"]
+    return out
+
+
+class NaiveFloor(nn.Module):
+    """[b, t_out, N, C]: a per-step softmax mix of the naive forecasts a window's history supports.
+
+    References: the last observed step of the history, then each period window of the batch (in data.periods
+    order, then the profile). Their weights start equal; a reference that is unobserved at an entry gets none there,
+    and an entry with no reference at all gets 0 (the window's mean, with data.window_norm).
+    """
+
+    def __init__(self, t_out: int, n_references: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(n_references, t_out))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        t_out = self.logits.shape[1]
+        refs = [batch["x"][:, -1:].expand(-1, t_out, -1, -1)]               # [b, t_out, N, C]
+        masks = [batch["x_mask"][:, -1:].expand(-1, t_out, -1, -1)]
+        if "periods" in batch:
+            refs += list(batch["periods"].unbind(1))
+            masks += list(batch["period_mask"].unbind(1))
+        if len(refs) != self.logits.shape[0]:
+            raise ValueError(f"model.floor: the batch has {len(refs)} naive references, the model was built for "
+                             f"{self.logits.shape[0]} (data.periods and data.profile must match the run's)")
+        refs, masks = torch.stack(refs), torch.stack(masks)                 # [R, b, t_out, N, C]
+        weights = torch.softmax(self.logits, 0)[:, None, :, None, None] * masks
+        return (weights * refs).sum(0) / weights.sum(0).clamp(min=1e-6)

@@ -1,0 +1,99 @@
+"""The floor under every forecast: per-window normalisation (data.window_norm) and the naive floor (model.floor)."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from stllm.data.fit import RunMeta
+from stllm.data.prepared import PreparedCity
+from stllm.model import STLLM
+from stllm.nn.floor import NaiveFloor, normalized, window_stats
+
+
+def encoder_model(cfg, city):
+    """An untrained encoder-only model with the meta of `city` (its scaler), as training would attach it."""
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    torch.manual_seed(0)
+    model = STLLM(cfg, city.n_channels, prep.n_exog).eval()
+    with torch.no_grad():   # the floor's read-out starts at zero: give it weights so the test sees the encoder too
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.meta = RunMeta.from_prepared(prep)
+    return model
+
+
+def times(city, factor: float):
+    return replace(city, values=city.values * factor)
+
+
+def test_ten_times_the_values_gives_ten_times_the_forecast(tiny_city, tiny_config):
+    """With the run's own scaler (same dataset: the z-scores are not the same), only the window's own scale can make
+    the forecast follow: data.window_norm does, and without it the forecast does not."""
+    cfg = tiny_config(["model.use_llm=false", "data.window_norm=true", "model.floor=true", "data.profile=true"])
+    model = encoder_model(cfg, tiny_city)
+    base = model.predict(tiny_city)["prediction"]
+    big = model.predict(times(tiny_city, 10.0))["prediction"]
+    np.testing.assert_allclose(big, 10 * base, rtol=1e-4, atol=1e-3)
+
+    plain = encoder_model(tiny_config(["model.use_llm=false"]), tiny_city)
+    base, big = plain.predict(tiny_city)["prediction"], plain.predict(times(tiny_city, 10.0))["prediction"]
+    assert not np.allclose(big, 10 * base, rtol=1e-2)
+
+
+def test_ten_times_holds_zero_shot_with_the_language_model(tiny_city, tiny_config):
+    """A city the run never saw (its own scaler) with the tiny language model: x10 in, x10 out."""
+    cfg = tiny_config(["data.window_norm=true", "model.floor=true"])
+    from stllm.train import build_model
+    prep = PreparedCity(tiny_city, cfg.data, cfg.encoder)
+    torch.manual_seed(0)
+    model = build_model(cfg, prep).eval()
+    other = replace(tiny_city, name="elsewhere")
+    base = model.predict(other)["prediction"]
+    big = model.predict(times(other, 10.0))["prediction"]
+    np.testing.assert_allclose(big, 10 * base, rtol=1e-4, atol=1e-3)
+
+
+def test_window_stats_cover_history_and_period_windows():
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(2, 6, 3, 1) * 4 + 7, "x_mask": torch.ones(2, 6, 3, 1),
+             "periods": torch.randn(2, 2, 4, 3, 1) * 4 + 7, "period_mask": torch.ones(2, 2, 4, 3, 1)}
+    batch["x_mask"][0, 0] = 0.0                                   # an unobserved step is left out of the stats
+    batch["x"][0, 0] = 1e6
+    mean, spread = window_stats(batch)
+    out = normalized(batch, mean, spread)
+    seen = torch.cat([out["x"], out["periods"].flatten(1, 2)], 1)
+    m = torch.cat([batch["x_mask"], batch["period_mask"].flatten(1, 2)], 1)
+    n = m.sum(1)
+    np.testing.assert_allclose((seen * m).sum(1) / n, 0.0, atol=1e-5)
+    np.testing.assert_allclose(((seen * m) ** 2).sum(1) / n, 1.0, atol=1e-4)
+    assert (out["x"][0, 0] == 0).all()                           # unobserved entries stay 0
+
+
+def test_naive_floor_mixes_only_what_the_history_reaches():
+    floor = NaiveFloor(t_out=3, n_references=3)                   # last value, a day, a week earlier
+    x = torch.zeros(1, 4, 2, 1)
+    x[:, -1] = 5.0
+    periods = torch.stack([torch.full((1, 3, 2, 1), 1.0), torch.full((1, 3, 2, 1), 3.0)], 1)   # [b, P, t_out, N, C]
+    pmask = torch.ones_like(periods)
+    pmask[:, 1, :, 1] = 0.0                                       # node 1's week-earlier window is not in the history
+    y = floor({"x": x, "x_mask": torch.ones_like(x), "periods": periods, "period_mask": pmask}).detach()
+    np.testing.assert_allclose(y[0, :, 0, 0], (5 + 1 + 3) / 3, rtol=1e-6)   # equal weights at the start
+    np.testing.assert_allclose(y[0, :, 1, 0], (5 + 1) / 2, rtol=1e-6)       # the missing one gets no weight
+    with pytest.raises(ValueError, match="naive references"):
+        floor({"x": x, "x_mask": torch.ones_like(x)})
+
+
+def test_floor_starts_from_the_naive_mix(tiny_city, tiny_config):
+    """model.floor zeroes the read-out: before training the forecast is the naive mix exactly."""
+    cfg = tiny_config(["model.use_llm=false", "model.floor=true"])
+    prep = PreparedCity(tiny_city, cfg.data, cfg.encoder)
+    model = STLLM(cfg, tiny_city.n_channels, prep.n_exog).eval()
+    batch = prep.batch(prep.splits["test"][:4])
+    with torch.no_grad():
+        np.testing.assert_allclose(model(batch), model.floor(batch), atol=1e-6)
+
+
+def test_floor_needs_forecasts(tiny_config):
+    with pytest.raises(ValueError, match="model.task=forecast"):
+        STLLM(tiny_config(["model.use_llm=false", "model.task=events", "model.floor=true"]), 1, 0)
