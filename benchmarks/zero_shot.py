@@ -6,6 +6,12 @@
     python benchmarks/zero_shot.py --source runs/bench/nyc-crime --target chicago-crime --rows zero_shot full_shot \
         --channels "criminal damage=0" theft=1 battery=2 assault=3
 
+Leave one city out (benchmarks/leave_one_out.py): pretrain configs/general.yaml on every series but NAME's, then
+zero-shot on NAME, beside NAME's baselines, a run trained on NAME (full-shot) and one on another city (single-source):
+
+    python benchmarks/zero_shot.py --leave-out melbourne-pedestrian --steps 1500 --stage2-steps 300 --out m.json
+    python benchmarks/zero_shot.py --all --steps 1500 --stage2-steps 300 --out all.json
+
 --source is a folder holding `stllm/` and `encoder_only/` runs (what benchmarks/fine_tune.py writes).
 Rows (choose with --rows): zero_shot, zero_shot_tta, encoder_zero_shot, full_shot, few_shot_1d, few_shot_7d,
 few_shot_30d, plus the baselines last value and same time yesterday, all on the target's test split.
@@ -53,8 +59,14 @@ def ordered_target_channels(channels: list[str]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True, help="folder with stllm/ and encoder_only/ runs")
-    parser.add_argument("--target", required=True, help="target dataset name or path")
+    parser.add_argument("--source", help="folder with stllm/ and encoder_only/ runs")
+    parser.add_argument("--target", help="target dataset name or path")
+    parser.add_argument("--leave-out", help="held-out city: pretrain configs/general.yaml on every other series and "
+                        "evaluate zero-shot on it (benchmarks/leave_one_out.py); --out is then a JSON file")
+    parser.add_argument("--all", action="store_true", help="--leave-out for every city, one table")
+    parser.add_argument("--stage2-steps", type=int, default=300, help="--leave-out: language-model-stage steps")
+    parser.add_argument("--threads", type=int, default=1, help="--leave-out: torch threads per training run")
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "leave_out"), help="--leave-out: where runs go")
     parser.add_argument("--channels", nargs="*", default=[], help="TARGET=RUN channel mapping (RUN as a position)")
     parser.add_argument("--rows", nargs="*", default=ALL_ROWS, choices=ALL_ROWS)
     parser.add_argument("--steps", type=int, help="training budget of full- and few-shot runs in optimizer steps "
@@ -66,6 +78,10 @@ def main() -> None:
                         "benchmark's) to evaluate as the full-shot row instead of training one")
     parser.add_argument("--out", default=str(ROOT / "runs" / "zero_shot"))
     args = parser.parse_args()
+    if args.leave_out or args.all:
+        return leave_one_out_main(args)
+    if not (args.source and args.target):
+        parser.error("--source and --target are needed (or --leave-out NAME / --all)")
 
     source = Path(args.source)
     name = f"{source.name}-to-{Path(args.target).name}"
@@ -126,6 +142,24 @@ def main() -> None:
     (results / f"zero_shot_{name}.json").write_text(json.dumps(rows, indent=1))
     (results / f"zero_shot_{name}.md").write_text(table + "\n")
     print("\n" + table)
+
+
+def leave_one_out_main(args) -> None:
+    """--leave-out NAME (one row, written to --out as JSON) or --all (every city; the JSON list and a table)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import leave_one_out as loo
+    steps = args.steps or 1500
+    names = sorted(loo.HELD_OUT) if args.all else [args.leave_out]
+    rows = []
+    for name in names:
+        row = loo.leave_out(name, Path(args.runs), steps, args.stage2_steps, args.threads)
+        row["command"] = " ".join(["python", "benchmarks/zero_shot.py", *sys.argv[1:]])
+        rows.append(row)
+        print(loo.table([row]), flush=True)
+    out = Path(args.out if args.out.endswith(".json") else Path(args.out) / "leave_out.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows[0] if len(rows) == 1 and not args.all else rows, indent=1))
+    print("\n" + loo.table(rows))
 
 
 if __name__ == "__main__":

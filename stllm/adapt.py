@@ -13,7 +13,9 @@ import copy
 import numpy as np
 import torch
 
-from stllm.data.prepared import PreparedCity
+from stllm.config import TrainConfig
+from stllm.data.prepared import PreparedCity, batch_to
+from stllm.loop import Loop, TrainState, freeze, make_accelerator
 
 
 def adaptable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -32,24 +34,28 @@ def adapt(model, prep: PreparedCity, before: int, steps: int = 20, batch_size: i
     """A copy of `model` adapted on windows whose reconstructed tail ends before step `before`.
 
     before: the first step that must stay unseen (e.g. the first target of the evaluated split).
+    It steps through `stllm.loop.Loop` in eval mode (no dropout noise; LayerNorm behaves the same in both modes),
+    with Adam on the adaptable parameters alone, `steps` batches of `batch_size` windows drawn at random (without
+    repeats within a batch) from a generator seeded with `seed`; no clipping, validation or files.
     """
     from stllm.train import masked_loss
     starts = np.arange(prep.t_in, before - prep.t_out + 1)
     if len(starts) == 0:
         raise ValueError(f"{prep.city.name}: no input history before step {before} to adapt on")
     adapted = copy.deepcopy(model)
-    for p in adapted.parameters():
-        p.requires_grad_(False)
-    params = [p for _, p in adaptable_parameters(adapted)]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    params = adaptable_parameters(adapted)
+    freeze(adapted, train=lambda name: name in {n for n, _ in params})
+    optimizer = torch.optim.Adam([p for _, p in params], lr=lr)
     rng = np.random.default_rng(seed)
-    adapted.eval()  # no dropout noise; LayerNorm behaves the same in both modes
-    for _ in range(steps):
-        batch = prep.batch(rng.choice(starts, size=min(batch_size, len(starts)), replace=False))
-        loss = masked_loss(adapted(batch), batch["y"], batch["y_mask"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return adapted.eval()
+    draws = [rng.choice(starts, size=min(batch_size, len(starts)), replace=False) for _ in range(steps)]
+
+    def loss(windows: np.ndarray) -> tuple[torch.Tensor, dict]:
+        batch = batch_to(prep.batch(windows), next(adapted.parameters()).device)
+        return masked_loss(adapted(batch), batch["y"], batch["y_mask"]), {}
+    budget = TrainConfig(epochs=1, max_steps=steps, grad_clip=0.0, lr_decay=0.0)
+    loop = Loop(make_accelerator(device_placement=False), adapted, optimizer, budget, lambda epoch: draws, loss,
+                dropout=False)
+    adapted.eval()
+    if steps:
+        loop.run(TrainState())
+    return adapted

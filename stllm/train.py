@@ -1,31 +1,32 @@
-"""One explicit training loop (accelerate): AdamW, masked loss, clipping, early stopping, atomic checkpoints, resume."""
+"""Fine-tuning: a run trained on one city, or on several mixed in one loop (data.sources), then evaluated on the test
+split. The steps (accumulation, mixed precision, clipping, the weight average, validation, checkpoints and resume)
+are `stllm.loop.Loop`'s; this module says what it steps through: the data, the model, its loss and validation,
+and the two stages of two-stage training."""
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
-import math
 import resource
-import time
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from tqdm.auto import tqdm
+from accelerate.utils import set_seed
 
 from stllm import checkpoint
 from stllm.config import Config, ConfigError
-from stllm.data.city import CityData
-from stllm.data.fit import RunMeta, load_city
+from stllm.data.city import CityData, DataError
+from stllm.data.fit import RunMeta, fit_exog, load_city
 from stllm.data.prepared import PreparedCity, batch_to
 from stllm.infer import evaluate, evaluate_with_baselines, selection_error
+from stllm.loop import (BEST, LAST, Batches, LossFn, Loop, TrainState, Validate, WeightAverage, freeze,
+                        make_accelerator)
 from stllm.nn.classification import event_loss
 from stllm.model import STLLM, WEIGHTS, run_weights
 
-LAST, BEST = "checkpoints/last.safetensors", "checkpoints/best.safetensors"
 # What `resume` may change in a run's config: the budgets that decide how long training goes on (train.patience is
 # early stopping's), and settings of this machine (threads, the converted-backbone cache) that change neither
 # what the run trains, on which data, nor the shapes it builds.
@@ -40,28 +41,18 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ki
     return (per * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def build_model(cfg: Config, prep: PreparedCity) -> STLLM:
-    """The model `cfg` describes, sized by the prepared city and carrying its `RunMeta` (what `save_pretrained`
-    writes beside the weights, so the run can be used without its data)."""
+def build_model(cfg: Config, prep: PreparedCity, sources: list[str] = ()) -> STLLM:
+    """The model `cfg` describes, sized by the prepared (main) city and carrying its `RunMeta` (what
+    `save_pretrained` writes beside the weights, so the run can be used without its data); `sources`: the names of
+    the other datasets it trains on (data.sources)."""
     backbone = tokenizer = None
     if cfg.model.use_llm:
         from stllm.backbone import build_backbone
         backbone, tokenizer = build_backbone(cfg.backbone)
     model = STLLM(cfg, prep.city.n_channels, prep.n_exog, backbone, tokenizer)
     model.meta = RunMeta.from_prepared(prep)
+    model.meta.sources = list(sources)
     return model
-
-
-def freeze(model: STLLM, prefixes: list[str]) -> None:
-    """Hold the parameters whose names start with one of `prefixes` (e.g. "encoder", "skip") still."""
-    params = dict(model.named_parameters())
-    for prefix in prefixes:
-        hit = [p for n, p in params.items() if n == prefix or n.startswith(prefix + ".")]
-        if not hit or prefix.startswith("backbone"):
-            parts = sorted({n.split(".")[0] for n in params} - {"backbone"})
-            raise ValueError(f"train.freeze: {prefix!r} names no trainable part of this model; parts: {parts}")
-        for p in hit:
-            p.requires_grad_(False)
 
 
 def make_optimizer(model: STLLM, cfg: Config) -> torch.optim.AdamW:
@@ -73,57 +64,23 @@ def make_optimizer(model: STLLM, cfg: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
 
 
-class WeightAverage:
-    """Exponential moving average of the trainable weights (train.ema). Validation and the best checkpoint use the
-    average (`swapped_in`); the raw weights go on training. The decay ramps up over the first steps, (1 + n) /
-    (10 + n) until it reaches `decay`, so the average does not drag the initial weights along."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay, self.n = decay, 0
-        self.reset(model)
-
-    def reset(self, model: torch.nn.Module) -> None:
-        """Start again from the model's current trainable weights (e.g. when a new stage trains other parts)."""
-        self.avg = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        self.n = 0
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.n += 1
-        decay = min(self.decay, (1 + self.n) / (10 + self.n))
-        for name, p in model.named_parameters():
-            if name in self.avg:
-                self.avg[name].lerp_(p.detach(), 1 - decay)
-
-    @contextmanager
-    def swapped_in(self, model: torch.nn.Module):
-        """The average in the model's parameters for the duration of the block, the raw weights back after it."""
-        params = dict(model.named_parameters())
-        raw = {n: params[n].detach().clone() for n in self.avg}
-        with torch.no_grad():
-            for n, v in self.avg.items():
-                params[n].copy_(v)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, v in raw.items():
-                    params[n].copy_(v)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {f"ema.{n}": v for n, v in self.avg.items()} | {"ema_n": torch.tensor(self.n)}
-
-    def load(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        avg = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-        if set(avg) != set(self.avg):
-            raise ValueError(f"{source}: its weight average (train.ema) does not cover this model's trainable "
-                             f"weights; was it written with another train.ema or model?")
-        self.avg, self.n = avg, int(tensors["ema_n"])
-
-
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData | None = None,
           progress: bool = True, on_step=None) -> dict:
     """Train a run into out_dir and evaluate it on the test split. Returns metrics.json's content.
+
+    Data: the data section's dataset (or `city`, given in code), plus each dataset of data.sources. A source is a
+    mapping of the data keys that differ from the data section (name, options, channels, resample, max_nodes,
+    notes, split, split_at); it is loaded as the data section with those keys replaced (the others, such as t_in,
+    t_out, periods, scaler and train_days, hold for every city), and prepared with its own scaler, fitted on its
+    own training part. Every source needs the main dataset's number of channels (else a
+    ConfigError naming the source); its exogenous features are matched to the main dataset's by name (missing ones
+    are zeros). Each batch holds windows of one city; an epoch uses every city's training windows once, its
+    batches interleaved in an order fixed by train.seed. Validation takes train.val_windows windows of each city;
+    with several cities early stopping minimises the mean over cities of each one's validation error divided by
+    its scaler's std (averaged over channels), so a city of large counts does not outweigh the others, and
+    log.jsonl records each city's own error (val_errors). metrics.json reports the main dataset as a one-city run
+    does, plus "sources": each source's test metrics with the baselines; meta.json is the main dataset's, with the
+    sources' names.
 
     resume=True continues the run in out_dir from its last checkpoint, or from scratch when it stopped before its
     first one. The config must equal the run's config.yaml except for RESUME_MAY_CHANGE; that is checked before any
@@ -137,239 +94,316 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     (train.batch_size is the global batch) and only the main process writes files.
     """
     out = Path(out_dir)
-    if not resume and ((out / LAST).exists() or (out / WEIGHTS).exists()):
-        raise FileExistsError(f"{out} holds a run; pass --resume to continue it or choose another --out")
-    changed = check_resume(cfg, out) if resume else []
-    two_stage = cfg.model.use_llm and (cfg.train.encoder_first_minutes > 0 or cfg.train.encoder_first_steps > 0)
-    if two_stage and not cfg.model.encoder_skip:
-        raise ValueError("train.encoder_first_minutes and train.encoder_first_steps need model.encoder_skip=true: "
-                         "the first stage trains the encoder through its own read-out")
-    # The data-driven graph idles when a city has wind, so DDP must allow unused parameters.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    main = accelerator.is_main_process
+    changed = check_run_folder(cfg, out, resume)
+    two_stage = uses_two_stages(cfg)
+    accelerator = make_accelerator(cfg.train)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.train.seed)
-    city = city if city is not None else load_city(cfg.data)
-    prep = PreparedCity(city, cfg.data, cfg.encoder)
-    train_starts = prep.splits["train"][:: cfg.train.train_stride]
-    if cfg.data.train_days:  # few-shot: only windows whose targets lie in the first train_days days
-        train_starts = train_starts[train_starts + prep.t_out <= cfg.data.train_days * city.steps_per_day]
-    if len(train_starts) == 0:
-        raise ValueError(f"{city.name}: no training windows (T={city.n_steps}, split {cfg.data.split})")
-    model = build_model(cfg, prep)
+
+    cities = load_cities(cfg, city)
+    names = city_names(cities)
+    train_starts = [training_windows(prep, cfg) for prep in cities]
+    val_starts = [_spread(prep.splits["val"], cfg.train.val_windows) for prep in cities]
+
+    model = build_model(cfg, cities[0], sources=names[1:])
     if cfg.train.init_from:
-        source = Path(cfg.train.init_from) / "model.safetensors"
-        if not source.is_file():
-            raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
-        weights = run_weights(cfg.train.init_from, model)   # LoRA from its adapter/, the rest from the file
-        if model.backbone is not None and model.skip is not None and "head.lin.weight" in weights:
-            # an encoder-only run: its linear head becomes the skip read-out, so training starts from its forecast
-            weights = {"skip." + k[5:] if k.startswith("head.lin.") else k: v for k, v in weights.items()}
-        loaded = model.load_trainable_state_dict(weights, str(source), partial=True)
-        accelerator.print(f"initialised {len(loaded)} tensors from {source}")
+        load_init_weights(model, cfg.train.init_from, accelerator.print)
     freeze(model, cfg.train.freeze)
     set_seed(cfg.train.seed)   # the same random stream (dropout) from step 0 whatever building the model drew
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if world > 1:
-        accelerator.print(f"training on {world} processes ({accelerator.distributed_type}), "
-                          f"{cfg.train.batch_size // world}+ windows per process per step")
+    if accelerator.num_processes > 1:
+        accelerator.print(f"training on {accelerator.num_processes} processes ({accelerator.distributed_type}), "
+                          f"{cfg.train.batch_size // accelerator.num_processes}+ windows per process per step")
+    loop = Loop(accelerator, model, optimizer, cfg.train,
+                batches=epoch_batches(train_starts, cfg.train.batch_size, cfg.train.seed),
+                loss=window_loss(model, cities, cfg, accelerator),
+                validate=validation(raw_model, cities, names, val_starts, cfg),
+                out=out, on_step=on_step, progress=progress)
 
-    # stage 1 (two-stage training only): the language model is bypassed; stage 2: the language-model side
-    # (train.stage2_freeze holds the encoder and its read-out still).
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "best_val": math.inf, "bad_evals": 0, "elapsed_s": 0.0,
-             "step_s": 0.0, "windows": 0, "done": False,  # step_s: time in optimizer steps, validation excluded
-             "stage": 1 if two_stage else 2, "stage1": None, "lr_scale": 1.0, "stopped_by": None}
     resumed = resume and (out / LAST).exists()
     if resumed:
-        tensors, saved = checkpoint.load(out / LAST)
-        state.update(saved)
-        checkpoint.restore_training_state(tensors, raw_model, optimizer)
-        accelerator.print(f"resumed {out} at step {state['step']} (epoch {state['epoch']})")
-        if two_stage and state["stage"] == 2:
-            freeze(raw_model, cfg.train.stage2_freeze)
-        set_lr(optimizer, cfg, state.get("lr_scale", 1.0))
-    elif resume:
-        accelerator.print(f"{out} stopped before its first checkpoint: training it from the start")
-    ema = WeightAverage(raw_model, cfg.train.ema) if cfg.train.ema else None
-    if ema is not None and resumed:
-        ema.load(tensors, str(out / LAST))
-
-    def training_state() -> dict[str, torch.Tensor]:
-        """What LAST holds: weights, optimizer moments, RNG and the weight average."""
-        return checkpoint.training_state(raw_model, optimizer) | (ema.state() if ema is not None else {})
-
-    val_starts = _spread(prep.splits["val"], cfg.train.val_windows)
-    bs = cfg.train.batch_size
-    steps_per_epoch = math.ceil(len(train_starts) / bs)
-    eval_every = cfg.train.eval_every or steps_per_epoch
-    stage2_every = cfg.train.stage2_eval_every or eval_every
-    events = cfg.model.task == "events"
-    t_start, loss_sum, loss_n = time.time() - state["elapsed_s"], 0.0, 0
-    log = None   # opened once the run folder exists
-
-    def validate_and_checkpoint() -> None:
-        nonlocal loss_sum, loss_n
-        with ema.swapped_in(raw_model) if ema is not None else contextlib.nullcontext():   # validate the average
-            val = selection_error(evaluate(raw_model, prep, val_starts, batch_size=bs)) if len(val_starts) \
-                else loss_sum / max(loss_n, 1)
-            improved = val < state["best_val"]
-            if improved and main:
-                checkpoint.atomic_save(raw_model.trainable_state_dict(), out / BEST,
-                                       {"step": state["step"], "val_error": val})
-        state["elapsed_s"] = time.time() - t_start
-        if improved:
-            state["best_val"], state["bad_evals"] = val, 0
-        else:
-            state["bad_evals"] += 1
-            if cfg.train.lr_decay and state["bad_evals"] % cfg.train.lr_decay_after == 0:
-                state["lr_scale"] *= cfg.train.lr_decay
-                set_lr(optimizer, cfg, state["lr_scale"])
-        if not main:   # every process validates (same windows, same weights) so all stop together
-            loss_sum, loss_n = 0.0, 0
-            return
-        record = {"step": state["step"], "epoch": state["epoch"], "train_loss": loss_sum / loss_n if loss_n else None,
-                  "val_error": val, "best_val_error": state["best_val"], "elapsed_s": round(state["elapsed_s"], 2),
-                  "windows_per_s": round(state["windows"] / max(state["step_s"], 1e-9), 2),
-                  "lr_scale": state["lr_scale"]}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        checkpoint.atomic_save(training_state(), out / LAST, state)
-        loss_sum, loss_n = 0.0, 0
-
-    def begin_stage2(why: str) -> None:
-        """End stage 1 and switch the language model on; it corrects the best encoder, not the last one."""
-        _start_stage2(state, accelerator, why)
-        accelerator.wait_for_everyone()
-        if (out / BEST).exists():
-            raw_model.load_trainable_state_dict(checkpoint.load(out / BEST)[0], str(out / BEST))
-        freeze(raw_model, cfg.train.stage2_freeze)
-        if ema is not None:
-            ema.reset(raw_model)     # stage 2 averages its own parts, from the best stage-1 weights
-        set_lr(optimizer, cfg, state["lr_scale"])
-        if main:
-            checkpoint.atomic_save(training_state(), out / LAST, state)
-
+        state = restore_run(loop, cfg, out, two_stage)
+    else:
+        if resume:
+            accelerator.print(f"{out} stopped before its first checkpoint: training it from the start")
+        state = TrainState(stage=1 if two_stage else 2)
+        loop.ema = WeightAverage(raw_model, cfg.train.ema) if cfg.train.ema else None
+    loop.start(state)
     if resumed:
         finished = (out / "metrics.json").is_file()
         if finished and stop_reason(state, cfg):
             accelerator.print(f"{out} is finished (stopped by {stop_reason(state, cfg)}) and the given budget leaves "
                               f"no room to continue: nothing to do (raise one of {', '.join(RESUME_MAY_CHANGE[:4])})")
-            return json.loads((out / "metrics.json").read_text()) if main else {}
-        if state["stage"] == 1 and (state["bad_evals"] >= cfg.train.patience or cfg.train.encoder_first_steps and
-                                    state["step"] >= cfg.train.encoder_first_steps):
-            # stopped between the validation that ended stage 1 and the switch: switch as the loop would have
-            begin_stage2("early_stopping" if state["bad_evals"] >= cfg.train.patience else "encoder_first_steps")
-        state["stopped_by"] = stop_reason(state, cfg)
-        state["done"] = state["stopped_by"] is not None
+            return json.loads((out / "metrics.json").read_text()) if accelerator.is_main_process else {}
+        state.stopped_by = stop_reason(state, cfg)
+        state.done = state.stopped_by is not None
         if finished:
-            accelerator.print(f"continuing the finished run {out} from step {state['step']}")
+            accelerator.print(f"continuing the finished run {out} from step {state.step}")
     if changed:
         accelerator.print(f"resuming with a new budget: {', '.join(changed)}")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpoint.recover(out)   # half-written files of a crash
-        if not resume or changed or not (out / "config.yaml").is_file():
-            with checkpoint.replacing(out / "config.yaml") as tmp:
-                cfg.save(tmp)
-        _trim_log(out / "log.jsonl", state["step"] if resumed else -1)
-        log = (out / "log.jsonl").open("a")
+    if accelerator.is_main_process:
+        open_run_folder(cfg, out, loop, state.step if resumed else -1, write_config=not resume or bool(changed))
 
-    if cfg.train.init_from and not resumed and len(val_starts):
+    if cfg.train.init_from and not resumed and any(len(s) for s in val_starts):
         # a run that starts from trained weights (few-shot, warm start) is validated before its first step, so
         # early stopping keeps those weights when training on the new data only makes them worse
-        model.eval()
-        validate_and_checkpoint()
-        model.train()
-    while not state["done"] and state["epoch"] < cfg.train.epochs:
-        order = np.random.default_rng(cfg.train.seed + state["epoch"]).permutation(train_starts)
-        bar = tqdm(range(state["epoch_step"], steps_per_epoch), disable=not (progress and main), leave=False,
-                   desc=f"epoch {state['epoch'] + 1}/{cfg.train.epochs}")
-        model.train()
-        for i in bar:
-            raw_model.llm_active = state["stage"] == 2
-            t_step = time.time()
-            starts = order[i * bs:(i + 1) * bs]
-            if world > 1:  # this process's share; every process needs at least one window to step together
-                starts = np.resize(starts, max(len(starts), world))[rank::world]
-            batch = batch_to(prep.batch(starts, cfg.train.mask_zeros and not events), accelerator.device)
-            pred = model(batch)
-            if events:
-                loss = event_loss(pred, batch["y_raw"])
-            else:
-                loss = masked_loss(pred, batch["y"], batch["y_mask"], cfg.train.loss)
-            if not loss.requires_grad:
-                # Only parts that this batch does not reach are trainable (e.g. the note effect alone, and no note
-                # meets these windows): a zero gradient, so the step and every process's step count stay in line.
-                loss = loss + sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
-            accelerator.backward(loss)
-            if cfg.train.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(raw_model)
-            state["step"] += 1
-            state["epoch_step"] = i + 1
-            state["windows"] += len(starts)
-            state["step_s"] += time.time() - t_step
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            bar.set_postfix(loss=f"{loss.item():.4f}", best_val_error=f"{state['best_val']:.3f}")
-            if on_step is not None:
-                on_step(state["step"])
-            out_of_time = _agree(accelerator, bool(cfg.train.max_minutes) and time.time() - t_start > 60 * cfg.train.max_minutes)
-            out_of_steps = cfg.train.max_steps and state["step"] >= cfg.train.max_steps
-            stage1_steps = state["stage"] == 1 and bool(cfg.train.encoder_first_steps) and \
-                state["step"] >= cfg.train.encoder_first_steps
-            stage1_minutes = state["stage"] == 1 and bool(cfg.train.encoder_first_minutes) and _agree(
-                accelerator, time.time() - t_start > 60 * cfg.train.encoder_first_minutes)
-            stage1_over = stage1_steps or stage1_minutes
-            every = stage2_every if two_stage and state["stage"] == 2 else eval_every
-            if (state["step"] % every == 0 or out_of_time or out_of_steps or stage1_over
-                    or i + 1 == steps_per_epoch):
-                if i + 1 == steps_per_epoch:
-                    state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
-                model.eval()
-                validate_and_checkpoint()
-                model.train()
-                if state["stage"] == 1 and (stage1_over or state["bad_evals"] >= cfg.train.patience):
-                    begin_stage2("encoder_first_steps" if stage1_steps else
-                                 "encoder_first_minutes" if stage1_minutes else "early_stopping")
-                    if not (out_of_time or out_of_steps):
-                        continue
-                if state["bad_evals"] >= cfg.train.patience or out_of_time or out_of_steps:
-                    state["done"] = True
-                    state["stopped_by"] = "max_steps" if out_of_steps else "max_minutes" if out_of_time \
-                        else "early_stopping"
-                    if state["stopped_by"] == "max_minutes":
-                        accelerator.print(f"train.max_minutes={cfg.train.max_minutes} reached after "
-                                          f"{state['step']} steps: training stops")
-                    if main:
-                        checkpoint.atomic_save(training_state(), out / LAST, state)
-                    break
-        bar.close()
-    state["stopped_by"] = state["stopped_by"] or "epochs"
-    accelerator.wait_for_everyone()
+        loop.evaluate(state)
+    # stage 1 (two-stage training only): the language model is bypassed; stage 2: the language-model side
+    # (train.stage2_freeze holds the encoder and its read-out still).
+    if state.stage == 1:
+        raw_model.llm_active = False
+        why = stage_one_ended(state, cfg) or loop.run(state, cfg.train.eval_every, stage_end=stage_one_end(cfg, loop))
+        if why:
+            begin_stage_two(loop, state, cfg, out, why)
     raw_model.llm_active = True   # the saved model always runs its language model (a zero correction if unused)
-    if not main:
+    if not state.done:
+        loop.run(state, (cfg.train.stage2_eval_every if two_stage else 0) or cfg.train.eval_every)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
         return {}
-    log.close()
-    return finish(raw_model, prep, cfg, out, state)
+    loop.close()
+    # the test figures are the saved model's as `stllm evaluate` computes them: without mixed precision's autocast
+    return finish(accelerator.unwrap_model(model, keep_fp32_wrapper=False), cities, names, cfg, out, state)
 
 
-def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, state: dict) -> dict:
-    """Load the best weights, save the run (with the meta `build_model` attached), evaluate on the test split with
-    the baselines, write metrics.json."""
+def check_run_folder(cfg: Config, out: Path, resume: bool) -> list[str]:
+    """Refuse, reading only, a new run into a folder that holds one, and a resume the run's config does not allow
+    (`check_resume`); returns the budget changes a resume makes."""
+    if not resume and ((out / LAST).exists() or (out / WEIGHTS).exists()):
+        raise FileExistsError(f"{out} holds a run; pass --resume to continue it or choose another --out")
+    return check_resume(cfg, out) if resume else []
+
+
+def uses_two_stages(cfg: Config) -> bool:
+    """Whether the run trains the encoder alone first (train.encoder_first_minutes or _steps)."""
+    two_stage = cfg.model.use_llm and (cfg.train.encoder_first_minutes > 0 or cfg.train.encoder_first_steps > 0)
+    if two_stage and not cfg.model.encoder_skip:
+        raise ValueError("train.encoder_first_minutes and train.encoder_first_steps need model.encoder_skip=true: "
+                         "the first stage trains the encoder through its own read-out")
+    return two_stage
+
+
+# ---- the data: the main city and data.sources ------------------------------------------------------------------
+def load_cities(cfg: Config, city: CityData | None = None) -> list[PreparedCity]:
+    """The main dataset (`city`, else the data section's) and then each of data.sources, each prepared with its own
+    scaler (fitted on its own training part); the sources' exogenous features follow the main dataset's names
+    (zeros where a source lacks one). A source whose channel count differs from the main dataset's raises a
+    ConfigError naming it; so does one whose data cannot be loaded or prepared."""
+    main = PreparedCity(city if city is not None else load_city(cfg.data), cfg.data, cfg.encoder)
+    cities = [main]
+    for i, keys in enumerate(cfg.data.sources):
+        where = f"data.sources[{i}] ({keys['name']})"
+        try:
+            data_cfg = dataclasses.replace(cfg.data, **keys, sources=[])
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err
+        try:
+            source = load_city(data_cfg)
+            if source.n_channels != main.city.n_channels:
+                raise ConfigError(
+                    f"{where}: {source.n_channels} channel(s) {list(source.channels)}, the main dataset "
+                    f"{main.city.name} has {main.city.n_channels} {list(main.city.channels)}; every source needs the "
+                    f"same number of channels: choose them with the source's channels key")
+            prep = PreparedCity(source, data_cfg, cfg.encoder)
+        except (DataError, FileNotFoundError) as err:
+            raise DataError(f"{where}: {err}") from err
+        cities.append(fit_exog(prep, main.exog_names))
+    return cities
+
+
+def city_names(cities: list[PreparedCity]) -> list[str]:
+    """Each city's name (in metrics.json's and meta.json's sources, log.jsonl's val_errors). A dataset that is
+    there twice is told apart by its channels ("nyc-bike:arrivals"), else by its place in data.sources."""
+    names: list[str] = []
+    channels: dict[str, set[str]] = {}      # the channels each dataset name was seen with
+    for i, prep in enumerate(cities):
+        name, chans = prep.city.name, "+".join(prep.city.channels)
+        if name in channels:
+            name = f"{name}:{chans}" if chans not in channels[name] else name
+        if name in names:
+            name = f"{prep.city.name} (data.sources[{i - 1}])"
+        channels.setdefault(prep.city.name, set()).add(chans)
+        names.append(name)
+    return names
+
+
+def training_windows(prep: PreparedCity, cfg: Config) -> np.ndarray:
+    """The city's training window starts: every train.train_stride-th, and with data.train_days (few-shot) only
+    those whose targets lie in its first train_days days."""
+    starts = prep.splits["train"][:: cfg.train.train_stride]
+    if cfg.data.train_days:
+        starts = starts[starts + prep.t_out <= cfg.data.train_days * prep.city.steps_per_day]
+    if len(starts) == 0:
+        raise ValueError(f"{prep.city.name}: no training windows (T={prep.city.n_steps}, split {cfg.data.split})")
+    return starts
+
+
+@dataclass
+class Windows:
+    """One batch: window starts in one city (`city`: its position in the run's cities)."""
+
+    city: int
+    starts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def epoch_batches(train_starts: list[np.ndarray], batch_size: int, seed: int) -> Batches:
+    """The batches of each epoch: each city's windows in the order of a permutation drawn from seed + epoch, cut
+    into batches of batch_size; with several cities, their batches then interleaved by a permutation of the same
+    generator. Every window is used once per epoch, and the order depends on the seed and epoch alone (a resumed
+    run rebuilds it)."""
+    def batches(epoch: int) -> list[Windows]:
+        rng = np.random.default_rng(seed + epoch)
+        out = []
+        for c, starts in enumerate(train_starts):
+            order = rng.permutation(starts)
+            out += [Windows(c, order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+        if len(train_starts) > 1:
+            out = [out[j] for j in rng.permutation(len(out))]
+        return out
+    return batches
+
+
+def window_loss(model: torch.nn.Module, cities: list[PreparedCity], cfg: Config, accelerator) -> LossFn:
+    """The training loss of a batch of windows: masked MAE (or Huber) on the scaled axis, or the event loss. Under
+    several processes each takes its share of the batch; every process needs at least one window to step
+    together."""
+    events = cfg.model.task == "events"
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def loss(batch: Windows) -> tuple[torch.Tensor, dict]:
+        starts = batch.starts
+        if world > 1:
+            starts = np.resize(starts, max(len(starts), world))[rank::world]
+        data = batch_to(cities[batch.city].batch(starts, cfg.train.mask_zeros and not events), accelerator.device)
+        pred = model(data)
+        if events:
+            return event_loss(pred, data["y_raw"]), {}
+        return masked_loss(pred, data["y"], data["y_mask"], cfg.train.loss), {}
+    return loss
+
+
+def validation(model: STLLM, cities: list[PreparedCity], names: list[str], val_starts: list[np.ndarray],
+               cfg: Config) -> Validate:
+    """The selection error early stopping minimises: on one city its validation error (`selection_error`); on
+    several the mean over cities of each one's error divided by `error_scale` (also logged per city as
+    val_errors). Without validation windows it is the training loss since the last validation."""
+    def validate(train_loss: float | None) -> tuple[float, dict]:
+        errors = {name: selection_error(evaluate(model, prep, starts, batch_size=cfg.train.batch_size))
+                  for name, prep, starts in zip(names, cities, val_starts) if len(starts)}
+        if not errors:
+            return (train_loss if train_loss is not None else 0.0), {}
+        if len(cities) == 1:
+            return errors[names[0]], {}
+        scale = {name: error_scale(prep, cfg) for name, prep in zip(names, cities)}
+        return float(np.mean([errors[name] / scale[name] for name in errors])), {"val_errors": errors}
+    return validate
+
+
+def error_scale(prep: PreparedCity, cfg: Config) -> float:
+    """What a city's validation error is divided by when several cities are averaged: its scaler's std averaged
+    over channels (and nodes, for a per-node scaler); 1 for event classification, whose error has no scale."""
+    return 1.0 if cfg.model.task == "events" else float(np.mean(prep.scaler.std))
+
+
+# ---- the model -------------------------------------------------------------------------------------------------
+def load_init_weights(model: STLLM, run: str, say: Callable[[str], None] = print) -> None:
+    """train.init_from: the parts of `run`'s weights this model has (LoRA from its adapter/, the rest from its
+    model.safetensors); an encoder-only run's linear head becomes the skip read-out."""
+    source = Path(run) / "model.safetensors"
+    if not source.is_file():
+        raise FileNotFoundError(f"train.init_from={run}: no model.safetensors there")
+    weights = run_weights(run, model)
+    if model.backbone is not None and model.skip is not None and "head.lin.weight" in weights:
+        # an encoder-only run: its linear head becomes the skip read-out, so training starts from its forecast
+        weights = {"skip." + k[5:] if k.startswith("head.lin.") else k: v for k, v in weights.items()}
+    loaded = model.load_trainable_state_dict(weights, str(source), partial=True)
+    say(f"initialised {len(loaded)} tensors from {source}")
+
+
+# ---- the run folder and the stages -----------------------------------------------------------------------------
+def open_run_folder(cfg: Config, out: Path, loop: Loop, log_step: int, write_config: bool) -> None:
+    """Create the run folder (main process), tidy what a crash left, write config.yaml (a new run, a changed budget,
+    or a folder without one) and open log.jsonl after its records up to `log_step`."""
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.recover(out)   # half-written files of a crash
+    if write_config or not (out / "config.yaml").is_file():
+        with checkpoint.replacing(out / "config.yaml") as tmp:
+            cfg.save(tmp)
+    loop.open_log(log_step)
+
+
+def restore_run(loop: Loop, cfg: Config, out: Path, two_stage: bool) -> TrainState:
+    """Resume from LAST: its state, weights, optimizer moments, RNG and weight average, with stage 2's parts held
+    still again when it stopped in stage 2."""
+    state, tensors = loop.restore(out / LAST)
+    loop.accelerator.print(f"resumed {out} at step {state.step} (epoch {state.epoch})")
+    if two_stage and state.stage == 2:
+        freeze(loop.raw, cfg.train.stage2_freeze, key="train.stage2_freeze")
+    if cfg.train.ema:   # built once it is known what trains
+        loop.ema = WeightAverage(loop.raw, cfg.train.ema)
+        loop.ema.load(tensors, str(out / LAST))
+    return state
+
+
+def stage_one_end(cfg: Config, loop: Loop) -> Callable[[TrainState], str | None]:
+    """When the encoder-only stage is over: train.encoder_first_steps steps, or train.encoder_first_minutes."""
+    t = cfg.train
+
+    def over(state: TrainState) -> str | None:
+        if t.encoder_first_steps and state.step >= t.encoder_first_steps:
+            return "encoder_first_steps"
+        if t.encoder_first_minutes and loop.past(t.encoder_first_minutes):
+            return "encoder_first_minutes"
+        return None
+    return over
+
+
+def stage_one_ended(state: TrainState, cfg: Config) -> str | None:
+    """Why stage 1 is already over when a resumed run starts (it stopped between the validation that ended the stage
+    and the switch), or None."""
+    if state.bad_evals >= cfg.train.patience:
+        return "early_stopping"
+    if cfg.train.encoder_first_steps and state.step >= cfg.train.encoder_first_steps:
+        return "encoder_first_steps"
+    return None
+
+
+def begin_stage_two(loop: Loop, state: TrainState, cfg: Config, out: Path, why: str) -> None:
+    """End the encoder-only first stage (`why`: encoder_first_steps | encoder_first_minutes | early_stopping),
+    record where it got to and switch the language model on; it corrects the best encoder, not the last one."""
+    state.stage1 = {"steps": state.step, "windows": state.windows, "best_val_error": state.best_val,
+                    "elapsed_s": round(state.elapsed_s, 2), "stopped_by": why}
+    state.stage, state.bad_evals, state.lr_scale = 2, 0, 1.0   # stage 2's parts start at full rates
+    reached = f" (train.{why} reached)" if why.startswith("encoder_first") else " (early stopping)"
+    loop.accelerator.print(f"stage 1 (encoder only) done at step {state.step}{reached}, best validation error "
+                           f"{state.best_val:.4f}; switching the language model on")
+    loop.accelerator.wait_for_everyone()
+    if (out / BEST).exists():
+        loop.raw.load_trainable_state_dict(checkpoint.load(out / BEST)[0], str(out / BEST))
+    freeze(loop.raw, cfg.train.stage2_freeze, key="train.stage2_freeze")
+    if loop.ema is not None:
+        loop.ema.reset(loop.raw)     # stage 2 averages its own parts, from the best stage-1 weights
+    loop.set_lr(state.lr_scale)
+    loop.save(state)
+
+
+def finish(model: STLLM, cities: list[PreparedCity], names: list[str], cfg: Config, out: Path,
+           state: TrainState) -> dict:
+    """Load the best weights, save the run (with the meta `build_model` attached), evaluate on the test split of
+    the main city with the baselines (and of each source, under "sources"), write metrics.json."""
+    prep = cities[0]
     if (out / BEST).exists():
         model.load_trainable_state_dict(checkpoint.load(out / BEST)[0], str(out / BEST))
     model.eval()
     model.save_pretrained(out)
     metrics = evaluate_with_baselines(model, prep, "test", batch_size=cfg.train.batch_size)
-    stage1 = state.get("stage1")
+    stage1 = state.stage1
     if stage1 is not None and "encoder" in cfg.train.stage2_freeze and "skip" in cfg.train.stage2_freeze:
         # Stage 2 held the encoder and its read-out still, so without the language model this is the encoder
         # stage's forecast: what the language model added on test is the difference.
@@ -379,42 +413,28 @@ def finish(model: STLLM, prep: PreparedCity, cfg: Config, out: Path, state: dict
         finally:
             model.llm_active = True
         stage1["test"] = {k: test[k] for k in ("mae", "rmse", "mape", "macro_f1", "recall") if k in test}
-    metrics["training"] = {"steps": state["step"], "epochs": state["epoch"], "windows": state["windows"],
-                           "wall_s": round(state["elapsed_s"], 2),  # training incl. validation passes
-                           "windows_per_s": round(state["windows"] / max(state["step_s"], 1e-9), 2),  # steps only
-                           "best_val_error": state["best_val"], "peak_rss_mb": peak_rss_mb(),
-                           "encoder_stage": state.get("stage1"), "stopped_by": state.get("stopped_by")}
+    metrics["training"] = {"steps": state.step, "epochs": state.epoch, "windows": state.windows,
+                           "wall_s": round(state.elapsed_s, 2),  # training incl. validation passes
+                           "windows_per_s": round(state.windows / max(state.step_s, 1e-9), 2),  # steps only
+                           "best_val_error": state.best_val, "peak_rss_mb": peak_rss_mb(),
+                           "encoder_stage": stage1, "stopped_by": state.stopped_by}
+    if len(cities) > 1:   # a source without test windows (e.g. all of it given to training) has no metrics
+        metrics["sources"] = {name: evaluate_with_baselines(model, source, "test", batch_size=cfg.train.batch_size)
+                              if len(source.splits["test"]) else None for name, source in zip(names[1:], cities[1:])}
     checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
 
 
-def set_lr(optimizer: torch.optim.Optimizer, cfg: Config, scale: float) -> None:
-    """The configured learning rates times `scale` (the groups of `make_optimizer`: the rest, then LoRA)."""
-    for group, lr in zip(optimizer.param_groups, (cfg.train.lr, cfg.train.lora_lr)):
-        group["lr"] = lr * scale
-
-
-def _start_stage2(state: dict, accelerator: Accelerator, why: str) -> None:
-    """End the encoder-only first stage (`why`: encoder_first_steps | encoder_first_minutes | early_stopping):
-    record where it got to and switch the language model on."""
-    state["stage1"] = {"steps": state["step"], "windows": state["windows"], "best_val_error": state["best_val"],
-                       "elapsed_s": round(state["elapsed_s"], 2), "stopped_by": why}
-    state["stage"], state["bad_evals"], state["lr_scale"] = 2, 0, 1.0   # stage 2's parts start at full rates
-    reached = f" (train.{why} reached)" if why.startswith("encoder_first") else " (early stopping)"
-    accelerator.print(f"stage 1 (encoder only) done at step {state['step']}{reached}, best validation error "
-                      f"{state['best_val']:.4f}; switching the language model on")
-
-
-def stop_reason(state: dict, cfg: Config) -> str | None:
+def stop_reason(state: TrainState, cfg: Config) -> str | None:
     """The budget of cfg.train that a run's state has used up (as metrics.json's training.stopped_by), or None."""
     t = cfg.train
-    if t.max_steps and state["step"] >= t.max_steps:
+    if t.max_steps and state.step >= t.max_steps:
         return "max_steps"
-    if t.max_minutes and state["elapsed_s"] > 60 * t.max_minutes:
+    if t.max_minutes and state.elapsed_s > 60 * t.max_minutes:
         return "max_minutes"
-    if state["stage"] == 2 and state["bad_evals"] >= t.patience:   # in stage 1 patience ends the stage, not the run
+    if state.stage == 2 and state.bad_evals >= t.patience:   # in stage 1 patience ends the stage, not the run
         return "early_stopping"
-    if state["epoch"] >= t.epochs:
+    if state.epoch >= t.epochs:
         return "epochs"
     return None
 
@@ -451,33 +471,9 @@ def _show(value) -> str:
     return json.dumps(value) if isinstance(value, (str, dict, list)) or value is None else str(value)
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log.jsonl's records after `step` (and a half-written last line): a resumed run writes them again."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if line.endswith("\n") and _log_step(line) <= step]
-    if keep != lines:
-        checkpoint.atomic_write_text(path, "".join(keep))
-
-
-def _log_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (Linux reports KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def _agree(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every process when it is true on any (clocks differ; processes must stop at the same step)."""
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item())
 
 
 def _spread(starts: np.ndarray, limit: int) -> np.ndarray:

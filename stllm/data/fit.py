@@ -28,6 +28,7 @@ class RunMeta:
     train_end: pd.Timestamp | None = None  # the last training step (None: no training part)
     city: str = ""                    # the place, as the training data named it
     domain: str = ""                  # "bike sharing", "air quality", ...
+    sources: list[str] = field(default_factory=list)  # the other datasets it trained on (data.sources), by name
 
     def __post_init__(self) -> None:
         self.interval = pd.Timedelta(self.interval)
@@ -58,7 +59,7 @@ class RunMeta:
                 "n_channels": self.n_channels, "channels": self.channels, "units": self.units,
                 "n_exog": self.n_exog, "exog_names": self.exog_names, "interval": str(self.interval),
                 "scaler": self.scaler.to_dict(),
-                "train_end": None if self.train_end is None else str(self.train_end)}
+                "train_end": None if self.train_end is None else str(self.train_end), "sources": self.sources}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunMeta":
@@ -69,7 +70,8 @@ class RunMeta:
         meta = cls(dataset=d["dataset"], n_nodes=int(d["n_nodes"]), channels=list(d["channels"]),
                    units=list(d.get("units") or [""] * len(d["channels"])), interval=d["interval"],
                    scaler=Scaler.from_dict(d["scaler"]), exog_names=list(d.get("exog_names") or []),
-                   train_end=d.get("train_end"), city=d.get("city") or "", domain=d.get("domain") or "")
+                   train_end=d.get("train_end"), city=d.get("city") or "", domain=d.get("domain") or "",
+                   sources=list(d.get("sources") or []))
         for key in ("n_channels", "n_exog"):
             if key in d and d[key] != getattr(meta, key):
                 raise ValueError(f"meta.json: {key}={d[key]} disagrees with its names ({getattr(meta, key)})")
@@ -120,7 +122,8 @@ def fit_to_run(city: CityData, meta: RunMeta, channels: list[str] | None = None,
     """Make another city's data fit a run: same interval (or resampled on request) and the run's channels.
 
     channels: ["TARGET=RUN", ...]: the data's channel TARGET feeds the run's channel RUN (names or positions);
-    every run channel must be fed. Without a mapping, channel names must match the run's (in any order).
+    every run channel must be fed. Without a mapping, channel names must match the run's (in any order), except
+    that a one-channel run takes any one-channel data whatever its channel's name.
     """
     if city.interval != meta.interval:
         factor = meta.interval / city.interval
@@ -145,6 +148,10 @@ def fit_to_run(city: CityData, meta: RunMeta, channels: list[str] | None = None,
         return city.select_channels([feed[i] for i in range(len(run_channels))])
     if sorted(city.channels) == sorted(run_channels):
         return city.select_channels(run_channels)
+    if len(run_channels) == 1 and city.n_channels == 1:
+        # one series for one series (a run trained on several cities is univariate): the data keeps its own
+        # channel name, which reaches the prompt through PreparedCity's context
+        return city
     raise DataError(f"{city.name}: channels {city.channels} do not match the run's {run_channels}; map them, "
                     f"e.g. --channels {city.channels[0]}=0")
 
@@ -189,9 +196,14 @@ def prepare(city: CityData, meta: RunMeta, cfg) -> PreparedCity:
         raise DataError(f"{city.name}: has {city.n_channels} channel(s) {city.channels}, the run was trained on "
                         f"{meta.n_channels} {meta.channels}; select or map channels first")
     prep = PreparedCity(city, cfg.data, cfg.encoder, scaler=meta.scaler if is_own_data(city, meta) else None)
-    if prep.exog_names != meta.exog_names:
-        prep.exog = align_exog(prep.exog, prep.exog_names, meta.exog_names)
-        prep.exog_names = list(meta.exog_names)
+    return fit_exog(prep, meta.exog_names)
+
+
+def fit_exog(prep: PreparedCity, names: list[str]) -> PreparedCity:
+    """`prep` with its exogenous features as the model reads them: `names`, in that order (`align_exog`)."""
+    if prep.exog_names != list(names):
+        prep.exog = align_exog(prep.exog, prep.exog_names, list(names))
+        prep.exog_names = list(names)
     return prep
 
 

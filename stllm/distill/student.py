@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stllm import checkpoint
 from stllm.backbone import base_model
 from stllm.config import Config
 from stllm.data.city import CityData
@@ -44,8 +43,9 @@ from stllm.distill.dataset import distill, load_rationales, save_rationales
 from stllm.distill.node_layout import explain_adapter, lm_loss, node_forward, node_inputs, slot_vectors
 from stllm.distill.facts import Facts, effects_to_dict, estimate_effects
 from stllm.distill.teachers import AnalyticTeacher, HFChatTeacher, OpenAITeacher, Teacher, fill_facts
-from stllm.train import LAST, build_model, make_optimizer, masked_loss, peak_rss_mb
-from stllm.model import run_weights
+from stllm.loop import LAST, Loop, TrainState, freeze, make_accelerator
+from stllm.model import EXPLAIN_ADAPTER, run_weights
+from stllm.train import build_model, make_optimizer, masked_loss, peak_rss_mb
 
 EFFECTS = "effects.json"     # the weather effects the rationales use (stllm.distill.facts.effects_to_dict)
 
@@ -211,19 +211,18 @@ def push_accuracy(model, prep: PreparedCity, samples: list[StudentSample], batch
     return {"correct": correct, "total": total, "share": correct / total if total else None}
 
 
-def hold_all_but_the_explain_adapter(model) -> None:
-    """explain.own_adapter: the student trains its adapter and nothing else."""
-    from stllm.model import EXPLAIN_ADAPTER
-    model.add_explain_adapter()
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name and f".{EXPLAIN_ADAPTER}." in name)
-
-
 def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData | None = None,
                   progress: bool = True) -> dict:
     """Write rationales with the teacher, fine-tune the student with the joint loss, save the run like
     `stllm.train.train` does (plus effects.json and rationales/), evaluate on the test split. Returns metrics.
-    With explain.rationales (a folder `stllm distill` wrote) the student learns exactly those rows instead."""
+    With explain.rationales (a folder `stllm distill` wrote) the student learns exactly those rows instead.
+
+    The student steps through `stllm.loop.Loop` like every training: explain.batch_size samples per batch, each
+    epoch's samples in the order of a permutation drawn from train.seed + epoch, explain.steps optimizer steps (one
+    pass when 0) or explain.minutes, train.grad_accum and train.mixed_precision as in fine-tuning; no validation.
+    Each step is logged to log.jsonl (its loss and the loss's parts) and checkpointed to LAST, so --resume
+    continues it exactly. One process only: the node layout calls the model's parts, not its forward. The
+    student learns rationales of the data section's dataset; data.sources reach only its forecaster stage."""
     from stllm.data.fit import load_city
     from stllm.infer import evaluate_with_baselines
     out = Path(out_dir)
@@ -233,6 +232,9 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
         raise ValueError(f"explain.enabled needs model.task=forecast, got {cfg.model.task!r}")
     if not cfg.model.use_llm:
         raise ValueError("explain.enabled needs a language model (model.use_llm=true): the student writes text")
+    accelerator = make_accelerator(cfg.train)
+    if accelerator.num_processes > 1:
+        raise ValueError("the explaining student trains on one process; run `stllm train` without accelerate launch")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -247,14 +249,7 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
             train(stage1, init_from, resume=resume and (init_from / LAST).exists(), city=city, progress=progress)
         forecaster = json.loads((init_from / "metrics.json").read_text())
     prep = PreparedCity(city, cfg.data, cfg.encoder)
-    model = build_model(cfg, prep)
-    if init_from:                        # stage 2 starts from the forecaster's weights (its LoRA from adapter/)
-        source = Path(init_from) / "model.safetensors"
-        model.load_trainable_state_dict(run_weights(init_from, model), str(source))
-    if ex.own_adapter:
-        hold_all_but_the_explain_adapter(model)
-    optimizer = make_optimizer(model, dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, lora_lr=ex.lora_lr or cfg.train.lora_lr)))
+    model, optimizer = student_model(cfg, prep, init_from)
     cfg.save(out / "config.yaml")
 
     effects = write_effects(prep, out)
@@ -266,46 +261,72 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
         samples, ds = make_samples(city, prep, pairs, teacher_from_config(ex), effects=effects)
     save_rationales(ds, out / "rationales")
 
-    state = {"step": 0, "elapsed_s": 0.0}
-    if resume and (out / LAST).exists():
-        tensors, state = checkpoint.load(out / LAST)
-        checkpoint.restore_training_state(tensors, model, optimizer)
-    bs = ex.batch_size
-    total = ex.steps or math.ceil(len(samples) / bs)
-    t_start = time.time() - state["elapsed_s"]
-    log, parts = (out / "log.jsonl").open("a"), None
-    model.train()
-    while state["step"] < total:
-        epoch, k = divmod(state["step"] * bs, len(samples))
-        order = np.random.default_rng(cfg.train.seed + epoch).permutation(len(samples))
-        chunk = [samples[j] for j in order[k:k + bs]]
-        loss, parts = joint_loss(model, prep, chunk, ex.lm_weight, ex.city_weight, cfg.train.loss,
-                                 cfg.train.mask_zeros)
-        loss.backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["elapsed_s"] = time.time() - t_start
-        log.write(json.dumps({"step": state["step"], "loss": loss.item(), **parts,
-                              "elapsed_s": round(state["elapsed_s"], 2)}) + "\n")
-        log.flush()
-        if progress:
-            print(f"step {state['step']}/{total} loss {loss.item():.4f} {parts}", flush=True)
-        if ex.minutes and state["elapsed_s"] > 60 * ex.minutes:
-            break
-    log.close()
-    checkpoint.atomic_save(checkpoint.training_state(model, optimizer), out / LAST, state)
-    model.eval()
-    model.save_pretrained(out)                    # with the meta build_model attached
-    metrics = evaluate_with_baselines(model, prep, "test", batch_size=cfg.train.batch_size)
-    metrics["training"] = {"steps": state["step"], "wall_s": round(state["elapsed_s"], 2),
+    raw, state, parts = fit_student(cfg, accelerator, model, optimizer, prep, samples, out, resume, progress)
+    raw.eval()
+    raw.save_pretrained(out)                      # with the meta build_model attached
+    metrics = evaluate_with_baselines(raw, prep, "test", batch_size=cfg.train.batch_size)
+    metrics["training"] = {"steps": state.step, "wall_s": round(state.elapsed_s, 2),
                            "peak_rss_mb": peak_rss_mb(), "student": True}
     metrics["explain"] = {"teacher": ex.teacher, "n_samples": len(samples), "lm_weight": ex.lm_weight,
                           "own_adapter": ex.own_adapter,
-                          "city_weight": None if ex.own_adapter else ex.city_weight, "last_step_losses": parts,
+                          "city_weight": None if ex.own_adapter else ex.city_weight,
+                          "last_step_losses": parts or None,
                           "init_from": str(init_from) if init_from else None,
                           "forecaster_test_mae": None if forecaster is None else forecaster["mae"]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def student_model(cfg: Config, prep: PreparedCity, init_from: str | Path | None
+                  ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """(the student's model, its AdamW): built as `stllm.train` builds it, from the forecaster's weights when there
+    is one (its LoRA from adapter/); with explain.own_adapter only its own adapter trains, else everything that
+    trains in fine-tuning. LoRA learns at explain.lora_lr."""
+    ex = cfg.explain
+    model = build_model(cfg, prep)
+    if init_from:
+        source = Path(init_from) / "model.safetensors"
+        model.load_trainable_state_dict(run_weights(init_from, model), str(source))
+    if ex.own_adapter:
+        model.add_explain_adapter()
+        freeze(model, train=lambda name: "lora_" in name and f".{EXPLAIN_ADAPTER}." in name)
+    optimizer = make_optimizer(model, dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, lora_lr=ex.lora_lr or cfg.train.lora_lr)))
+    return model, optimizer
+
+
+def fit_student(cfg: Config, accelerator, model, optimizer, prep: PreparedCity, samples: list[StudentSample],
+                out: Path, resume: bool, progress: bool) -> tuple[torch.nn.Module, TrainState, dict[str, float]]:
+    """Step the student through the loop with the joint loss for explain.steps steps (one pass over the samples
+    when 0) or explain.minutes, logging and checkpointing every step; from LAST on resume. Returns (the trained
+    model, unwrapped; its TrainState; the last step's loss parts)."""
+    ex = cfg.explain
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+    per_epoch = math.ceil(math.ceil(len(samples) / ex.batch_size) / cfg.train.grad_accum)   # optimizer steps
+    total = ex.steps or per_epoch
+    budget = dataclasses.replace(cfg.train, max_steps=total, max_minutes=ex.minutes,
+                                 epochs=math.ceil(total / per_epoch))
+
+    def loss(chunk: list[StudentSample]) -> tuple[torch.Tensor, dict]:
+        return joint_loss(raw, prep, chunk, ex.lm_weight, ex.city_weight, cfg.train.loss, cfg.train.mask_zeros)
+    loop = Loop(accelerator, model, optimizer, budget, sample_batches(samples, ex.batch_size, cfg.train.seed), loss,
+                out=out, progress=progress)
+    state = TrainState()
+    if resume and (out / LAST).exists():
+        state, _ = loop.restore(out / LAST)
+        state.done = state.step >= total          # a larger explain.steps continues it
+    loop.start(state)
+    loop.open_log(state.step if resume else -1)
+    loop.run(state, every=1)
+    loop.close()
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=False), state, loop.last_parts   # autocast off again
+
+
+def sample_batches(samples: list[StudentSample], batch_size: int, seed: int):
+    """The student's batches of each epoch: its samples in the order of a permutation drawn from seed + epoch, cut
+    into batches of batch_size (every sample once per epoch)."""
+    def batches(epoch: int) -> list[list[StudentSample]]:
+        order = np.random.default_rng(seed + epoch).permutation(len(samples))
+        return [[samples[j] for j in order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
+    return batches

@@ -1,0 +1,125 @@
+"""Leave one city out: pretrain the general recipe (configs/general.yaml) on every other series, forecast the held-out
+city zero-shot, and compare with its naive forecasts, a run trained on it (full-shot) and one trained on one other
+city (single-source). Called by `benchmarks/zero_shot.py --leave-out NAME` and `--all`.
+
+Each held-out city is measured on one channel (HELD_OUT); the pretraining drops every series of that dataset.
+stllm and encoder_only come from one run: its second stage holds the encoder, read-out and floor still
+(train.stage2_freeze), so with the language model off it is exactly its first stage, the encoder-only ablation
+trained for the same steps on the same windows.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "configs" / "general.yaml"
+# held-out name -> (dataset, the channel its row is measured on)
+HELD_OUT = {"nyc-bike": ("nyc-bike", "departures"), "nyc-taxi": ("nyc-taxi", "pickups"),
+            "bayarea-bike": ("bayarea-bike", "departures"), "beijing-air": ("beijing-air", "PM2.5"),
+            "melbourne-pedestrian": ("melbourne-pedestrian", "pedestrians"), "los-loop": ("los-loop", "speed")}
+BASELINES = ("last", "same_time_yesterday", "same_time_last_week", "historical_average")
+
+
+def series(recipe: dict) -> list[dict]:
+    """The recipe's training series: its data section's dataset, then each of data.sources."""
+    data = recipe["data"]
+    main = {k: data[k] for k in ("name", "options", "channels") if k in data}
+    return [main] + list(data.get("sources") or [])
+
+
+def with_series(recipe: dict, chosen: list[dict]) -> dict:
+    """The recipe trained on `chosen` series: the first as the data section's dataset, the rest as sources."""
+    out = json.loads(json.dumps(recipe))
+    for key in ("options", "channels"):
+        out["data"].pop(key, None)
+    out["data"].update(chosen[0])
+    out["data"]["sources"] = chosen[1:]
+    return out
+
+
+def single_source(name: str) -> dict:
+    """The one other city of the single-source row: NYC bike departures (Bay Area departures for NYC bike)."""
+    return {"name": "bayarea-bike", "channels": ["departures"]} if name == "nyc-bike" else \
+        {"name": "nyc-bike", "channels": ["departures"]}
+
+
+def train(recipe: dict, out: Path, steps: int, stage2_steps: int, threads: int) -> None:
+    """`stllm train` on `recipe` with a budget in steps (resumes a run that stopped before its end)."""
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = json.loads(json.dumps(recipe))
+    recipe["train"].update(encoder_first_steps=steps, max_steps=steps + stage2_steps, max_minutes=0,
+                           num_threads=threads)
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if (out / "metrics.json").exists():
+        return
+    cmd = [sys.executable, "-m", "stllm.cli", "train", "--config", str(config), "--out", str(out), "--quiet"]
+    if (out / "checkpoints" / "last.safetensors").exists():
+        cmd.append("--resume")
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def scores(run: Path, name: str) -> dict:
+    """Masked MAE of the run on the held-out channel's test split: with its language model and without it (the
+    encoder-only stage), and the target's baselines."""
+    from stllm import STLLM
+    from stllm.data import load
+    dataset, channel = HELD_OUT[name]
+    city = load(dataset).select_channels([channel])
+    model = STLLM.from_pretrained(run)
+    with_lm = model.evaluate(city)
+    model.llm_active = False
+    try:
+        encoder = model.evaluate(city)
+    finally:
+        model.llm_active = True
+    return {"stllm": with_lm["mae"], "encoder_only": encoder["mae"],
+            "baselines": {k: with_lm["baselines"][k]["mae"] for k in BASELINES}, "zero_shot": with_lm["zero_shot"]}
+
+
+def leave_out(name: str, runs: Path, steps: int, stage2_steps: int, threads: int) -> dict:
+    """One row: {"city", "channel", "zero_shot": {stllm, encoder_only}, "baselines", "full_shot", "single_source",
+    "encoder_only_full_shot", ...}."""
+    if name not in HELD_OUT:
+        raise SystemExit(f"--leave-out {name!r}: choose one of {sorted(HELD_OUT)}")
+    recipe = yaml.safe_load(RECIPE.read_text())
+    dataset, channel = HELD_OUT[name]
+    rest = [s for s in series(recipe) if s["name"] != dataset]
+    own = {"name": dataset, "channels": [channel]}
+    t0 = time.time()
+    folder = runs / name
+    train(with_series(recipe, rest), folder / "general", steps, stage2_steps, threads)
+    train(with_series(recipe, [own]), folder / "full_shot", steps, stage2_steps, threads)
+    train(with_series(recipe, [single_source(name)]), folder / "single_source", steps, stage2_steps, threads)
+    zero, full, single = (scores(folder / r, name) for r in ("general", "full_shot", "single_source"))
+    assert zero["zero_shot"] and single["zero_shot"] and not full["zero_shot"]
+    return {"city": name, "channel": channel, "zero_shot": {"stllm": zero["stllm"], "encoder_only": zero["encoder_only"]},
+            "baselines": zero["baselines"], "full_shot": full["stllm"], "full_shot_encoder_only": full["encoder_only"],
+            "single_source": single["stllm"], "single_source_encoder_only": single["encoder_only"],
+            "pretrained_on": [f"{s['name']}{'/' + ','.join(s['channels']) if s.get('channels') else ''}" for s in rest],
+            "budget": {"encoder_steps": steps, "stage2_steps": stage2_steps}, "wall_s": round(time.time() - t0, 1)}
+
+
+def table(rows: list[dict]) -> str:
+    """One markdown row per held-out city; the best naive forecast and the ratios the goals name."""
+    head = ("| held-out city (channel) | stllm zero-shot | encoder-only zero-shot | best naive | historical average "
+            "| full-shot | single-source | zero-shot / best naive | zero-shot / full-shot |\n" + "|---" * 9 + "|")
+    lines = [head]
+    for r in rows:
+        naive = [r["baselines"][k] for k in ("last", "same_time_yesterday", "same_time_last_week")
+                 if r["baselines"][k] is not None]
+        best = min(naive) if naive else None
+        z = r["zero_shot"]["stllm"]
+        show = lambda v: "n/a" if v is None else f"{v:.3f}"
+        lines.append(f"| {r['city']} ({r['channel']}) | {show(z)} | {show(r['zero_shot']['encoder_only'])} | "
+                     f"{show(best)} | {show(r['baselines']['historical_average'])} | {show(r['full_shot'])} | "
+                     f"{show(r['single_source'])} | {show(z / best if best else None)} | "
+                     f"{show(z / r['full_shot'])} |")
+    return "\n".join(lines)
