@@ -189,7 +189,8 @@ def uses_two_stages(cfg: Config) -> bool:
 # ---- the data: the main city and data.sources ------------------------------------------------------------------
 def load_cities(cfg: Config, city: CityData | None = None) -> list[PreparedCity]:
     """The main dataset (`city`, else the data section's) and then each of data.sources, each prepared with its own
-    scaler (fitted on its own training part); the sources' exogenous features follow the main dataset's names
+    scaler (fitted on its own training part); a source of another dataset does not inherit the data section's
+    options, channels, notes, split_at, resample or max_nodes; the sources' exogenous features follow the main dataset's names
     (zeros where a source lacks one). A source whose channel count differs from the main dataset's raises a
     ConfigError naming it; so does one whose data cannot be loaded or prepared."""
     main = PreparedCity(city if city is not None else load_city(cfg.data), cfg.data, cfg.encoder)
@@ -197,7 +198,11 @@ def load_cities(cfg: Config, city: CityData | None = None) -> list[PreparedCity]
     for i, keys in enumerate(cfg.data.sources):
         where = f"data.sources[{i}] ({keys['name']})"
         try:
-            data_cfg = dataclasses.replace(cfg.data, **keys, sources=[])
+            # Keys that describe one dataset (its loader options, channels, notes, split) carry over from the data
+            # section only to a source of the same dataset; another dataset starts from its own defaults.
+            own = {} if keys["name"] == cfg.data.name else \
+                {"options": {}, "channels": [], "notes": "", "split_at": [], "resample": "", "max_nodes": 0}
+            data_cfg = dataclasses.replace(cfg.data, **{**own, **keys}, sources=[])
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from err
         try:

@@ -173,3 +173,20 @@ def test_a_dataset_given_twice_is_told_apart_by_its_channels_or_its_place(tiny_c
     cities = [PreparedCity(c, cfg.data, cfg.encoder) for c in (
         tiny_city, two.select_channels(["inflow"]), two.select_channels(["outflow"]), tiny_city)]
     assert city_names(cities) == ["synthetic", "synthetic:inflow", "synthetic:outflow", "synthetic (data.sources[2])"]
+
+
+def test_a_source_of_another_dataset_does_not_inherit_the_main_dataset_s_keys(tmp_path):
+    """data.channels and data.options describe the main dataset; a source of another dataset (a PEMS-style .npz,
+    one channel) keeps its own, a source of the same dataset inherits them."""
+    from stllm.train import load_cities
+    values = make_city(n_nodes=3, n_days=21, seed=4, with_weather=False).values
+    np.savez(tmp_path / "other.npz", data=np.nan_to_num(values))
+    (tmp_path / "other.csv").write_text("from,to,cost\n0,1,1.0\n1,2,1.5\n")
+    cfg = load_config(TINY, [*FAST, "data.options={n_nodes: 6, n_days: 21, seed: 0, n_channels: 2}",
+                             "data.channels=[outflow]",
+                             f"data.sources=[{{name: {tmp_path / 'other.npz'}, options: {{start: '2024-01-01'}}}}, "
+                             f"{{name: synthetic, channels: [inflow]}}]"])
+    cities = load_cities(cfg)
+    assert [c.city.n_channels for c in cities] == [1, 1, 1]
+    assert cities[1].city.n_nodes == 3 and cities[1].city.channels != ["outflow"]
+    assert cities[2].city.channels == ["inflow"] and cities[2].city.n_nodes == 6   # the same dataset's options
