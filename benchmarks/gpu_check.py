@@ -26,12 +26,13 @@ What runs, all through the project's own code:
    metrics.json are finite.
 2. Inference. The fp32 run of part 1 is loaded with `STLLM.from_pretrained(run, quantize=..., dtype=...)` (the
    path of `stllm evaluate --quantize`) as fp32, bf16, int8 and nf4 (quantized backbones compute in
-   --quant-dtype), moved with `to_device`, and `stllm.infer.forecast` runs over the first --windows test windows,
+   --quant-dtype), moved with `to_device`, and `stllm.infer.predict` runs over the first --windows test windows,
    batch --batch-size. windows/s: median over --repeats passes after one warm-up pass. Peak memory:
    `max_memory_allocated` above what was allocated before loading, during loading (a quantized load quantizes all
    30 SmolLM2 blocks before the kept ones remain) and during the passes (weights + activations). Backbone MiB: its
-   parameters, buffers and bitsandbytes scales (benchmarks/inference.py `backbone_memory`), with the token
-   embedding's share and whether it is quantized (bitsandbytes through transformers replaces linear layers only).
+   parameters, buffers and bitsandbytes scales (`stllm.backbone.memory_footprint`), the token embedding included,
+   with the embedding's share and whether it is quantized (bitsandbytes through transformers replaces linear
+   layers only).
    Forecast difference: max and mean |forecast - fp32 forecast| on the original scale over the same windows, and
    mean |difference| / mean |fp32 forecast|.
 
@@ -45,7 +46,6 @@ import gc
 import json
 import math
 import platform
-import resource
 import shlex
 import statistics
 import sys
@@ -107,10 +107,6 @@ def mib(n_bytes: float) -> float:
     return round(n_bytes / 2**20, 1)
 
 
-def peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
-
-
 def clear_memory(cuda: bool) -> None:
     gc.collect()
     if cuda:
@@ -130,13 +126,10 @@ def embedding_info(backbone) -> dict:
 
 
 def backbone_memory(backbone) -> dict:
-    """benchmarks/inference.py's count: parameters + buffers + bitsandbytes scales, each storage once."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from inference import backbone_memory as count
-    finally:
-        sys.path.pop(0)
-    return {k: (mib(v) if k.endswith("bytes") and v is not None else v) for k, v in count(backbone).items()}
+    """`stllm.backbone.memory_footprint` in MiB: parameters + buffers + bitsandbytes scales, each storage once,
+    the token embedding included."""
+    from stllm.backbone import memory_footprint
+    return {k: mib(v) if k.endswith("bytes") else v for k, v in memory_footprint(backbone).items()}
 
 
 def dtypes(module, pick) -> list[str]:
@@ -164,8 +157,8 @@ def spy_on_build(seen: dict):
     import stllm.train as train_module
     original = train_module.build_model
 
-    def build(cfg, prep):
-        seen["model"] = original(cfg, prep)
+    def build(*args, **kwargs):
+        seen["model"] = original(*args, **kwargs)
         return seen["model"]
 
     train_module.build_model = build
@@ -179,7 +172,7 @@ def measure_training(args, mode: str, city, out: Path, cuda: bool) -> dict:
     """One short train() run; step time, peak memory and finiteness of the losses."""
     from accelerate.state import AcceleratorState
 
-    from stllm.train import train
+    from stllm.train import peak_rss_mb, train
     max_steps = args.warmup + args.steps
     cfg = make_config(args, TRAIN_DTYPES[mode], max_steps)
     clear_memory(cuda)
@@ -214,8 +207,8 @@ def measure_training(args, mode: str, city, out: Path, cuda: bool) -> dict:
         "steps_timed": len(step_s), "warmup_steps": args.warmup, "batch_size": args.batch_size,
         "step_s_median": median, "step_s_all": step_s, "windows_per_s": args.batch_size / median,
         "peak_memory_kind": "cuda_max_memory_allocated" if cuda else "cpu_peak_rss_process",
-        "peak_mib_steps": mib(memory["steps"]) if cuda else peak_rss_mib(),
-        "peak_mib_build_and_warmup": mib(memory["build_and_warmup"]) if cuda else peak_rss_mib(),
+        "peak_mib_steps": mib(memory["steps"]) if cuda else peak_rss_mb(),
+        "peak_mib_build_and_warmup": mib(memory["build_and_warmup"]) if cuda else peak_rss_mb(),
         "allocated_mib_before": mib(before) if cuda else None,
         "train_losses": losses, "test_mae": metrics["mae"], "wall_s": wall,
         "loss_finite": bool(losses) and all(math.isfinite(x) for x in losses) and math.isfinite(metrics["mae"]),
@@ -229,9 +222,10 @@ def measure_training(args, mode: str, city, out: Path, cuda: bool) -> dict:
 
 def measure_inference(args, mode: str, run: Path, city, cuda: bool) -> tuple[dict, np.ndarray]:
     """Load the run with one backbone mode, forecast the same windows --repeats times; figures and forecasts."""
-    from stllm.infer import forecast
+    from stllm.infer import predict
     from stllm.metrics import MetricAccumulator
     from stllm.model import STLLM
+    from stllm.train import peak_rss_mb
     quantize, dtype = INFER_MODES[mode]
     dtype = dtype or args.quant_dtype
     clear_memory(cuda)
@@ -247,12 +241,9 @@ def measure_inference(args, mode: str, run: Path, city, cuda: bool) -> tuple[dic
     prep = model.prepare(city)
     starts = prep.splits["test"][:args.windows]
 
-    def one_pass():
-        preds, truths = [], []
-        for _, pred, true in forecast(model, prep, starts, args.batch_size):   # .cpu() in forecast: synchronised
-            preds.append(pred)
-            truths.append(true)
-        return np.concatenate(preds), np.concatenate(truths)
+    def one_pass():   # predict moves every batch to the CPU: the GPU has finished when it returns
+        out = predict(model, prep, starts, batch_size=args.batch_size)
+        return out["prediction"], out["truth"]
 
     one_pass()   # warm-up: layouts tokenized, kernels chosen
     walls = []
@@ -267,8 +258,8 @@ def measure_inference(args, mode: str, run: Path, city, cuda: bool) -> tuple[dic
         "quantize": quantize, "dtype": dtype, "n_windows": len(starts), "batch_size": args.batch_size,
         "s_per_pass_median": median, "s_per_pass_all": walls, "windows_per_s": len(starts) / median,
         "load_s": load_s, "peak_memory_kind": "cuda_max_memory_allocated" if cuda else "cpu_peak_rss_process",
-        "peak_mib_load": mib(load_peak) if cuda else peak_rss_mib(),
-        "peak_mib_inference": mib(torch.cuda.max_memory_allocated() - before) if cuda else peak_rss_mib(),
+        "peak_mib_load": mib(load_peak) if cuda else peak_rss_mb(),
+        "peak_mib_inference": mib(torch.cuda.max_memory_allocated() - before) if cuda else peak_rss_mb(),
         "resident_mib_after_load": mib(resident) if cuda else None,
         "backbone_memory_mib": backbone_memory(model.backbone), "embedding": embedding_info(model.backbone),
         "linear_layer_classes": sorted({type(m).__name__ for m in model.backbone.modules()
@@ -319,8 +310,8 @@ def markdown(result: dict) -> str:
                      f"{fmt(r['windows_per_s'])} | {time_ratio} | {fmt(r['peak_mib_steps'])} | "
                      f"{mem_ratio} | {fmt(r['loss_finite'])} |")
     lines += ["", f"Inference (the fp32 run, {result['settings']['windows']} test windows)", "",
-              f"| backbone | dtype | windows/s | vs fp32 | {mem} load | {mem} inference | backbone MiB "
-              f"(embedding MiB, quantized?) | max abs diff | mean abs diff | rel. mean diff | masked MAE |",
+              f"| backbone | dtype | windows/s | vs fp32 | {mem} load | {mem} inference | backbone MiB, embedding "
+              f"included (embedding MiB, quantized?) | max abs diff | mean abs diff | rel. mean diff | masked MAE |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["inference"].items():
         if "error" in r or "skipped" in r:

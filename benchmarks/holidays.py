@@ -13,11 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from stllm.data.calendar import holiday_group, holiday_names
 from stllm.data.fit import load_city
 from stllm.infer import forecast
+from stllm.metrics import masked_error_sum
 from stllm.model import STLLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,9 +38,9 @@ def errors_by_group(run: Path, splits: list[str]) -> dict:
         for starts, pred, true in forecast(model, prep, prep.splits[split], batch_size=64):
             for s, p, t in zip(starts, pred, true):
                 group = holiday_group(prep.timestamps[s:s + prep.t_out], holidays, prep.periods)
-                observed = np.isfinite(t) & (np.abs(t) > 1e-4)           # masked as in the benchmark metrics
-                err[group] += float(np.abs(p - t)[observed].sum())
-                count[group] += int(observed.sum())
+                total, n = masked_error_sum(p, t)                         # masked as in the benchmark metrics
+                err[group] += total
+                count[group] += n
                 windows[group] += 1
         total = sum(err.values())
         out[split] = {g: {"windows": windows[g], "mae": err[g] / max(count[g], 1), "share_of_error": err[g] / total}

@@ -250,6 +250,52 @@ def check_quantization(mode: str, device: str) -> None:
         ) from err
 
 
+def memory_footprint(model: nn.Module) -> dict[str, Any]:
+    """Bytes the backbone holds: its parameters and buffers, each storage once (a tied LM head is the embedding),
+    plus the scales bitsandbytes keeps outside the parameters (nf4 absmax/code, int8 SCB).
+
+    `bytes` is the whole backbone, the token embedding included. It splits into `decoder_linear_bytes` (the
+    decoder blocks' linear layers: what bitsandbytes quantizes), `decoder_other_bytes` (their norms and LoRA),
+    `embedding_bytes` and `other_bytes` (final norm, rotary buffers); `blocks_bytes` is the decoder blocks alone.
+    `embedding_quantized`: whether the embedding is stored quantized (bitsandbytes through transformers replaces
+    linear layers only, so a quantized backbone keeps its embedding in the compute dtype)."""
+    model = base_model(model)
+    embedding = model.get_input_embeddings().weight
+    parent, attr = find_layers(model)
+    blocks = getattr(parent, attr)
+    linear = {m.weight.data_ptr() for name, m in blocks.named_modules()
+              if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and "lora_" not in name}
+    in_blocks = {t.data_ptr() for t in [*blocks.parameters(), *blocks.buffers()]}
+    parts = dict.fromkeys(("decoder_linear", "decoder_other", "embedding", "other"), 0)
+    seen: set[int] = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.data_ptr()
+        if key in seen or t.numel() == 0:
+            continue
+        seen.add(key)
+        part = ("embedding" if key == embedding.data_ptr() else "decoder_linear" if key in linear
+                else "decoder_other" if key in in_blocks else "other")
+        parts[part] += _tensor_bytes(t) + _quant_state_bytes(t)
+    return {"bytes": sum(parts.values()), **{f"{k}_bytes": v for k, v in parts.items()},
+            "blocks_bytes": parts["decoder_linear"] + parts["decoder_other"],
+            "embedding_dtype": str(embedding.dtype).removeprefix("torch."),
+            "embedding_quantized": embedding.dtype in (torch.int8, torch.uint8)}
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _quant_state_bytes(t: torch.Tensor) -> int:
+    """The scales bitsandbytes keeps beside a quantized weight: nf4 QuantState (absmax, code, nested state2), int8
+    SCB."""
+    state = getattr(t, "quant_state", None)
+    tensors = [getattr(t, "SCB", None)]
+    for s in (state, getattr(state, "state2", None)):
+        tensors += [getattr(s, "absmax", None), getattr(s, "code", None)]
+    return sum(_tensor_bytes(x) for x in tensors if isinstance(x, torch.Tensor))
+
+
 # ----------------------------------------------------------------------------------- SmolLM2 from GGUF
 
 

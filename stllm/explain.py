@@ -13,7 +13,9 @@ numbers `stllm predict` writes). The explanation's text comes from one of two mo
   each fact slot the model names (`stllm.distill.node_layout.generate_with_facts`).
 Either way the program writes the head's numbers into the FORECAST_SLOT (`_join`); bracketed number
 lists the language model wrote itself are replaced by the slot first, so no sampled forecast digit survives.
-Then `check_explanation` tests every checkable claim against the data.
+Then `check_explanation` tests every checkable claim against the data and says who wrote it: "program" for text
+inside what the program wrote (analytic mode: all of it; generated mode: the opening stages, filled fact slots,
+the forecast numbers), "model" for the words the language model chose.
 
 Weather effects (`estimate_effects`) are computed here, at explain time, from the given city's training part (the
 steps before its train split ends, split as the run's config splits data), which needs no more than the data
@@ -52,9 +54,11 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
 
     Returns a JSON-ready dict: mode, dataset, node, node_name, channel, unit, at, timestamps [t_out], forecast
     [t_out] (original scale), truth [t_out] (None where unknown), history_timestamps / history [t_in], explanation,
-    claims (each with its verdict), faithfulness, numbers_consistent, forecast_consistent, summary, and in
-    generated mode `generation` (new tokens, seconds, tokens per second) and, when the text holds no checkable
-    claim, `warning`.
+    claims (`claim_rows`: who wrote each, its text, whether it holds), by_writer ({"model": `tally`, "program":
+    `tally`}), faithfulness (checked data claims of both writers), model_claims and model_faithfulness (the
+    model's checked claims of every kind and the share that hold), numbers_consistent, forecast_consistent,
+    summary, and in generated mode `generation` (new tokens, seconds, tokens per second) and, when the text holds
+    no checkable claim, `warning`.
     """
     from stllm.infer import forecast
     if mode not in MODES:
@@ -98,24 +102,17 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
                              f"{FORECAST_SLOT}", True))
     text, program_spans = _join(segments, format_forecast(values))   # the head's numbers, written by the program
     report = check_explanation(text, city, i, s, forecast=values, t_in=t_in, t_out=t_out, channel=c,
-                               effects=effects)
-
-    def by(claim) -> str:                                             # who wrote the claim's text
-        return "program" if any(a <= claim.span[0] and claim.span[1] <= b for a, b in program_spans) else "model"
-
-    claims = [{"kind": x.kind, "quantity": x.quantity, "text": x.text, "stated": x.stated, "actual": x.actual,
-               "verdict": "holds" if x.holds else "fails", "written_by": by(x)} for x in report.claims]
-    claims += [{"kind": x.kind, "quantity": x.quantity, "text": x.text, "stated": x.stated, "actual": x.actual,
-                "verdict": "unchecked", "written_by": by(x)} for x in report.unchecked]
-    own = [c["verdict"] == "holds" for c in claims          # data claims in the model's own words, as `faithfulness`
-           if c["verdict"] != "unchecked" and c["written_by"] == "model" and not c["kind"].startswith("forecast")]
+                               effects=effects, program=program_spans)
+    claims = claim_rows(report)
+    mine = tally(claims, "model")
     step = lambda k: time_text(pd.Timestamp(city.timestamps[0]) + k * city.interval)  # noqa: E731
     out = {"mode": mode, "dataset": city.name, "node": facts.node_id, "node_name": facts.node_name,
            "channel": city.channels[c], "unit": city.units[c], "at": step(s),
            "timestamps": [step(s + k) for k in range(t_out)], "forecast": values, "truth": truth,
            "history_timestamps": [step(s - t_in + k) for k in range(t_in)], "history": facts.history,
-           "explanation": text, "claims": claims, "faithfulness": report.faithfulness,
-           "model_claims": len(own), "model_faithfulness": sum(own) / len(own) if own else None,
+           "explanation": text, "claims": claims, "by_writer": {"model": mine, "program": tally(claims, "program")},
+           "faithfulness": report.faithfulness,
+           "model_claims": mine["checked"], "model_faithfulness": mine["hold_share"],
            "numbers_consistent": report.numbers_consistent, "forecast_consistent": report.forecast_consistent,
            "summary": report.summary()}
     if generation is not None:
@@ -125,6 +122,28 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
                               "the program wrote): the run's language model has not learned to explain; "
                               "train the student longer (configs/*explain*.yaml) or use mode 'analytic'")
     return out
+
+
+def claim_rows(report) -> list[dict]:
+    """Every claim the checker found, in text order: who wrote it ("by": "model" | "program"), its text, and
+    "holds": true | false | null, null for a clause of a checkable shape it could not parse ("verdict":
+    "unparsed") and for a claim the data cannot settle ("verdict": "unchecked")."""
+    verdicts = [(x, "holds" if x.holds else "fails") for x in report.claims]
+    verdicts += [(x, "unchecked") for x in report.unchecked] + [(x, "unparsed") for x in report.unparsed]
+    return [{"by": x.by, "text": x.text, "holds": x.holds, "verdict": verdict, "kind": x.kind,
+             "quantity": x.quantity, "stated": x.stated, "actual": x.actual}
+            for x, verdict in sorted(verdicts, key=lambda pair: pair[0].span)]
+
+
+def tally(claims: list[dict], by: str) -> dict:
+    """The claims written by `by`: checked (holds true or false), how many hold and their share, unparsed, and the
+    share of the checkable ones (checked + unparsed) left unparsed."""
+    mine = [c for c in claims if c["by"] == by]
+    checked = [c["holds"] for c in mine if c["holds"] is not None]
+    unparsed = sum(c["verdict"] == "unparsed" for c in mine)
+    share = lambda k, n: k / n if n else None  # noqa: E731
+    return {"checked": len(checked), "hold": sum(checked), "hold_share": share(sum(checked), len(checked)),
+            "unparsed": unparsed, "unparsed_share": share(unparsed, len(checked) + unparsed)}
 
 
 def generate_rationale(model, prep, node: int, start: int, prompt: str, max_new_tokens: int = 256,
@@ -195,9 +214,10 @@ def format_explanation(result: dict) -> str:
         lines.append(f"warning: {result['warning']}")
     if "generation" in result:
         g = result["generation"]
-        own = result["model_faithfulness"]
-        lines.append(f"claims in the model's own words: {result['model_claims']}"
-                     + ("" if own is None else f", {own:.2f} of them hold"))
+        own = result["by_writer"]["model"]
+        lines.append(f"claims in the model's own words: {own['checked']}"
+                     + ("" if own["hold_share"] is None else f", {own['hold_share']:.2f} of them hold")
+                     + f"; {own['unparsed']} not parsed")
         lines.append(f"generated {g['new_tokens']} tokens in {g['seconds']:.2f} s ({g['tokens_per_s']:.1f} tokens/s), "
                      f"{g.get('filled_tokens', 0)} more written by the program")
     return "\n".join(lines)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stllm.metrics import masked_error_sum
+
 if TYPE_CHECKING:                                  # the CLI imports this module: keep pandas out of its start-up
     from stllm.data.city import CityData
 
@@ -29,10 +31,8 @@ def node_errors(result: dict, channel: int = 0) -> np.ndarray:
     """Masked MAE per node [N] over all windows and horizon steps (targets 0 or NaN ignored, as `stllm evaluate`);
     NaN for a node with no such target."""
     pred, true = result["prediction"][..., channel], result["truth"][..., channel]     # [b, t_out, N]
-    valid = np.isfinite(true) & (true != 0)
-    err = np.where(valid, np.abs(pred - np.nan_to_num(true)), 0.0).sum((0, 1))
-    count = valid.sum((0, 1))
-    return np.where(count > 0, err / np.maximum(count, 1), np.nan)
+    sums = [masked_error_sum(pred[..., i], true[..., i]) for i in range(pred.shape[-1])]
+    return np.array([total / n if n else np.nan for total, n in sums])
 
 
 def _node(city: CityData, node) -> int:
@@ -228,60 +228,66 @@ def metrics_html(metrics: dict, name: str = "stllm") -> str:
             f"steps; the best value in each column is bold.{missing}</p>")
 
 
+VERDICTS = ("failed", "unparsed", "unchecked", "held")     # the order claims are listed and counted in
+
+
 def verdict(claim: dict) -> str:
-    """A claim's check as one word: held, failed, or what the checker said otherwise (unchecked, unparsed)."""
-    v = claim.get("verdict", claim.get("holds"))
-    if v is True or v == "holds":
-        return "held"
-    if v is False or v == "fails":
-        return "failed"
-    return str(v or "unchecked")
+    """A claim's check in one word: held, failed, unparsed (a checkable shape the checker could not read) or
+    unchecked (the data cannot settle it)."""
+    if claim.get("verdict") in ("unparsed", "unchecked"):
+        return claim["verdict"]
+    return {True: "held", False: "failed"}.get(claim.get("holds"), "unchecked")
+
+
+def _counts(claims: list[dict]) -> str:
+    return ", ".join(f"{n} {v}" for v in VERDICTS if (n := sum(verdict(c) == v for c in claims))) or "none"
 
 
 def _marked_text(text: str, claims: list[dict]) -> str:
-    """The explanation with each claim's words wrapped in <mark class=VERDICT> (first free occurrence)."""
-    spans: list[tuple[int, int, str]] = []
+    """The explanation with each claim's words wrapped in <mark class=VERDICT data-by=WRITER> (first free
+    occurrence)."""
+    spans: list[tuple[int, int, dict]] = []
     for claim in claims:
         needle, at = str(claim.get("text", "")), 0
         while needle and (at := text.find(needle, at)) >= 0:
             if all(at >= z or at + len(needle) <= a for a, z, _ in spans):
-                spans.append((at, at + len(needle), verdict(claim)))
+                spans.append((at, at + len(needle), claim))
                 break
             at += 1
     out, last = [], 0
-    for a, z, v in sorted(spans):
-        out += [_e(text[last:a]), f"<mark class={_e(v)}>{_e(text[a:z])}</mark>"]
+    for a, z, claim in sorted(spans, key=lambda x: x[:2]):
+        v, by = verdict(claim), claim.get("by", "?")
+        out += [_e(text[last:a]), f"<mark class={v} data-by={_e(by)} title='{v}, written by the {_e(by)}'>"
+                                  f"{_e(text[a:z])}</mark>"]
         last = z
     return "".join(out) + _e(text[last:])
 
 
 def explanation_html(result: dict, with_plot: bool = True) -> str:
-    """One explained forecast: its plot beside the text with each claim marked by its check, then the claims listed
-    (failed first) with what they stated, what the data says, and who wrote them."""
+    """One explained forecast: its plot beside the text with each claim marked by its check (underlined where the
+    model wrote it), the counts per writer, then the claims listed (failed first) with who wrote them, what they
+    stated and what the data says."""
     claims = result.get("claims", [])
-    order = {"failed": 0, "held": 2}
-    words = sorted(dict.fromkeys(verdict(c) for c in claims), key=lambda v: order.get(v, 1))
-    counts = ", ".join(f"{sum(verdict(c) == v for c in claims)} {_e(v)}" for v in words) or "no claim found"
-    writers = {str(c.get("by", c.get("written_by"))) for c in claims} - {"None"}
+    writers = [w for w in ("model", "program") if any(c.get("by") == w for c in claims)]
+    per_writer = "; ".join(f"by the {w}: {_counts([c for c in claims if c.get('by') == w])}" for w in writers)
     items = "".join(
-        f"<li class='claim {_e(verdict(c))}'><span class=mark>{_e(verdict(c))}</span> "
+        f"<li class='claim {verdict(c)}'><span class=mark>{verdict(c)}</span> "
+        f"<span class=by>by the {_e(c.get('by', '?'))}</span> "
         f"<code>{_e(c.get('kind', ''))} {_e(c.get('quantity', ''))}</code> “{_e(c.get('text', ''))}”"
         + (f" — stated {_e(_short(c.get('stated')))}, actual {_e(_short(c.get('actual')))}"
            if c.get("actual") is not None else "")
-        + (f" <span class=by>written by the {_e(c.get('by', c.get('written_by')))}</span>" if len(writers) > 1 else "")
-        + "</li>" for c in sorted(claims, key=lambda c: order.get(verdict(c), 1)))
+        + "</li>" for c in sorted(claims, key=lambda c: VERDICTS.index(verdict(c))))
     who = result.get("node_name", result.get("node", ""))
     faith = result.get("faithfulness")
     head = (f"<h3>{_e(who)} · {_e(result.get('channel', ''))} from {_e(result.get('at', ''))}</h3>"
-            f"<p class=caption>mode {_e(result.get('mode', ''))}; {counts}"
-            + (f"; faithfulness {faith:.2f}" if faith is not None else "")
-            + (f"; every claim written by the {_e(next(iter(writers)))}" if len(writers) == 1 else "") + "</p>")
+            f"<p class=caption>mode {_e(result.get('mode', ''))}; {per_writer or 'no claim found'}"
+            + (f"; faithfulness {faith:.2f}" if faith is not None else "") + "</p>")
     warning = f"<p class=warning>{_e(result['warning'])}</p>" if result.get("warning") else ""
     plot = f"<div class=figure>{explanation_svg(result)}</div>" if with_plot else ""
     return (f"<article class=explanation>{head}<div class=pair>{plot}<p class=rationale>"
             f"{_marked_text(result['explanation'], claims)}</p></div>{warning}"
-            f"<details><summary>{len(claims)} claims: {counts}</summary><ul class=claims>{items}</ul></details>"
-            "</article>")
+            f"<details><summary>{len(claims)} claims: {_counts(claims)}</summary><ul class=claims>{items}</ul>"
+            "</details></article>")
 
 
 def _minute(t) -> str:
@@ -322,10 +328,12 @@ tr.run th,tr.run td{background:#eef4fb} td.best{font-weight:bold} td.na{color:#9
 table.notes td{vertical-align:top}
 .explanation{border:1px solid #e3e3e3;border-radius:6px;padding:4px 16px;margin:14px 0}
 .rationale{white-space:pre-wrap;background:#f7f7f7;padding:8px 10px;border-radius:4px;font-size:14px}
-mark.held{background:#d7f0d2} mark.failed{background:#f7d0cc} mark{background:#eee}
+mark.held{background:#d7f0d2} mark.failed{background:#f7d0cc} mark.unparsed{background:#fbe7b5} mark{background:#eee}
+mark[data-by=model]{border-bottom:2px solid #1565c0}
 ul.claims{font-size:13px;padding-left:18px} li.claim{margin:2px 0;list-style:none}
 .mark{display:inline-block;min-width:64px;text-align:center;border-radius:3px;padding:0 4px;font-weight:bold;
 font-size:12px;background:#ddd} .held .mark{background:#2e7d32;color:#fff} .failed .mark{background:#c62828;color:#fff}
+.unparsed .mark{background:#b7791f;color:#fff}
 .pair{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,6fr);gap:16px;align-items:start}
 details{margin:6px 0 10px} summary{cursor:pointer;color:#444;font-size:14px} .by{color:#888}
 .warning{color:#a15c00} #script-errors{color:#c62828}
@@ -392,7 +400,9 @@ def page_html(city: CityData, data: dict, title: str | None = None, max_windows:
         ("metrics", "Metrics against the baselines", metrics_html(data["metrics"], data["model"])),
         ("explanations", "Explained forecasts",
          "<p class=caption>Each claim in an explanation is checked against the data: <b>held</b>, <b>failed</b>, "
-         "or not checkable (unchecked). Each node at its worst test window.</p>"
+         "<b>unparsed</b> (a sentence of a checkable shape the checker could not read) or unchecked (the data "
+         "cannot settle it); each says who wrote it, the model (underlined) or the program (filled-in facts and the "
+         "forecast numbers). Each node at its worst test window.</p>"
          + "".join(explanation_html(r) for r in data["explained"])),
     ]
     if city.notes is not None:

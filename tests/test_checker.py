@@ -77,7 +77,7 @@ def test_every_analytic_claim_is_found_and_holds(synth):
         r = teacher.explain(city, node, s, effects=effects)
         text = r.filled()
         report = check_explanation(text, city, node, s, forecast=r.target, effects=effects)
-        assert report.claims and not report.unchecked, text
+        assert report.claims and not report.unchecked and not report.unparsed, text
         assert report.faithfulness == 1.0, report.summary() + "\n" + text
         assert report.numbers_consistent and report.forecast_consistent
         kinds = {c.kind for c in report.claims}
@@ -234,3 +234,51 @@ def test_checker_recomputes_the_truth_from_the_data(city):
     report = check_explanation(text, other, "Dongsi", START)
     assert report.faithfulness == 0.0 and len(report.failed) == 5
     assert compute_facts(other, 0, START).trend.direction == "up"
+
+
+def numbered_city(ids: list[str]) -> CityData:
+    """falling_city with numeric sensor ids as ids and names."""
+    city = falling_city()
+    city.nodes["id"] = city.nodes["name"] = ids
+    return city
+
+
+@pytest.mark.parametrize("ids", [["773869", "767541", "767542"],         # METR-LA's
+                                 ["19", "20", "8"]])                       # PEMS-like, and hours of the window
+def test_numeric_node_ids_are_not_numbers_in_an_analytic_rationale(ids):
+    city = numbered_city(ids)
+    r = AnalyticTeacher().explain(city, ids[0], START)
+    assert f"at {ids[0]} over the next 12 hours" in r.filled()               # the question names the sensor
+    report = check_explanation(r.filled(), city, ids[0], START, forecast=r.target)
+    assert report.numbers_consistent is True and report.faithfulness == 1.0, report.summary()
+    assert [c.kind for c in report.claims if c.kind == "forecast_numbers"] == ["forecast_numbers"]   # the list alone
+    plain = AnalyticTeacher().explain(falling_city(), 0, START)
+    named = check_explanation(plain.filled(), falling_city(), 0, START, forecast=plain.target)
+    assert len(report.claims) == len(named.claims) and not report.unparsed   # the same claims as with named nodes
+
+
+def test_numeric_node_ids_are_not_numbers_in_free_text():
+    city = numbered_city(["773869", "767541", "767542"])
+    forecast = [150.0] * 12
+    text = ("We expect PM2.5 at 773869 to fall, as at sensor 773869 yesterday. It should stay near the nearest "
+            "sensors (767541, 767542). Node 767541 fell.")
+    report = check_explanation(text, city, "773869", START, forecast=forecast)
+    assert not [c for c in report.claims + report.unchecked if "7" in str(c.stated)], report.claims
+    assert report.numbers_consistent is True
+    # a value that is not a node still counts, next to a node that is one
+    report = check_explanation("PM2.5 at 773869 is expected to average about 9999.0.", city, "773869", START,
+                               forecast=forecast)
+    assert [(c.kind, c.stated, c.holds) for c in report.claims] == [("forecast_numbers", 9999.0, False)]
+
+
+def test_claims_say_who_wrote_them_and_unparsed_clauses_are_counted(city):
+    program = "PM2.5 fell by 33.0 ug/m3."
+    text = program + " The latest reading is 157. Yesterday at this hour it rose by 12.5; which pushes up."
+    report = check_explanation(text, city, "Dongsi", START, program=[(0, len(program))])
+    assert {(c.kind, c.quantity, c.by) for c in report.claims} == {
+        ("trend", "direction", "program"), ("trend", "change", "program"), ("last_value", "value", "model")}
+    assert all(c.holds for c in report.claims)
+    assert [(c.kind, c.text, c.stated, c.holds, c.by) for c in report.unparsed] == [
+        ("unparsed", "Yesterday at this hour it rose by 12.5", "rose", None, "model"),
+        ("unparsed", "pushes up.", "pushes up", None, "model")]
+    assert report.faithfulness == 1.0 and "2 clause(s) not parsed" in report.summary()

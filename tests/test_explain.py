@@ -150,27 +150,64 @@ def test_generation_fills_fact_slots_as_they_are_written(run):
     assert [x for feed in backbone.fed for x in feed] == first + ids("Flow rose by 5.0.") + second
 
 
+def _generated(model, city, monkeypatch, written: str) -> dict:
+    """explain in generated mode where the program fills {recent} and the model writes `written` after it."""
+    def fake(model, prep, node, start, prompt, max_new_tokens, fill, opening=(), allowed=None):
+        return ([("3. Recent data: ", False), (fill("recent", "3. Recent data: "), True), (written, False)],
+                {"new_tokens": 20, "filled_tokens": 60, "seconds": 0.1, "tokens_per_s": 200.0})
+
+    monkeypatch.setattr(explain_module, "generate_rationale", fake)
+    return explain(model, city, 0, AT, mode="generated")
+
+
 def test_generated_claims_say_who_wrote_them(run, city, monkeypatch):
     """The program's fact text is checked like the rest; the claims in the model's own words are counted apart."""
     _, model = run
     rising = compute_facts(city, 0, AT).trend.direction == "up"
     right, wrong = ("flow rose recently", "flow fell recently")[::1 if rising else -1]
-
-    def fake(model, prep, node, start, prompt, max_new_tokens, fill, opening=(), allowed=None):
-        return ([("3. Recent data: ", False), (fill("recent", "3. Recent data: "), True),
-                 (f"\n4. Factors: Pushing one way: {right}. Pushing the other: {wrong}.", False)],
-                {"new_tokens": 20, "filled_tokens": 60, "seconds": 0.1, "tokens_per_s": 200.0})
-
-    monkeypatch.setattr(explain_module, "generate_rationale", fake)
-    r = explain(model, city, 0, AT, mode="generated")
+    r = _generated(model, city, monkeypatch, f"\n4. Factors: Pushing one way: {right}. Pushing the other: {wrong}.")
     assert "The latest reading is" in r["explanation"] and "{recent}" not in r["explanation"]
-    by = {c["written_by"] for c in r["claims"]}
-    assert by == {"program", "model"}
-    own = [c for c in r["claims"] if c["written_by"] == "model" and c["verdict"] != "unchecked"]
+    assert {c["by"] for c in r["claims"]} == {"program", "model"}
+    own = [c for c in r["claims"] if c["by"] == "model" and c["holds"] is not None]
     assert r["model_claims"] == len(own) == 2 and r["model_faithfulness"] == 0.5
-    assert [c["text"] for c in own if c["verdict"] == "fails"] == [wrong.split()[1]]
-    assert all(c["verdict"] == "holds" for c in r["claims"] if c["written_by"] == "program")
+    assert [c["text"] for c in own if c["holds"] is False] == [wrong.split()[1]]
+    program = [c for c in r["claims"] if c["by"] == "program"]
+    assert all(c["holds"] is True for c in program) and any(c["kind"] == "last_value" for c in program)
+    assert r["by_writer"]["program"]["checked"] == len(program) and r["by_writer"]["program"]["hold_share"] == 1.0
     assert 0.5 < r["faithfulness"] < 1.0 and r["numbers_consistent"] is True
+
+
+def test_a_planted_wrong_model_fact_fails_that_claim_alone(run, city, monkeypatch):
+    _, model = run
+    facts = compute_facts(city, 0, AT)
+    planted = f"{facts.last_value * 2 + 50:.1f}"
+    r = _generated(model, city, monkeypatch, f"\n4. Factors: The latest reading is {planted}, which matters.")
+    failed = [c for c in r["claims"] if c["holds"] is False]
+    assert [(c["by"], c["kind"], c["stated"]) for c in failed] == [("model", "last_value", float(planted))]
+    assert planted in failed[0]["text"]
+    assert r["by_writer"]["model"] == {"checked": 1, "hold": 0, "hold_share": 0.0, "unparsed": 0,
+                                       "unparsed_share": 0.0}
+    assert all(c["holds"] is True for c in r["claims"] if c["by"] == "program")   # the same value, right, in {recent}
+
+
+def test_an_unparsed_checkable_sentence_is_null_and_counted(run, city, monkeypatch):
+    _, model = run
+    r = _generated(model, city, monkeypatch, "\n4. Factors: Yesterday at this hour flow rose by 12.5.")
+    unparsed = [c for c in r["claims"] if c["verdict"] == "unparsed"]
+    assert [(c["by"], c["holds"], c["text"]) for c in unparsed] == [
+        ("model", None, "Yesterday at this hour flow rose by 12.5.")]
+    assert r["by_writer"]["model"]["unparsed"] == 1 and r["by_writer"]["model"]["unparsed_share"] == 1.0
+    assert r["by_writer"]["program"]["unparsed"] == 0
+    assert "1 clause(s) not parsed" in r["summary"] and "1 not parsed" in format_explanation(r)
+
+
+def test_analytic_claims_are_all_the_programs(run, city):
+    _, model = run
+    r = explain(model, city, 1, AT)
+    assert r["claims"] and {c["by"] for c in r["claims"]} == {"program"}
+    assert r["by_writer"]["model"] == {"checked": 0, "hold": 0, "hold_share": None, "unparsed": 0,
+                                       "unparsed_share": None}
+    assert r["by_writer"]["program"]["unparsed"] == 0 and r["model_claims"] == 0
 
 
 def test_a_wrong_claim_is_caught(run, city):
@@ -225,6 +262,7 @@ def test_cli_json_and_plot(run, city, tmp_path, capsys):
     assert {"forecast", "timestamps", "explanation", "claims", "faithfulness", "numbers_consistent", "truth",
             "mode", "history"} <= set(r)
     assert r["mode"] == "analytic" and r["faithfulness"] == 1.0 and len(r["forecast"]) == 12
+    assert r["claims"] and all(c["by"] == "program" and c["holds"] in (True, None) and c["text"] for c in r["claims"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert main(["explain", "--run", str(out), "--node", "S02", "--at", at, "--mode", "generated",
                  "--max-new-tokens", "8"]) == 0
@@ -367,7 +405,7 @@ def test_train_student_writes_a_run_that_explains(tmp_path, city, monkeypatch):
     opening = (f"1. Question: {fact_text(facts, 'question', None)}\n2. Drivers: {fact_text(facts, 'drivers', None)}"
                f"\n3. Recent data: {fact_text(facts, 'recent', None)}")
     assert r["explanation"].startswith(opening) and r["generation"]["new_tokens"] == 16
-    assert all(c["written_by"] == "program" for c in r["claims"] if c["text"] in opening)
+    assert all(c["by"] == "program" for c in r["claims"] if c["text"] in opening)
     from stllm.distill.teachers import stage4_slot_names          # stage 4 may name only this window's factors
     assert seen == [stage4_slot_names(facts)]
 

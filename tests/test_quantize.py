@@ -106,6 +106,32 @@ def test_quantized_backbone_takes_the_adapter_and_stays_close(run, reference, mo
     assert relative_mae(y, ref) > 0                                   # it did run quantized
 
 
+def test_memory_footprint_counts_every_tensor_once(run):
+    backbone = STLLM.from_pretrained(run).backbone
+    mem = bb.memory_footprint(backbone)
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in [*backbone.parameters(), *backbone.buffers()]}
+    assert mem["bytes"] == sum(unique.values())                       # the tied LM head is the embedding
+    emb = bb.base_model(backbone).get_input_embeddings().weight
+    assert mem["embedding_bytes"] == emb.numel() * 4 and mem["embedding_quantized"] is False
+    parts = ("decoder_linear", "decoder_other", "embedding", "other")
+    assert mem["bytes"] == sum(mem[f"{k}_bytes"] for k in parts)
+    assert mem["blocks_bytes"] == mem["decoder_linear_bytes"] + mem["decoder_other_bytes"] > 0
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_quantized_memory_includes_the_unquantized_embedding(run, mode):
+    device_supports(mode, "cuda" if torch.cuda.is_available() else "cpu")
+    fp32 = bb.memory_footprint(STLLM.from_pretrained(run).backbone)
+    quantized = bb.memory_footprint(STLLM.from_pretrained(run, quantize=mode).backbone)
+    assert quantized["embedding_quantized"] is False and quantized["embedding_dtype"] == "float32"
+    assert quantized["embedding_bytes"] == fp32["embedding_bytes"] > 0          # counted, at full size
+    assert quantized["bytes"] == sum(quantized[f"{k}_bytes"] for k in ("decoder_linear", "decoder_other",
+                                                                        "embedding", "other"))
+    assert quantized["decoder_linear_bytes"] < 0.5 * fp32["decoder_linear_bytes"]
+    # the headline ratio includes the embedding, so it is higher than the blocks' alone
+    assert quantized["blocks_bytes"] / fp32["blocks_bytes"] < quantized["bytes"] / fp32["bytes"] < 1
+
+
 def test_merged_lora_equals_unmerged_fp32(run, reference):
     _, batch, ref = reference
     model = STLLM.from_pretrained(run)
@@ -201,9 +227,12 @@ def test_inference_benchmark_runs_on_a_tiny_run(run, tmp_path):
     fp32 = result["modes"]["fp32"]
     assert fp32["n_windows"] == 4 and fp32["s_per_window"] > 0 and fp32["peak_rss_mb"] > 0
     assert 0 < fp32["roofline"]["ratio"] and fp32["roofline"]["flops_per_window"] > 0
+    assert fp32["roofline"]["flops_per_window"] < fp32["roofline"]["dense_flops_per_window"]   # masked pairs left out
     for name in modes[1:]:
         r = result["modes"][name]
         assert r["model_memory"]["blocks_ratio_vs_fp32"] < 0.5 and abs(r["mae_rel_diff"]) < 0.03
+        assert r["model_memory"]["blocks_ratio_vs_fp32"] < r["model_memory"]["ratio_vs_fp32"]   # embedding included
+        assert r["targets"]["memory_met"] == (r["model_memory"]["ratio_vs_fp32"] <= r["targets"]["memory_ratio_max"])
     assert [c["sequences_per_window"] for c in result["city"]] == [3, 1]
     assert "| fp32 |" in done.stdout and "nodes_per_sequence" in done.stdout
 

@@ -53,7 +53,7 @@ def test_page_is_self_contained_and_complete(page):
     for name in ("historical_average", "same_time_yesterday", "encoder only"):   # the table of `stllm evaluate`
         assert f"<th>{name}</th>" in text
     assert "A parade crosses the centre." in text and "before the test period" not in text   # notes of the test split
-    assert "<mark class=held>" in text and text.count("<article class=explanation>") == 3
+    assert "<mark class=held data-by=program" in text and text.count("<article class=explanation>") == 3
     assert text.count("<svg") == 2 + 3                          # map, forecasts, one plot per explanation
 
 
@@ -66,21 +66,25 @@ def test_metrics_table_marks_the_best_and_missing_baselines():
     assert table.count("<td class=na>n/a</td>") == 5 and "same_time_last_week: n/a, needs 168 steps" in table
 
 
-def test_claims_are_marked_by_their_check():
-    claims = [{"kind": "trend", "quantity": "direction", "text": "flow rose", "stated": "up", "actual": "up",
-               "verdict": "holds", "by": "model"},
-              {"kind": "last_value", "quantity": "value", "text": "at 137.0", "stated": 137.0, "actual": 120.0,
-               "verdict": "fails", "written_by": "program"},
-              {"kind": "weather", "quantity": "rain", "text": "it rained", "stated": None, "actual": None,
-               "holds": None}]
+def test_claims_are_marked_by_their_check_and_writer():
+    claim = lambda text, holds, by, verdict=None: {"kind": "trend", "quantity": "direction", "text": text,  # noqa: E731
+                                                  "stated": "up", "actual": None if holds is None else "up",
+                                                  "holds": holds, "by": by, "verdict": verdict}
+    claims = [claim("flow rose", True, "model", "holds"), claim("at 137.0", False, "program", "fails"),
+              claim("it rained", None, "model", "unchecked"), claim("Yesterday it rose by 12.5", None, "model",
+                                                                     "unparsed")]
     result = {"node_name": "S03 University", "channel": "flow", "at": "2024-01-18 09:00", "mode": "generated",
-              "explanation": "Since 8:00 flow rose, at 137.0 now; it rained.", "claims": claims, "faithfulness": 0.5}
+              "explanation": "Since 8:00 flow rose, at 137.0 now; it rained. Yesterday it rose by 12.5.",
+              "claims": claims, "faithfulness": 0.5}
     out = report.explanation_html(result, with_plot=False)
-    assert "<mark class=held>flow rose</mark>" in out and "<mark class=failed>at 137.0</mark>" in out
-    assert "<mark class=unchecked>it rained</mark>" in out
-    assert "1 failed, 1 unchecked, 1 held" in out                # failed first, in the counts and in the list
-    assert out.index("claim failed") < out.index("claim unchecked") < out.index("claim held")
-    assert "written by the model" in out and "written by the program" in out
+    assert "<mark class=held data-by=model title='held, written by the model'>flow rose</mark>" in out
+    assert "<mark class=failed data-by=program title='failed, written by the program'>at 137.0</mark>" in out
+    assert "<mark class=unchecked data-by=model" in out and "<mark class=unparsed data-by=model" in out
+    assert "4 claims: 1 failed, 1 unparsed, 1 unchecked, 1 held" in out      # failed first, in the counts and list
+    assert "by the model: 1 unparsed, 1 unchecked, 1 held; by the program: 1 failed" in out
+    assert out.index("claim failed") < out.index("claim unparsed") < out.index("claim unchecked") \
+        < out.index("claim held")
+    assert out.count("<span class=by>by the model</span>") == 3 and out.count("by the program</span>") == 1
 
 
 def test_spring_layout_keeps_components_apart():
@@ -160,7 +164,8 @@ def test_page_renders_in_chromium(page, chromium, tmp_path):
     assert "<svg" in sections["map"] and "test MAE" in sections["map"]
     assert sections["forecasts"].count("<svg") == 1 and "1 step ahead" in sections["forecasts"]
     assert "<svg" in sections["explanations"] and '<li class="claim held">' in sections["explanations"]
-    assert '<mark class="held">' in sections["explanations"] and "A parade" in sections["notes"]
+    assert '<mark class="held" data-by="program" title="held, written by the program">' in sections["explanations"]
+    assert "A parade" in sections["notes"]
 
     shot = tmp_path / "shot.png"
     done = browse(chromium, page, tmp_path, f"--screenshot={shot}")

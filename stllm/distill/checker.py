@@ -30,6 +30,14 @@ Claim kinds (Claim.kind, with Claim.quantity naming what is tested):
                       pushes balance ("the upward pushes outweigh the downward ones" states a rise, "these pushes
                       roughly cancel out" a level forecast, "the move down comes from influences outside ..." a fall)
 
+Who wrote a claim (Claim.by): "program" when its text lies wholly inside a span the program wrote (`program=`:
+filled fact slots, the forecast numbers), else "model". Unparsed (Report.unparsed, holds None): a clause with a
+checkable shape -- a number written with a decimal point or a percent sign, a past change ("rose", "fell",
+"held steady") or a push ("pushes up") -- in which no claim was found there; counted, never dropped. Node ids are
+not numbers: a numeric id or name of the city's nodes that names a node ("at 773869", "sensor 773869", a list
+"(773869, 767541)") is hidden from the number patterns, so a question "What will speed be at 773869 ...?" states
+no forecast value.
+
 Numbers hold when |stated - actual| <= half a unit of the stated last digit + tolerance * |actual|; forecast
 numbers get no relative tolerance (they must equal the head's numbers up to rounding). Directions hold by sign
 ("rose" needs a positive change), "held steady" by the FLAT_TOL rule of `stllm.distill.facts`, compass names
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -92,6 +101,7 @@ _WEATHER_WORDS = {"temperature": r"(?:air\s+)?temperatures?|temps?", "dew_point"
                   "rain": r"rain(?:fall)?|precipitation", "wind_speed": r"wind\s+speeds?|winds?",
                   "humidity": r"(?:relative\s+)?humidity"}
 _WIND_DIRECTION_SUBJECT = re.compile(r"\bwind\s+direction\b", re.I)
+_NODE_WORDS = r"at|sensors?|nodes?|stations?|detectors?|sites?|zones?|regions?|counters?|locations?"
 
 _PERIODS = r"yesterday|(?:a|one)\s+day\s+(?:earlier|before|ago)|the\s+previous\s+day|the\s+day\s+before|" \
            r"last\s+week|(?:a|one)\s+week\s+(?:earlier|before|ago)|the\s+previous\s+week"
@@ -195,13 +205,15 @@ class Claim:
     span: tuple[int, int]        # its (start, end) offsets in the explanation
     stated: float | str
     actual: float | str | None
-    holds: bool | None           # None: found but not checkable here
+    holds: bool | None           # None: found but not checkable here (or, kind "unparsed", not parsed)
+    by: str = "model"            # who wrote its text: "model" or "program"
 
 
 @dataclass
 class Report:
     claims: list[Claim] = field(default_factory=list)       # checked claims
     unchecked: list[Claim] = field(default_factory=list)    # found, but the data (or inputs) cannot settle them
+    unparsed: list[Claim] = field(default_factory=list)     # clauses of a checkable shape in which no claim was found
     faithfulness: float | None = None                       # fraction of checked data claims that hold
     numbers_consistent: bool | None = None                  # stated forecast numbers == forecast (None: no forecast)
     forecast_consistent: bool | None = None                 # ... and the stated forecast direction matches too
@@ -218,7 +230,8 @@ class Report:
         head = f"{sum(c.holds for c in data)}/{len(data)} data claims hold"
         if self.faithfulness is not None:
             head += f" (faithfulness {self.faithfulness:.2f})"
-        lines = [head + f"; forecast numbers consistent: {self.numbers_consistent}"]
+        lines = [head + f"; forecast numbers consistent: {self.numbers_consistent}"
+                 + (f"; {len(self.unparsed)} clause(s) not parsed" if self.unparsed else "")]
         lines += [f"  FAILS {c.kind}.{c.quantity}: {c.text!r} states {c.stated}, data {c.actual}" for c in self.failed]
         return "\n".join(lines)
 
@@ -228,26 +241,47 @@ class Report:
 
 def check_explanation(text: str, city: CityData, node, start, forecast=None, tolerance: float = DEFAULT_TOLERANCE,
                       t_in: int = 12, t_out: int = 12, channel: str | int = 0,
-                      effects: dict[str, dict[str, Effect]] | None = None) -> Report:
+                      effects: dict[str, dict[str, Effect]] | None = None,
+                      program: Sequence[tuple[int, int]] = ()) -> Report:
     """Find and test the checkable claims of `text`, an explanation of node `node` (id, name or position) for
     the window starting at `start` (index or timestamp of the first target step). `forecast` [t_out]: the
     numbers the explanation must state (the regression head's); `effects`: from `estimate_effects`, to test
-    effect claims."""
+    effect claims; `program`: the (start, end) spans of `text` the program wrote (the rest is the model's)."""
     truth = compute_facts(city, node, start, t_in=t_in, t_out=t_out, effects=effects, channel=channel)
     _, s = resolve_window(city, node, start, t_in, t_out)
     fc = None if forecast is None else np.asarray([np.nan if v is None else v for v in forecast], dtype=np.float64)
-    ctx = _Context(text, city, truth, s, fc, tolerance, effects)
-    for m_start, sentence in _sentences(text):
+    ctx = _Context(text, city, truth, s, fc, tolerance, effects, program)
+    for m_start, sentence in _sentences(_hide_node_ids(text, city)):
         ctx.sentence(m_start, sentence)
     checked = [c for c in ctx.found if c.holds is not None]
     data = [c for c in checked if not c.kind.startswith("forecast")]
     numbers = [c for c in checked if c.kind == "forecast_numbers"]
-    report = Report(claims=checked, unchecked=[c for c in ctx.found if c.holds is None])
+    report = Report(claims=checked, unchecked=[c for c in ctx.found if c.holds is None], unparsed=ctx.unparsed)
     report.faithfulness = sum(c.holds for c in data) / len(data) if data else None
     if fc is not None:
         report.numbers_consistent = all(c.holds for c in numbers)
         report.forecast_consistent = all(c.holds for c in checked if c.kind.startswith("forecast"))
     return report
+
+
+def _hide_node_ids(text: str, city: CityData) -> str:
+    """`text` with each numeric node id or name that names a node -- after "at", "sensor", "node", "station", ...,
+    or in a parenthesised list of them -- overwritten by '#' (same length: offsets stay), so no number pattern
+    reads a node as a value."""
+    names = {str(x) for col in ("id", "name") if col in city.nodes for x in city.nodes[col]}
+    numeric = sorted((x for x in names if x.isdigit()), key=len, reverse=True)
+    if not numeric:
+        return text
+    ids = "|".join(numeric)
+    after_word = re.compile(rf"\b(?:{_NODE_WORDS})\s+(?:#\s*|no\.\s*|id\s+)?(?P<id>{ids})(?![\w/:-]|[.,]\d)"
+                            rf"(?!\s*{_UNITS}(?![\w/]))", re.I)
+    listed = re.compile(rf"\((?:\s*(?:{ids})\s*,)*\s*(?:{ids})\s*\)")
+    chars = list(text)
+    for m in after_word.finditer(text):
+        chars[m.start("id"):m.end("id")] = "#" * len(m.group("id"))
+    for m in listed.finditer(text):
+        chars[m.start():m.end()] = re.sub(r"\d", "#", m.group(0))
+    return "".join(chars)
 
 
 def _sentences(text: str):
@@ -264,10 +298,11 @@ class _Context:
     """The recomputed truth for one window plus the vocabulary to find claims about it; collects claims."""
 
     def __init__(self, text: str, city: CityData, truth: Facts, s: int, forecast: np.ndarray | None,
-                 tolerance: float, effects):
+                 tolerance: float, effects, program: Sequence[tuple[int, int]] = ()):
         self.text, self.city, self.truth, self.s, self.forecast = text, city, truth, s, forecast
-        self.tol, self.effects = tolerance, effects
+        self.tol, self.effects, self.program = tolerance, effects, list(program)
         self.found: list[Claim] = []
+        self.unparsed: list[Claim] = []
         self.weather = {w.name: w for w in truth.weather}
         names = sorted(set(_WEATHER_WORDS) | (set(city.exog_names) - {"wind_dir_deg"}))
         self.weather_re = {n: re.compile(rf"\b(?:{_WEATHER_WORDS.get(n, re.escape(n).replace('_', r'[_ ]'))})\b",
@@ -278,7 +313,11 @@ class _Context:
     # ---- helpers
     def add(self, kind: str, quantity: str, offset: int, span: tuple[int, int], stated, actual, holds) -> None:
         a, b = offset + span[0], offset + span[1]
-        self.found.append(Claim(kind, quantity, self.text[a:b], (a, b), stated, actual, holds))
+        self.found.append(Claim(kind, quantity, self.text[a:b], (a, b), stated, actual, holds, self.writer(a, b)))
+
+    def writer(self, a: int, b: int) -> str:
+        """"program" when the program wrote all of text[a:b], else "model"."""
+        return "program" if any(lo <= a and b <= hi for lo, hi in self.program) else "model"
 
     def number(self, kind: str, quantity: str, offset: int, span, text: str, stated: float, actual) -> None:
         actual = None if actual is None or not np.isfinite(actual) else float(actual)
@@ -311,6 +350,19 @@ class _Context:
         self.pushes(off, sent, self.found[first:])
         for m in _BALANCE.finditer(sent):
             self.forecast_direction(off, m.span(), (m.group("up") or m.group("move") or "flat").lower())
+        self.not_parsed(off, clauses, [c.span for c in self.found[first:]])
+
+    def not_parsed(self, off: int, clauses, covered: list[tuple[int, int]]) -> None:
+        """One "unparsed" entry per clause with a checkable shape (`_marks`) outside every claim found."""
+        for c_off, clause in clauses:
+            loose = [(off + c_off + a, off + c_off + b) for a, b in _marks(clause)
+                     if not any(lo <= off + c_off + a < hi for lo, hi in covered)]
+            if loose:
+                a = off + c_off + len(clause) - len(clause.lstrip())
+                b = off + c_off + len(clause.rstrip())
+                x, y = loose[0]
+                self.unparsed.append(Claim("unparsed", "", self.text[a:b], (a, b), self.text[x:y], None, None,
+                                           self.writer(x, y)))
 
     def pushes(self, off: int, sent: str, found: list[Claim]) -> None:
         """"<factor>, which pushes up|down": tested against the factor claimed in the same ';'-item before it."""
@@ -600,6 +652,15 @@ class _Context:
     def forecast_direction(self, off: int, span, d: str) -> None:
         actual = None if self.forecast is None else forecast_direction(self.truth.last_value, self.forecast)
         self.add("forecast_direction", "direction", off, span, d, actual, None if actual is None else d == actual)
+
+
+def _marks(clause: str) -> list[tuple[int, int]]:
+    """Spans of what makes a clause checkable: a number with a decimal point or a percent sign, a past change verb
+    ("rose", "fell", "held steady"), a push ("pushes up")."""
+    numbers = [m.span() for m in re.finditer(_NUM, clause)
+               if "." in m.group(0) or clause[m.end():].lstrip().startswith("%")]
+    verbs = [m.span() for m in _VERB.finditer(clause) if m.lastgroup in ("up", "down", "flat")]
+    return sorted(numbers + verbs + [m.span() for m in _PUSH.finditer(clause)])
 
 
 def _clauses(sent: str) -> list[tuple[int, str]]:

@@ -2,7 +2,8 @@
 
 PEMS0x:  PEMS04.npz (key `data` [T, N, C]) + PEMS04.csv edge list `from,to,cost` (node indices, or station ids
          listed one per line in PEMS03.txt). No time axis in the file: starts are conventional, 5-min steps.
-DCRNN:   metr-la.h5 (pandas DataFrame, index = timestamps, columns = sensor ids, speed in mph, 0 = missing)
+DCRNN:   metr-la.h5 (pandas DataFrame written by `to_hdf`, index = timestamps, columns = sensor ids, speed in mph,
+         0 = missing; read with `pandas.read_hdf`, i.e. PyTables)
          + adj_mx.pkl (Python-2 pickle of [sensor_ids, sensor_id_to_ind, adj_mx]) + graph_sensor_locations.csv,
          optionally distances_*.csv (from, to, road distance).
 """
@@ -16,7 +17,6 @@ import pandas as pd
 from stllm.data.city import CityData, DataError
 from stllm.data.loaders._common import (check_shape, nodes_with_coordinates, read_edges, read_locations,
                                         read_npz, time_axis)
-from stllm.data.loaders._hdf import read_fixed_frame
 from stllm.data.safe_pickle import safe_load
 
 PEMS_START = {"PEMS03": "2018-09-01", "PEMS04": "2018-01-01", "PEMS07": "2017-05-01", "PEMS08": "2016-07-01"}
@@ -82,7 +82,7 @@ def load_dcrnn(path: str | Path, adj_pkl: str | Path | None = None, locations: s
     distances: optional road-distance edge list `from, to, distance` (default: `distances*.csv(.gz)` next to it).
     """
     path = Path(path)
-    frame = read_fixed_frame(path, key)
+    frame = read_hdf_frame(path, key)
     ids = [str(c) for c in frame.columns]
     values = frame.to_numpy(np.float32, copy=True)[:, :, None]    # [T, N, 1]
     if zero_as_missing:
@@ -98,6 +98,21 @@ def load_dcrnn(path: str | Path, adj_pkl: str | Path | None = None, locations: s
                     channels=["speed"], units=["mph"], nodes=nodes, city=DCRNN_CITY.get(name, ""),
                     domain="traffic speed", holidays="US", adjacency=read_adj_pkl(adj_path, ids),
                     distances=None if dist_path is None else read_edges(dist_path, ids)[1])
+
+
+def read_hdf_frame(path: Path, key: str | None = None) -> pd.DataFrame:
+    """The DataFrame `DataFrame.to_hdf` wrote to `path` under `key` (default: the only one in the file), fixed or
+    table format, from any pandas version (DCRNN's files come from pandas 0.x), read by `pandas.read_hdf`."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; expected a pandas HDF5 file (DataFrame.to_hdf)")
+    try:
+        frame = pd.read_hdf(path, key)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:    # PyTables' HDF5ExtError: RuntimeError
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise DataError(f"{path}: not a readable pandas HDF5 frame ({type(e).__name__}: {last})") from e
+    if not isinstance(frame, pd.DataFrame):
+        raise DataError(f"{path}: holds a {type(frame).__name__} under {key or 'its only key'}, expected a DataFrame")
+    return frame
 
 
 def read_adj_pkl(path: Path, ids: list[str]) -> np.ndarray:

@@ -1,0 +1,127 @@
+"""The benchmark scripts' own arithmetic: the roofline's FLOP count (benchmarks/inference.py), the holiday error
+breakdown (benchmarks/holidays.py) and the explanation summary (benchmarks/explain.py)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stllm.backbone import BackboneConfig, build_backbone
+from stllm.config import load_config
+from stllm.data.synthetic import make_city
+from stllm.infer import evaluate
+from stllm.model import STLLM
+from stllm.prompts import city_layout
+from stllm.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "run"
+    train(load_config(ROOT / "configs" / "tiny.yaml", ["train.max_steps=2", "backbone.name=tiny-llama"]), out,
+          city=make_city(n_nodes=6, n_days=21, seed=0), progress=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- roofline
+
+
+def test_roofline_counts_only_the_attention_the_mask_allows():
+    bench = load_benchmark("inference")
+    backbone, tokenizer = build_backbone(BackboneConfig(name="tiny-llama", lora_r=4))
+    layout = city_layout("Sensors: <NODES>node <ST_HIS> next <ST_PRE></NODES>", tokenizer, n_nodes=3, n_tokens=2)
+    n = len(layout.ids)
+    full = dataclasses.replace(layout, mask=torch.ones(n, n, dtype=torch.bool).tril())    # plain causal
+    masked, causal = bench.backbone_flops(backbone, layout), bench.backbone_flops(backbone, full)
+    pairs = int(layout.mask.sum())
+    assert pairs < n * (n + 1) // 2 == causal["attended_pairs"]       # node blocks do not see each other
+    assert masked["flops"] < causal["flops"] < masked["dense_flops"] == causal["dense_flops"]
+    d, layers = masked["d_llm"], masked["n_layers"]
+    assert causal["flops"] - masked["flops"] == layers * 4 * d * (n * (n + 1) // 2 - pairs)
+    assert masked["dense_flops"] - masked["flops"] == layers * 4 * d * (n * n - pairs)
+    linear = 4 * 32 * 32 + 3 * 32 * 64                               # q, k, v, o and gate, up, down of tiny-llama
+    lora = 4 * 4 * (32 + 32)                                         # r = 4 on q, k, v, o
+    assert masked["linear_params_per_block"] == linear and masked["lora_params_per_block"] == lora
+    assert masked["flops"] == layers * (n * 2 * (linear + masked["lora_params_per_block"]) + 4 * d * pairs)
+
+
+def test_window_flops_cuts_the_nodes_into_groups(run):
+    bench = load_benchmark("inference")
+    model = STLLM.from_pretrained(run)
+    prep = model.prepare(make_city(n_nodes=6, n_days=21, seed=0))
+    start = int(prep.splits["test"][0])
+    context = prep.batch(np.array([start])).get("context") or {}
+    length = lambda g: len(model.layout(g, context).ids)  # noqa: E731
+    assert [f["seq_len"] for f in bench.window_flops(model, prep, start, 4)] == [length(4), length(2)]
+    assert [f["seq_len"] for f in bench.window_flops(model, prep, start, 0)] == [length(6)]
+
+
+# ---------------------------------------------------------------------------------------------------- holidays
+
+
+def test_holiday_groups_add_up_to_the_masked_mae(run, monkeypatch):
+    bench = load_benchmark("holidays")
+    city = dataclasses.replace(make_city(n_nodes=6, n_days=21, seed=0), holidays="US")   # MLK day: 2024-01-15
+    monkeypatch.setattr(bench, "load_city", lambda cfg: city)
+    out = bench.errors_by_group(run, ["val", "test"])
+    model = STLLM.from_pretrained(run)
+    prep = model.prepare(city)
+    for split in ("val", "test"):
+        groups = out[split]
+        assert groups["all"]["windows"] == len(prep.splits[split]) == sum(groups[g]["windows"] for g in bench.GROUPS)
+        assert groups["all"]["mae"] == pytest.approx(evaluate(model, prep, prep.splits[split])["mae"], rel=1e-9)
+        shares = [groups[g]["share_of_error"] for g in bench.GROUPS]
+        assert sum(shares) == pytest.approx(1.0)
+    assert out["val"]["holiday"]["windows"] + out["val"]["after_holiday"]["windows"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------- explain
+
+
+def _row(by: str, holds, verdict: str, kind: str = "trend") -> dict:
+    return {"by": by, "holds": holds, "verdict": verdict, "kind": kind, "quantity": "direction", "text": "x",
+            "stated": "up", "actual": "up"}
+
+
+def test_explain_summary_counts_model_and_program_claims_apart():
+    bench = load_benchmark("explain")
+    explained = lambda claims: {"claims": claims, "faithfulness": 1.0, "numbers_consistent": True,  # noqa: E731
+                                "forecast_consistent": True, "explanation": "", "at": "", "node": "S00"}
+    results = [explained([_row("model", True, "holds"), _row("model", False, "fails"),
+                          _row("model", None, "unparsed", "unparsed"), _row("program", True, "holds"),
+                          _row("program", True, "holds", "forecast_numbers")]),
+               explained([_row("model", True, "holds"), _row("program", None, "unchecked"),
+                          _row("program", True, "holds")])]
+    out = bench.summarise(results, [1.0, 3.0])
+    assert out["model"] == {"claims_per_explanation": 1.5, "hold_share": pytest.approx(2 / 3),
+                            "unparsed_per_explanation": 0.5, "unparsed_share": 0.25}
+    assert out["program"] == {"claims_per_explanation": 1.5, "hold_share": 1.0, "unparsed_per_explanation": 0.0,
+                              "unparsed_share": 0.0}
+    assert out["failed_by_kind"] == {"model: trend.direction": 1} and out["seconds_per_explanation_median"] == 2.0
+    table = bench.table({"city": {"analytic": out}})
+    assert "| city | analytic | 2 | 1.5 | 0.667 | 0.250 | 1.5 | 1.000 | 1.00 | - | 2.00 | - |" in table
+
+
+def test_explain_benchmark_runs_on_a_tiny_run(run):
+    bench = load_benchmark("explain")
+    out = bench.bench_run("tiny", str(run), n_pairs=3, n_generated=1, max_new_tokens=8)
+    analytic = out["analytic"]
+    assert analytic["n"] == 3 and analytic["model"]["claims_per_explanation"] == 0      # the program wrote it all
+    assert analytic["program"]["claims_per_explanation"] > 5 and analytic["program"]["hold_share"] == 1.0
+    assert analytic["program"]["unparsed_share"] == 0.0
+    assert out["mae"]["max_abs_diff_explain_vs_city_layout"] < 1e-4
+    assert out["mae"]["explain_mode"] == pytest.approx(out["mae"]["city_layout"], rel=1e-5)
+    assert out["generated"]["n"] == 1 and set(out["generated"]["model"]) == set(analytic["model"])
