@@ -54,7 +54,7 @@ def train(recipe: dict, out: Path, steps: int, stage2_steps: int, threads: int) 
     out.mkdir(parents=True, exist_ok=True)
     recipe = json.loads(json.dumps(recipe))
     recipe["train"].update(encoder_first_steps=steps, max_steps=steps + stage2_steps, max_minutes=0,
-                           num_threads=threads)
+                           num_threads=threads, test_sources=False)   # the row tests the held-out city only
     config = out.parent / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(recipe, sort_keys=False))
     if (out / "metrics.json").exists():

@@ -135,6 +135,9 @@ class TrainConfig:
                                              # this decay (e.g. 0.999); validation, the best checkpoint and the
                                              # saved model use the average (0 = off)
     seed: int = 0                            # seeds python, numpy, torch and the data order
+    test_sources: bool = True                # with data.sources: also test on each source's test split (metrics.json
+                                             # "sources"); false = the main dataset only (each source's test costs
+                                             # as much as the main one's)
     grad_accum: int = 1                      # optimizer step every k batches (gradient accumulation; the effective
                                              # batch is batch_size * grad_accum)
     mixed_precision: str = "no"              # no | bf16 | fp16: accelerate's mixed precision (where the device has it)

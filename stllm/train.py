@@ -31,7 +31,7 @@ from stllm.model import STLLM, WEIGHTS, run_weights
 # early stopping's), and settings of this machine (threads, the converted-backbone cache) that change neither
 # what the run trains, on which data, nor the shapes it builds.
 RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps", "train.max_minutes", "train.patience", "train.num_threads",
-                     "backbone.cache_dir")
+                     "backbone.cache_dir", "train.test_sources")
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "mae") -> torch.Tensor:
@@ -423,7 +423,7 @@ def finish(model: STLLM, cities: list[PreparedCity], names: list[str], cfg: Conf
                            "windows_per_s": round(state.windows / max(state.step_s, 1e-9), 2),  # steps only
                            "best_val_error": state.best_val, "peak_rss_mb": peak_rss_mb(),
                            "encoder_stage": stage1, "stopped_by": state.stopped_by}
-    if len(cities) > 1:   # a source without test windows (e.g. all of it given to training) has no metrics
+    if len(cities) > 1 and cfg.train.test_sources:   # a source without test windows (e.g. all of it given to training) has no metrics
         metrics["sources"] = {name: evaluate_with_baselines(model, source, "test", batch_size=cfg.train.batch_size)
                               if len(source.splits["test"]) else None for name, source in zip(names[1:], cities[1:])}
     checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))

@@ -190,3 +190,9 @@ def test_a_source_of_another_dataset_does_not_inherit_the_main_dataset_s_keys(tm
     assert [c.city.n_channels for c in cities] == [1, 1, 1]
     assert cities[1].city.n_nodes == 3 and cities[1].city.channels != ["outflow"]
     assert cities[2].city.channels == ["inflow"] and cities[2].city.n_nodes == 6   # the same dataset's options
+
+
+def test_test_sources_false_tests_the_main_dataset_only(tmp_path):
+    cfg = load_config(TINY, [*FAST, SOURCES, "train.max_steps=2", "train.test_sources=false"])
+    metrics = train(cfg, tmp_path / "run", progress=False)
+    assert "sources" not in metrics and metrics["mae"] > 0
