@@ -105,7 +105,8 @@ def leave_out(name: str, runs: Path, steps: int, stage2_steps: int, threads: int
     return {"city": name, "channel": channel, "zero_shot": {"stllm": zero["stllm"], "encoder_only": zero["encoder_only"]},
             "baselines": zero["baselines"], "full_shot": full["stllm"], "full_shot_encoder_only": full["encoder_only"],
             "single_source": single["stllm"], "single_source_encoder_only": single["encoder_only"],
-            "pretrained_on": [f"{s['name']}{'/' + ','.join(s['channels']) if s.get('channels') else ''}" for s in rest],
+            "pretrained_on": [(s.get("options") or {}).get("name", s["name"]) +
+                              ("/" + ",".join(s["channels"]) if s.get("channels") else "") for s in rest],
             "budget": {"encoder_steps": steps, "stage2_steps": stage2_steps}, "wall_s": round(time.time() - t0, 1)}
 
 
