@@ -5,7 +5,8 @@ city (single-source). Called by `benchmarks/zero_shot.py --leave-out NAME` and `
 Each held-out city is measured on one channel (HELD_OUT); the pretraining drops every series of that dataset.
 stllm and encoder_only come from one run: its second stage holds the encoder, read-out and floor still
 (train.stage2_freeze), so with the language model off it is exactly its first stage, the encoder-only ablation
-trained for the same steps on the same windows.
+trained for the same steps on the same windows. Zero-shot means no training on the held-out city: its scaler and
+its hour-of-week profile (data.profile) are fitted on its own training split, inputs that precede every test window.
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def leave_out(name: str, runs: Path, steps: int, stage2_steps: int, threads: int
     rest = sorted((s for s in series(recipe) if s["name"] != dataset), key=lambda s: s["name"] != "synthetic")
     own = {"name": dataset, "channels": [channel]}
     t0 = time.time()
-    folder = runs / name
+    folder = runs / name / f"steps{steps}+{stage2_steps}"     # another budget trains into another folder
     train(with_series(recipe, rest), folder / "general", steps, stage2_steps, threads)
     train(with_series(recipe, [own]), folder / "full_shot", steps, stage2_steps, threads)
     train(with_series(recipe, [single_source(name)]), folder / "single_source", steps, stage2_steps, threads)

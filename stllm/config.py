@@ -51,7 +51,7 @@ class DataConfig:
                                              # "" = off. Train at another city's interval to use the run there
     window_norm: bool = False                # per-window normalisation (RevIN): the model reads each window's history,
                                              # period windows and profile relative to that node and channel's mean
-                                             # and spread over the history, and its forecast is scaled back; scale
+                                             # and spread over all of them, and its forecast is scaled back; scale
                                              # comes from the window itself (x10 the values -> x10 the forecast)
     sources: list[dict] = field(default_factory=list)  # more datasets to train on in the same loop, each a mapping
                                              # of the data keys that differ from this section (name, options,

@@ -97,3 +97,27 @@ def test_floor_starts_from_the_naive_mix(tiny_city, tiny_config):
 def test_floor_needs_forecasts(tiny_config):
     with pytest.raises(ValueError, match="model.task=forecast"):
         STLLM(tiny_config(["model.use_llm=false", "model.task=events", "model.floor=true"]), 1, 0)
+
+
+def test_a_floor_run_saves_and_loads_to_the_same_forecasts(tmp_path, tiny_city, tiny_config):
+    from stllm.train import build_model
+    cfg = tiny_config(["data.window_norm=true", "model.floor=true", "data.periods=[day]"])
+    prep = PreparedCity(tiny_city, cfg.data, cfg.encoder)
+    model = build_model(cfg, prep).eval()
+    with torch.no_grad():
+        model.floor.logits.copy_(torch.randn_like(model.floor.logits))
+    model.save_pretrained(tmp_path / "run")
+    again = STLLM.from_pretrained(tmp_path / "run")
+    np.testing.assert_allclose(again.predict(tiny_city)["prediction"], model.predict(tiny_city)["prediction"],
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_the_per_node_explanation_path_refuses_a_floor_run(tiny_city, tiny_config):
+    """The student and generated explanations run the model node by node without the floor: refused, not wrong."""
+    from stllm.distill.node_layout import slot_vectors
+    from stllm.train import build_model
+    cfg = tiny_config(["model.floor=true"])
+    prep = PreparedCity(tiny_city, cfg.data, cfg.encoder)
+    model = build_model(cfg, prep)
+    with pytest.raises(ValueError, match="model.floor"):
+        slot_vectors(model, prep.batch(prep.splits["test"][:1]))

@@ -122,3 +122,34 @@ def test_profile_is_the_training_hour_of_week_mean_and_reaches_the_encoder():
     city.values[prep.train_end:] *= 3
     again = PreparedCity(city, cfg.data, cfg.encoder, scaler=prep.scaler).batch(np.array([start]))
     assert torch.equal(again["periods"][:, -1], batch["periods"][:, -1])
+
+
+def test_a_training_target_is_left_out_of_its_own_profile():
+    """A training window's profile at a target step is the mean over the *other* training weeks at that hour."""
+    from stllm.config import load_config
+    from stllm.data.prepared import PreparedCity
+    from stllm.data.synthetic import make_city
+    from pathlib import Path
+    city = make_city(n_nodes=3, n_days=21, seed=1, missing_rate=0.0)
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", ["data.profile=true"])
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    start = int(prep.splits["train"][30])
+    got = prep.batch(np.array([start]))["periods"][0, -1, 0, 1, 0].item()    # first target step, node 1
+    week = 168
+    others = [t for t in range(start % week, prep.train_end, week) if t != start]
+    expected = prep.scaler.transform(city.values[others])[:, 1, 0].mean()
+    assert abs(got - expected) < 1e-5
+    assert abs(got - prep.scaler.transform(city.values[[start] + others])[:, 1, 0].mean()) > 1e-4
+
+
+def test_a_period_shorter_than_the_horizon_is_refused():
+    """At 4 h steps a day is 6 steps: the window a day earlier would hold the targets of a 12-step forecast."""
+    from stllm.config import load_config
+    from stllm.data.city import DataError
+    from stllm.data.prepared import PreparedCity
+    from stllm.data.synthetic import make_city
+    from pathlib import Path
+    city = make_city(n_nodes=3, n_days=60, interval="4h", seed=1)
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", ["data.periods=[day]"])
+    with pytest.raises(DataError, match=r"one day is 6 steps .* data.t_out=12, .* drop 'day'"):
+        PreparedCity(city, cfg.data, cfg.encoder)

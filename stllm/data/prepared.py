@@ -42,7 +42,7 @@ class PreparedCity:
         if scaler.mean.shape[1] != city.n_channels:
             raise DataError(f"{city.name}: the scaler has {scaler.mean.shape[1]} channels, the data {city.n_channels}")
         self.scaler = scaler
-        self.lags = period_lags(city, data_cfg.periods)
+        self.lags = period_lags(city, data_cfg.periods, self.t_out)
         self.context = prompt_fields(city)
         self.periods = list(data_cfg.periods)
         self.holidays = holiday_names(city.holidays, city.timestamps, city.name) if city.holidays else None
@@ -171,7 +171,10 @@ class PreparedCity:
     def _profile(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each node's mean (scaled) at every hour of the week over the training part, laid out over all T' steps:
         (values [T', N, C], mask [T', N, C]; mask 0 where the training part never observed that hour). Only the
-        training part is read, so for zero-shot it comes from the target's own inputs."""
+        training part is read, so for zero-shot it comes from the target's own inputs. A training step's own value
+        is left out of its average (leave one out): otherwise a training target would be part of its own reference,
+        a third of it in a city with three training weeks, and the model would learn to trust the profile more than
+        it deserves on test windows, whose targets are never in it."""
         week = pd.Timedelta(days=7) / self.city.interval
         if week != int(week):
             raise DataError(f"{self.city.name}: data.profile needs an interval that divides a week, got {self.city.interval}")
@@ -182,8 +185,12 @@ class PreparedCity:
         count = np.zeros_like(total)
         np.add.at(total, slot[: self.train_end], self.x[: self.train_end].numpy() * seen)
         np.add.at(count, slot[: self.train_end], seen)
-        mean = np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)
-        return torch.from_numpy(mean[slot]), torch.from_numpy((count > 0).astype(np.float32)[slot])
+        total, count = total[slot], count[slot]                                 # [T', N, C] per step
+        own = self.train_end
+        total[:own] -= self.x[:own].numpy() * seen                               # leave each training step out
+        count[:own] -= seen
+        mean = np.where(count > 0.5, total / np.maximum(count, 1), 0.0).astype(np.float32)
+        return torch.from_numpy(mean), torch.from_numpy((count > 0.5).astype(np.float32))
 
     def _notes(self, steps: torch.Tensor) -> dict:
         """The notes the windows meet: texts [J], kinds [J] and cover [b, t_in + t_out, N, J] (1 where note j holds

@@ -114,14 +114,19 @@ def time_features(timestamps: np.ndarray) -> np.ndarray:
                      np.sin(2 * np.pi * week_frac), np.cos(2 * np.pi * week_frac)], axis=1).astype(np.float32)
 
 
-def period_lags(city: CityData, periods: list[str]) -> list[int]:
-    """Lag in steps for each period name ('day', 'week')."""
+def period_lags(city: CityData, periods: list[str], t_out: int = 0) -> list[int]:
+    """Lag in steps for each period name ('day', 'week'). A lag shorter than the horizon t_out is refused: the
+    window a period earlier would then overlap the targets it is meant to precede."""
     days = {"day": 1, "week": 7}
     lags = []
     for p in periods:
         lag = pd.Timedelta(days=days[p]) / city.interval
         if lag != int(lag):
             raise DataError(f"{city.name}: interval {city.interval} does not divide one {p}")
+        if lag < t_out:
+            raise DataError(f"{city.name}: one {p} is {int(lag)} steps of {city.interval}, fewer than the horizon "
+                            f"data.t_out={t_out}, so the window one {p} earlier would overlap the targets; drop "
+                            f"{p!r} from data.periods or forecast fewer steps")
         lags.append(int(lag))
     return lags
 

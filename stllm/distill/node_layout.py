@@ -61,7 +61,13 @@ def explain_adapter(model):
 def slot_vectors(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The vectors STLLM.forward puts into the slots, for every node of a city batch:
     his [b, N, m, d_llm] (projected ST-tokens), pre [b, N, d_llm] (the <ST_PRE> query), and the encoder's own
-    read-out [b, t_out, N, C] that the head's output is added to (None without model.encoder_skip)."""
+    read-out [b, t_out, N, C] that the head's output is added to (None without model.encoder_skip).
+    Runs with data.window_norm or model.floor are refused: their forecast also passes through the window's scale
+    and the naive floor (STLLM.forward), which this per-node path does not apply yet."""
+    if model.cfg.data.window_norm or model.cfg.model.floor:
+        raise ValueError("the explaining student and generated explanations do not support data.window_norm or "
+                         "model.floor yet (their forecasts would differ from the model's); train the run without "
+                         "them, or use explain.mode=analytic")
     tokens = model.encoder(batch)                                       # [b, N, k, d_enc]
     his = model.projector(tokens)                                       # [b, N, m, d_llm]
     pre = model.pre_query + model.pre_proj(tokens.mean(2))             # [b, N, d_llm]

@@ -8,7 +8,7 @@ times larger then gives the same normalised inputs, and a forecast ten times lar
 period windows too: a station that was empty all night has no spread in its history, but yesterday's same hours
 show the morning rush the forecast must reach.
 
-The naive floor: a learned mix, per horizon step, of the last observed value, the same time a day earlier and a
+The naive floor: a learned mix, per horizon step, of the history's last step (when it is observed), the same time a day earlier and a
 week earlier (and the hour-of-week profile with data.profile), over those the history reaches (a missing one
 gets no weight). The model adds its correction to that mix, so on a new city its start is the city's own rhythm.
 """
@@ -28,10 +28,12 @@ def window_stats(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         values.append(batch["periods"].flatten(1, 2))                      # [b, P*t_out, N, C]
         masks.append(batch["period_mask"].flatten(1, 2))
     x, m = torch.cat(values, 1), torch.cat(masks, 1)
-    n = m.sum(1, keepdim=True).clamp(min=1.0)
+    seen = m.sum(1, keepdim=True)
+    n = seen.clamp(min=1.0)
     mean = (x * m).sum(1, keepdim=True) / n
     var = (((x - mean) * m) ** 2).sum(1, keepdim=True) / n
-    return mean, var.sqrt().clamp(min=MIN_SPREAD)
+    spread = var.sqrt().clamp(min=MIN_SPREAD)
+    return mean, torch.where(seen > 0, spread, torch.ones_like(spread))   # nothing seen: the scaled axis as it is
 
 
 def normalized(batch: dict, mean: torch.Tensor, spread: torch.Tensor) -> dict:
@@ -46,7 +48,7 @@ def normalized(batch: dict, mean: torch.Tensor, spread: torch.Tensor) -> dict:
 class NaiveFloor(nn.Module):
     """[b, t_out, N, C]: a per-step softmax mix of the naive forecasts a window's history supports.
 
-    References: the last observed step of the history, then each period window of the batch (in data.periods
+    References: the last step of the history (no weight where it is missing), then each period window of the batch (in data.periods
     order, then the profile). Their weights start equal; a reference that is unobserved at an entry gets none there,
     and an entry with no reference at all gets 0 (the window's mean, with data.window_norm).
     """
