@@ -60,6 +60,17 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        for i, source in enumerate(self.sources):
+            where = f"data.sources[{i}]"
+            if not isinstance(source, dict):
+                raise ConfigError(f"{where} must be a mapping such as {{name: nyc-taxi, channels: [pickups]}}, got "
+                                  f"{_show(source)}")
+            unknown = sorted(set(source) - SOURCE_KEYS)
+            if unknown:
+                raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; a source takes "
+                                  f"{', '.join(sorted(SOURCE_KEYS))}")
+            if not isinstance(source.get("name"), str) or not source["name"].strip():
+                raise ConfigError(f"{where} needs a name (a built-in dataset or a path), got {_show(source)}")
 
 
 @dataclass
@@ -259,10 +270,6 @@ LIMITS: dict[str, Limit] = {
     "data.periods": ("a list of day and/or week", lambda v: all(p in ("day", "week") for p in v)),
     "data.scaler": _one_of("channel", "node"),
     "data.max_nodes": _at_least(0), "data.train_days": _at_least(0),
-    "data.sources": ("a list of mappings, each with a name and only the keys name, options, channels, resample, "
-                     "max_nodes, notes, split, split_at",
-                     lambda v: all(isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"].strip()
-                                   and set(d) <= SOURCE_KEYS for d in v)),
     "data.resample": ("'' or '<interval>:sum' / '<interval>:mean' with a positive interval, e.g. '1h:sum'",
                       lambda v: v == "" or parse_resample(v) is not None),
     "encoder.d_enc": _at_least(1), "encoder.patch_len": _at_least(1), "encoder.temporal_layers": _at_least(0),

@@ -155,7 +155,8 @@ class WeightAverage:
         if set(avg) != set(self.avg):
             raise ValueError(f"{source}: its weight average (train.ema) does not cover this model's trainable "
                              f"weights; was it written with another train.ema or model?")
-        self.avg, self.n = avg, int(tensors["ema_n"])
+        self.avg = {n: v.to(self.avg[n].device, self.avg[n].dtype) for n, v in avg.items()}   # the model's device
+        self.n = int(tensors["ema_n"])
 
 
 class Loop:

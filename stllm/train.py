@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from accelerate.utils import set_seed
@@ -41,10 +42,10 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ki
     return (per * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def build_model(cfg: Config, prep: PreparedCity, sources: list[str] = ()) -> STLLM:
+def build_model(cfg: Config, prep: PreparedCity, sources: list[str] = (), intervals: list = ()) -> STLLM:
     """The model `cfg` describes, sized by the prepared (main) city and carrying its `RunMeta` (what
     `save_pretrained` writes beside the weights, so the run can be used without its data); `sources`: the names of
-    the other datasets it trains on (data.sources)."""
+    the other datasets it trains on (data.sources), `intervals` their steps."""
     backbone = tokenizer = None
     if cfg.model.use_llm:
         from stllm.backbone import build_backbone
@@ -52,6 +53,7 @@ def build_model(cfg: Config, prep: PreparedCity, sources: list[str] = ()) -> STL
     model = STLLM(cfg, prep.city.n_channels, prep.n_exog, backbone, tokenizer)
     model.meta = RunMeta.from_prepared(prep)
     model.meta.sources = list(sources)
+    model.meta.source_intervals = [pd.Timedelta(i) for i in intervals]
     return model
 
 
@@ -106,7 +108,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData
     train_starts = [training_windows(prep, cfg) for prep in cities]
     val_starts = [_spread(prep.splits["val"], cfg.train.val_windows) for prep in cities]
 
-    model = build_model(cfg, cities[0], sources=names[1:])
+    model = build_model(cfg, cities[0], sources=names[1:], intervals=[c.city.interval for c in cities[1:]])
     if cfg.train.init_from:
         load_init_weights(model, cfg.train.init_from, accelerator.print)
     freeze(model, cfg.train.freeze)

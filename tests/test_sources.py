@@ -163,6 +163,34 @@ def test_a_one_channel_run_takes_any_one_channel_data_zero_shot(mixed):
     two = make_city(n_nodes=3, n_days=21, n_channels=2)                # more than one channel still needs a map
     with pytest.raises(DataError, match="do not match the run's"):
         fit_to_run(two, model.meta)
+    single = dataclasses.replace(model.meta, sources=[])               # a one-city run still asks for a map
+    with pytest.raises(DataError, match="do not match the run's"):
+        fit_to_run(pm, single)
+
+
+def test_a_run_that_mixed_steps_takes_data_at_any_of_them(mixed):
+    """The run trained at 1 h with sources at 30 min and 2 h: its meta lists them, and a 30-minute city fits (as the
+    CLI's `stllm evaluate` needs it); a 15-minute one gets the interval advice."""
+    import pandas as pd
+    from stllm.data.city import DataError
+    from stllm.data.fit import fit_to_run
+    from stllm.model import STLLM
+    meta = STLLM.from_pretrained(mixed[1]).meta
+    assert sorted(meta.source_intervals) == [pd.Timedelta("30min"), pd.Timedelta("2h")]
+    half_hour = make_city(n_nodes=3, n_days=21, interval="30min", seed=5, with_weather=False)
+    assert fit_to_run(half_hour, meta).interval == pd.Timedelta("30min")
+    with pytest.raises(DataError, match="one step is 15min"):
+        fit_to_run(make_city(n_nodes=3, n_days=21, interval="15min", seed=5), meta)
+
+
+def test_another_channel_of_the_run_s_dataset_is_not_its_own_data(mixed):
+    """nyc-bike departures trained, nyc-bike arrivals given: not the run's own data, so not the run's scaler."""
+    from stllm.data.fit import is_own_data
+    from stllm.model import STLLM
+    city = make_city(n_nodes=6, n_days=21, seed=0)                      # the main city of `mixed` (tiny.yaml)
+    meta = STLLM.from_pretrained(mixed[1]).meta
+    assert is_own_data(city, meta)
+    assert not is_own_data(dataclasses.replace(city, channels=["other"]), meta)
 
 
 def test_a_dataset_given_twice_is_told_apart_by_its_channels_or_its_place(tiny_city):
@@ -196,3 +224,12 @@ def test_test_sources_false_tests_the_main_dataset_only(tmp_path):
     cfg = load_config(TINY, [*FAST, SOURCES, "train.max_steps=2", "train.test_sources=false"])
     metrics = train(cfg, tmp_path / "run", progress=False)
     assert "sources" not in metrics and metrics["mae"] > 0
+
+
+@pytest.mark.parametrize("given, says", [
+    ("[{name: synthetic}, {name: x, chanels: [a]}]", r"data.sources\[1\]: unknown key\(s\) chanels; a source takes"),
+    ("[{channels: [a]}]", r"data.sources\[0\] needs a name"),
+])
+def test_a_wrong_source_is_named_by_its_place_and_key(given, says):
+    with pytest.raises(ConfigError, match=says):
+        load_config(TINY, [f"data.sources={given}"])

@@ -29,9 +29,12 @@ class RunMeta:
     city: str = ""                    # the place, as the training data named it
     domain: str = ""                  # "bike sharing", "air quality", ...
     sources: list[str] = field(default_factory=list)  # the other datasets it trained on (data.sources), by name
+    source_intervals: list[pd.Timedelta] = field(default_factory=list)  # their steps (a run that mixed steps
+                                      # forecasts at any of them: periods and profile are counted per city)
 
     def __post_init__(self) -> None:
         self.interval = pd.Timedelta(self.interval)
+        self.source_intervals = [pd.Timedelta(i) for i in self.source_intervals]
         self.train_end = None if self.train_end is None else pd.Timestamp(self.train_end)
         if len(self.units) != len(self.channels):
             raise ValueError(f"RunMeta: {len(self.units)} units for {len(self.channels)} channels")
@@ -59,7 +62,8 @@ class RunMeta:
                 "n_channels": self.n_channels, "channels": self.channels, "units": self.units,
                 "n_exog": self.n_exog, "exog_names": self.exog_names, "interval": str(self.interval),
                 "scaler": self.scaler.to_dict(),
-                "train_end": None if self.train_end is None else str(self.train_end), "sources": self.sources}
+                "train_end": None if self.train_end is None else str(self.train_end), "sources": self.sources,
+                "source_intervals": [str(i) for i in self.source_intervals]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunMeta":
@@ -71,7 +75,7 @@ class RunMeta:
                    units=list(d.get("units") or [""] * len(d["channels"])), interval=d["interval"],
                    scaler=Scaler.from_dict(d["scaler"]), exog_names=list(d.get("exog_names") or []),
                    train_end=d.get("train_end"), city=d.get("city") or "", domain=d.get("domain") or "",
-                   sources=list(d.get("sources") or []))
+                   sources=list(d.get("sources") or []), source_intervals=list(d.get("source_intervals") or []))
         for key in ("n_channels", "n_exog"):
             if key in d and d[key] != getattr(meta, key):
                 raise ValueError(f"meta.json: {key}={d[key]} disagrees with its names ({getattr(meta, key)})")
@@ -123,9 +127,10 @@ def fit_to_run(city: CityData, meta: RunMeta, channels: list[str] | None = None,
 
     channels: ["TARGET=RUN", ...]: the data's channel TARGET feeds the run's channel RUN (names or positions);
     every run channel must be fed. Without a mapping, channel names must match the run's (in any order), except
-    that a one-channel run takes any one-channel data whatever its channel's name.
+    that a run trained on several cities (data.sources, univariate) takes any one-channel data whatever its
+    channel's name. A run that mixed steps takes data at any of them.
     """
-    if city.interval != meta.interval:
+    if city.interval != meta.interval and city.interval not in meta.source_intervals:
         factor = meta.interval / city.interval
         if not resample or factor < 1 or factor != int(factor):
             raise DataError(interval_advice(city, meta))
@@ -148,7 +153,7 @@ def fit_to_run(city: CityData, meta: RunMeta, channels: list[str] | None = None,
         return city.select_channels([feed[i] for i in range(len(run_channels))])
     if sorted(city.channels) == sorted(run_channels):
         return city.select_channels(run_channels)
-    if len(run_channels) == 1 and city.n_channels == 1:
+    if meta.sources and len(run_channels) == 1 and city.n_channels == 1:
         # one series for one series (a run trained on several cities is univariate): the data keeps its own
         # channel name, which reaches the prompt through PreparedCity's context
         return city
@@ -182,7 +187,7 @@ def short_interval(interval) -> str:
 
 def is_own_data(city: CityData, meta: RunMeta) -> bool:
     """Whether `city` is the run's own dataset (then the run's scaler applies), not another city (zero-shot)."""
-    return city.name == meta.dataset and city.n_nodes == meta.n_nodes
+    return city.name == meta.dataset and city.n_nodes == meta.n_nodes and list(city.channels) == list(meta.channels)
 
 
 def prepare(city: CityData, meta: RunMeta, cfg) -> PreparedCity:
