@@ -440,7 +440,11 @@ def config_from_dict(raw: Any, source: str = "config") -> Config:
 
 
 def parse_overrides(overrides: list[str] | None) -> dict:
-    """['train.lr=1e-4', 'data.name=nyc-bike'] -> nested dict; values parsed as YAML scalars/lists."""
+    """['train.lr=1e-4', 'data.name=nyc-bike'] -> nested dict; values parsed as YAML scalars/lists.
+
+    Only the split at the first '=' and '.' is ours; every value goes through PyYAML, so `--set` reads exactly
+    what a config file would. A config library (OmegaConf, Hydra) would add a dependency and its own syntax
+    (interpolation, `+key=`) for no case our configs have; the checks that matter are in check_value."""
     nested: dict = {}
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:

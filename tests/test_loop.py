@@ -12,11 +12,11 @@ from stllm import checkpoint
 from stllm.config import ConfigError, TrainConfig, load_config
 from stllm.loop import LAST, Loop, TrainState, freeze, make_accelerator
 from stllm.train import train
+from run_results import log_of, numbers
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
 ENCODER_ONLY = ["model.use_llm=false", "train.eval_every=1", "train.num_threads=1"]
-TIMING = {"wall_s", "windows_per_s", "peak_rss_mb", "elapsed_s"}
 # LAST's metadata as train() wrote it before the loop had a typed state: a dict of these 13 keys
 OLD_STATE = {"step": 6, "epoch": 0, "epoch_step": 6, "best_val": 1.5, "bad_evals": 1, "elapsed_s": 3.2, "step_s": 2.0,
              "windows": 48, "done": False, "stage": 2, "stage1": None, "lr_scale": 0.5, "stopped_by": None}
@@ -24,20 +24,6 @@ OLD_STATE = {"step": 6, "epoch": 0, "epoch_step": 6, "best_val": 1.5, "bad_evals
 
 class Interrupt(Exception):
     pass
-
-
-def numbers(tree, prefix: str = "") -> dict:
-    """{dotted.path: value} for every leaf of a JSON tree, timing readings left out."""
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() if key not in TIMING
-                for k, v in numbers(value, f"{prefix}{key}.").items()}
-    if isinstance(tree, list):
-        return {k: v for i, value in enumerate(tree) for k, v in numbers(value, f"{prefix}{i}.").items()}
-    return {prefix.rstrip("."): tree}
-
-
-def log_of(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def cut_at(cfg, out: Path, step: int, **kwargs) -> None:

@@ -19,27 +19,17 @@ from stllm import checkpoint
 from stllm.cli import main
 from stllm.model import STLLM
 from stllm.train import train
+from run_results import numbers
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
 ENCODER_ONLY = ["model.use_llm=false", "train.max_steps=2", "train.eval_every=1"]
-TIMING = {"wall_s", "windows_per_s", "peak_rss_mb", "elapsed_s"}   # clock and memory readings, not results
 
 
 def hashes(folder: Path) -> dict[str, str]:
     """Every file under `folder` (names relative to it) with the SHA-256 of its bytes."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def numbers(tree, prefix: str = "") -> dict:
-    """{dotted.path: value} for every number and string of a JSON tree, timing readings left out."""
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() if key not in TIMING
-                for k, v in numbers(value, f"{prefix}{key}.").items()}
-    if isinstance(tree, list):
-        return {k: v for i, value in enumerate(tree) for k, v in numbers(value, f"{prefix}{i}.").items()}
-    return {prefix.rstrip("."): tree}
 
 
 @pytest.fixture(scope="module")

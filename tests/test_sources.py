@@ -11,28 +11,15 @@ import pytest
 from stllm.config import ConfigError, load_config
 from stllm.data.synthetic import make_city
 from stllm.train import train
+from run_results import log_of, numbers
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
-TIMING = {"wall_s", "windows_per_s", "peak_rss_mb", "elapsed_s"}
 # two more cities: fewer nodes at a finer step without weather, more nodes at a coarser step
 SOURCES = ("data.sources=[{name: synthetic, options: {n_nodes: 4, n_days: 14, interval: 30min, seed: 1, "
            "name: city-b, with_weather: false}}, {name: synthetic, options: {n_nodes: 9, n_days: 28, interval: 2h, "
            "seed: 2, name: city-c}}]")
 FAST = ["model.use_llm=false", "train.num_threads=1", "train.train_stride=8", "train.val_windows=8"]
-
-
-def numbers(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() if key not in TIMING
-                for k, v in numbers(value, f"{prefix}{key}.").items()}
-    if isinstance(tree, list):
-        return {k: v for i, value in enumerate(tree) for k, v in numbers(value, f"{prefix}{i}.").items()}
-    return {prefix.rstrip("."): tree}
-
-
-def log_of(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
