@@ -309,18 +309,27 @@ def test_dcrnn_errors(tmp_path):
         load_dcrnn(tmp_path / "m" / "series.h5")
 
 
-@pytest.mark.parametrize("folder, name, shape", [("METR-LA", "metr-la.h5", (34272, 207, 1)),
-                                                 ("PEMS-BAY", "pems-bay.h5", (52116, 325, 1))])
-def test_dcrnn_real_h5(folder, name, shape):
-    """DCRNN's own files (written by pandas 0.x), when they are there: the shared data leaves them out (over its
-    per-file size budget, see its SOURCE.md), so this skips unless $STLLM_DATA_ROOT holds a copy."""
-    root = os.environ.get("STLLM_DATA_ROOT")
-    path = Path(root or ".", folder, name)
-    if not root or not path.is_file():
-        pytest.skip(f"{folder}/{name} is not under STLLM_DATA_ROOT={root!r} (the shared data does not ship it)")
-    d = load_dcrnn(path)
-    assert d.values.shape == shape and d.interval == pd.Timedelta("5min") and d.has_coordinates
-    assert pd.Timestamp(d.timestamps[0]) == pd.Timestamp("2012-03-01" if folder == "METR-LA" else "2017-01-01")
+@pytest.mark.parametrize("folder", ["METR-LA", "PEMS-BAY"])
+def test_dcrnn_with_the_real_sensor_graph(folder, data_root, tmp_path):
+    """The shared data ships DCRNN's sensor graphs and locations but not the speed series (over its size budget, see
+    SOURCE.md): a two-day stand-in series, written by pandas with the real sensor ids as columns, loads with the real
+    adjacency pickle (through the restricted unpickler), the real coordinates and the road distances."""
+    import shutil
+    src = data_root / folder
+    for f in src.iterdir():
+        if f.suffix != ".md":
+            shutil.copy(f, tmp_path / f.name)
+    table = pd.read_csv(next(tmp_path.glob("graph_sensor_locations*.csv")), header=None, dtype=str)
+    ids = table.iloc[:, 1 if folder == "METR-LA" else 0].tolist()      # METR-LA: index,sensor_id,lat,lon + header
+    ids = [i for i in ids if i.isdigit()]                              # the header row, where there is one
+    index = pd.date_range("2017-01-01", periods=2 * 288, freq="5min")
+    speeds = np.random.default_rng(0).uniform(20, 70, (len(index), len(ids)))
+    name = "metr-la.h5" if folder == "METR-LA" else "pems-bay.h5"
+    pd.DataFrame(speeds, index=index, columns=ids).to_hdf(tmp_path / name, key="df")
+    city = load_dcrnn(tmp_path / name)
+    assert city.values.shape == (576, len(ids), 1) and city.n_nodes in (207, 325)
+    assert city.interval == pd.Timedelta("5min") and city.has_coordinates and city.adjacency is not None
+    assert city.nodes["id"].astype(str).tolist() == ids
 
 
 # ---- safe pickle -----------------------------------------------------------------------------------------------------
