@@ -50,6 +50,20 @@ def single_source(name: str) -> dict:
         {"name": "nyc-bike", "channels": ["departures"]}
 
 
+def label(one: dict) -> str:
+    """A series as rows and folders name it: nyc-bike/departures, melbourne-pedestrian, synthetic-15min."""
+    return (one.get("options") or {}).get("name", one["name"]) + \
+        ("/" + ",".join(one["channels"]) if one.get("channels") else "")
+
+
+def run_folders(runs: Path, name: str, steps: int, stage2_steps: int) -> dict[str, Path]:
+    """Where a row's three runs go; another budget trains into other folders. The single-source run depends only on
+    its series and the budget, so held-out cities that share it (all but NYC bike) share one run."""
+    budget = f"steps{steps}+{stage2_steps}"
+    return {"general": runs / name / budget / "general", "full_shot": runs / name / budget / "full_shot",
+            "single_source": runs / "single_source" / label(single_source(name)).replace("/", "_") / budget}
+
+
 def train(recipe: dict, out: Path, steps: int, stage2_steps: int, threads: int) -> None:
     """`stllm train` on `recipe` with a budget in steps (resumes a run that stopped before its end)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -97,17 +111,16 @@ def leave_out(name: str, runs: Path, steps: int, stage2_steps: int, threads: int
     rest = sorted((s for s in series(recipe) if s["name"] != dataset), key=lambda s: s["name"] != "synthetic")
     own = {"name": dataset, "channels": [channel]}
     t0 = time.time()
-    folder = runs / name / f"steps{steps}+{stage2_steps}"     # another budget trains into another folder
-    train(with_series(recipe, rest), folder / "general", steps, stage2_steps, threads)
-    train(with_series(recipe, [own]), folder / "full_shot", steps, stage2_steps, threads)
-    train(with_series(recipe, [single_source(name)]), folder / "single_source", steps, stage2_steps, threads)
-    zero, full, single = (scores(folder / r, name) for r in ("general", "full_shot", "single_source"))
+    folders = run_folders(runs, name, steps, stage2_steps)
+    train(with_series(recipe, rest), folders["general"], steps, stage2_steps, threads)
+    train(with_series(recipe, [own]), folders["full_shot"], steps, stage2_steps, threads)
+    train(with_series(recipe, [single_source(name)]), folders["single_source"], steps, stage2_steps, threads)
+    zero, full, single = (scores(folders[r], name) for r in ("general", "full_shot", "single_source"))
     assert zero["zero_shot"] and single["zero_shot"] and not full["zero_shot"]
     return {"city": name, "channel": channel, "zero_shot": {"stllm": zero["stllm"], "encoder_only": zero["encoder_only"]},
             "baselines": zero["baselines"], "full_shot": full["stllm"], "full_shot_encoder_only": full["encoder_only"],
             "single_source": single["stllm"], "single_source_encoder_only": single["encoder_only"],
-            "pretrained_on": [(s.get("options") or {}).get("name", s["name"]) +
-                              ("/" + ",".join(s["channels"]) if s.get("channels") else "") for s in rest],
+            "pretrained_on": [label(s) for s in rest],
             "budget": {"encoder_steps": steps, "stage2_steps": stage2_steps}, "wall_s": round(time.time() - t0, 1)}
 
 

@@ -125,3 +125,20 @@ def test_explain_benchmark_runs_on_a_tiny_run(run):
     assert out["mae"]["max_abs_diff_explain_vs_city_layout"] < 1e-4
     assert out["mae"]["explain_mode"] == pytest.approx(out["mae"]["city_layout"], rel=1e-5)
     assert out["generated"]["n"] == 1 and set(out["generated"]["model"]) == set(analytic["model"])
+
+
+# ---------------------------------------------------------------------------------------------- leave one out
+def test_leave_one_out_pretrains_on_every_other_series_and_shares_single_source_runs(tmp_path):
+    loo = load_benchmark("leave_one_out")
+    import yaml
+    recipe = yaml.safe_load((ROOT / "configs" / "general.yaml").read_text())
+    every = [loo.label(s) for s in loo.series(recipe)]
+    assert "nyc-bike/departures" in every and "los-loop" in every and "synthetic-15min" in every
+    rest = [s for s in loo.series(recipe) if s["name"] != "los-loop"]
+    chosen = loo.with_series(recipe, rest)
+    assert loo.label(chosen["data"]) == loo.label(rest[0]) and chosen["data"]["sources"] == rest[1:]
+    assert "los-loop" not in [loo.label(s) for s in [chosen["data"], *chosen["data"]["sources"]]]
+    a, b = (loo.run_folders(tmp_path, city, 1000, 200) for city in ("los-loop", "bayarea-bike"))
+    assert a["single_source"] == b["single_source"] and a["general"] != b["general"]
+    assert loo.run_folders(tmp_path, "nyc-bike", 1000, 200)["single_source"] != a["single_source"]
+    assert loo.run_folders(tmp_path, "los-loop", 500, 200)["single_source"] != a["single_source"]
