@@ -417,10 +417,10 @@ def build_tiny_model(name: str) -> tuple[PreTrainedModel, Any]:
     ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if name == "tiny-gpt2":
-        config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=512, **ids)
+        config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=2048, **ids)
     elif name == "tiny-llama":
         config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
-                             intermediate_size=64, max_position_embeddings=512, **ids)
+                             intermediate_size=64, max_position_embeddings=2048, **ids)
     else:
         raise ValueError(f"unknown tiny model {name!r}; choose from {TINY_MODELS}")
     with torch.random.fork_rng():  # fixed weights without disturbing the caller's random state

@@ -97,6 +97,32 @@ def test_generated_mode_inserts_the_heads_numbers(run, city):
     assert r["forecast"] == analytic["forecast"]                  # same head, same window
 
 
+def test_generated_mode_on_gpt2(tmp_path, city):
+    """GPT-2 has learned position embeddings: the node prompt plus the rationale must fit them (was an IndexError
+    inside the model)."""
+    out = tmp_path / "gpt2"
+    train(load_config(TINY, ["backbone.name=tiny-gpt2", "train.max_steps=2"]), out, city=city, progress=False)
+    r = explain(STLLM.from_pretrained(out), city, "S01", AT, mode="generated", max_new_tokens=16)
+    assert r["generation"]["new_tokens"] <= 16 and r["numbers_consistent"] is True
+    assert r["generation"]["stopped_by"] in ("eos", "max_new_tokens")
+
+
+def test_generation_stops_where_the_models_positions_end(run, city, monkeypatch):
+    """A prompt that fills the model's context is a clear error; one that leaves a few positions gets that many
+    tokens and says why it stopped."""
+    _, model = run
+    prompt = explain(model, city, "S01", AT, mode="generated", max_new_tokens=1)["generation"]["prompt_tokens"]
+    config = model.backbone.config
+    monkeypatch.setattr(config, "max_position_embeddings", prompt + 5)
+    r = explain(model, city, "S01", AT, mode="generated", max_new_tokens=50)
+    # five free positions: five tokens fed back, and a sixth read from the last one's logits
+    assert r["generation"]["stopped_by"] == "context" and r["generation"]["new_tokens"] == 6
+    assert r["numbers_consistent"] is True                        # the head's numbers are still written in
+    monkeypatch.setattr(config, "max_position_embeddings", prompt)
+    with pytest.raises(ValueError, match=f"prompt is {prompt} tokens.*at most {prompt} positions"):
+        explain(model, city, "S01", AT, mode="generated")
+
+
 def test_sampled_forecast_digits_never_survive(run, city, monkeypatch):
     """A language model that writes its own numbers: the program replaces them with the head's."""
     _, model = run
@@ -144,7 +170,8 @@ def test_generation_fills_fact_slots_as_they_are_written(run):
                      ("hours:yesterday", "3. Recent data: Flow rose by 5.0.\n4. Factors: ")]
     assert segments == [("3. Recent data: ", False), ("Flow rose by 5.0.", True),
                         ("\n4. Factors: {hours:yesterday}; flow rose.", False)]
-    assert counts == {"new_tokens": len(first + second), "filled_tokens": len(ids("Flow rose by 5.0."))}
+    assert counts == {"new_tokens": len(first + second), "filled_tokens": len(ids("Flow rose by 5.0.")),
+                      "stopped_by": "eos"}
     # the program's text is fed right after the slot's last token, as in training (target_ids)
     assert backbone.fed[len(first) - 1] == [first[-1]] + ids("Flow rose by 5.0.")
     assert [x for feed in backbone.fed for x in feed] == first + ids("Flow rose by 5.0.") + second

@@ -10,6 +10,7 @@ Used by `stllm.explain` (greedy generation with the KV cache, fact slots filled 
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -207,13 +208,21 @@ def generate_with_facts(model, inputs: NodeInputs, fill, max_new_tokens: int = 2
     name within them (`_next_token`).
 
     Returns (segments [(text, written_by_program)] without the slot names and EOS, counts {"new_tokens": tokens
-    the model chose, "filled_tokens": tokens the program wrote})."""
+    the model chose, "filled_tokens": tokens the program wrote, "stopped_by": "eos" | "max_new_tokens" |
+    "context"}); "context": the model's positions ran out (`context_limit`), a prompt that fills them already is a
+    ValueError."""
     from stllm.distill.teachers import FACT_SLOT
     tok, backbone = model.tokenizer, model.backbone
     if inputs.embeds.shape[0] != 1:
         raise ValueError(f"generate_with_facts takes one sequence, got a batch of {inputs.embeds.shape[0]}")
+    limit, length = context_limit(backbone), inputs.embeds.shape[1]
+    if limit is not None and length >= limit:
+        raise ValueError(f"the explanation prompt is {length} tokens, but the language model reads at most {limit} "
+                         f"positions (its config's max_position_embeddings / n_positions): use a backbone with a "
+                         f"longer context, or a run with a shorter data.t_in")
     out = backbone(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, use_cache=True)
     segments, written, carry, n_new, n_filled = [], [], "", 0, 0
+    stopped_by = "eos"
     while n_new < max_new_tokens:
         nxt = _next_token(out.logits[0, -1], tok,
                           lambda t: carry + tok.decode(written + [t], skip_special_tokens=True), allowed)
@@ -234,8 +243,12 @@ def generate_with_facts(model, inputs: NodeInputs, fill, max_new_tokens: int = 2
                 feed += fact_ids
                 n_filled += len(fact_ids)
             carry, written = text[m.end():], []                      # rare: the slot's token ran past the brace
-        out = backbone(input_ids=torch.tensor([feed], device=inputs.embeds.device),
-                       past_key_values=out.past_key_values, use_cache=True)
+        if limit is not None and length + len(feed) > limit:        # no position left for what comes next
+            stopped_by = "context"
+            break
+        length += len(feed)
+        out = backbone(input_ids=torch.tensor([feed], device=inputs.embeds.device), use_cache=True,
+                       **_cache_kwarg(backbone, out))
     segments.append((carry + tok.decode(written, skip_special_tokens=True), False))
     merged = []                                                      # one segment per run of the same writer
     for t, p in segments:
@@ -243,4 +256,29 @@ def generate_with_facts(model, inputs: NodeInputs, fill, max_new_tokens: int = 2
             merged[-1] = (merged[-1][0] + t, p)
         elif t:
             merged.append((t, p))
-    return merged, {"new_tokens": n_new, "filled_tokens": n_filled}
+    if stopped_by == "eos" and n_new >= max_new_tokens:
+        stopped_by = "max_new_tokens"
+    return merged, {"new_tokens": n_new, "filled_tokens": n_filled, "stopped_by": stopped_by}
+
+
+def _cache_kwarg(backbone, out) -> dict:
+    """The KV cache of `out`, passed back under the name the model's forward takes: `cache` (transformers from
+    about 5.20 on; `past_key_values` is deprecated there) or `past_key_values` (earlier 5.x)."""
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = out.past_key_values
+    takes_cache = "cache" in inspect.signature(getattr(base, "forward", base)).parameters
+    return {"cache": cache} if takes_cache else {"past_key_values": cache}
+
+
+def context_limit(backbone) -> int | None:
+    """The most positions the language model reads (GPT-2's n_positions, a LLaMA's max_position_embeddings), or
+    None when its config names none. Past it, learned position embeddings have no row (an IndexError deep inside
+    the model) and rotary ones were never trained."""
+    config = getattr(backbone, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
