@@ -11,6 +11,7 @@ its hour-of-week profile (data.profile) are fitted on its own training split, in
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -56,11 +57,13 @@ def label(one: dict) -> str:
         ("/" + ",".join(one["channels"]) if one.get("channels") else "")
 
 
-def run_folders(runs: Path, name: str, steps: int, stage2_steps: int) -> dict[str, Path]:
+def run_folders(runs: Path, name: str, steps: int, stage2_steps: int, changes: list[str] = ()) -> dict[str, Path]:
     """Where a row's three runs go; another budget trains into other folders. The single-source run depends only on
-    its series and the budget, so held-out cities that share it (all but NYC bike) share one run."""
+    its series and the budget, so held-out cities that share it (all but NYC bike) share one run. `changes` (the
+    --set overrides of the pretraining) name their own general run; full-shot and single-source stay shared."""
     budget = f"steps{steps}+{stage2_steps}"
-    return {"general": runs / name / budget / "general", "full_shot": runs / name / budget / "full_shot",
+    general = "general" + "".join("+" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", c) for c in changes)
+    return {"general": runs / name / budget / general, "full_shot": runs / name / budget / "full_shot",
             "single_source": runs / "single_source" / label(single_source(name)).replace("/", "_") / budget}
 
 
@@ -99,7 +102,19 @@ def scores(run: Path, name: str) -> dict:
             "baselines": {k: with_lm["baselines"][k]["mae"] for k in BASELINES}, "zero_shot": with_lm["zero_shot"]}
 
 
-def leave_out(name: str, runs: Path, steps: int, stage2_steps: int, threads: int) -> dict:
+def changed(recipe: dict, changes: list[str]) -> dict:
+    """The recipe with KEY=VALUE overrides (section.key=yaml value), e.g. encoder.series_features=true."""
+    out = json.loads(json.dumps(recipe))
+    for change in changes:
+        key, sep, value = change.partition("=")
+        if not sep or key.count(".") != 1:
+            raise SystemExit(f"--set {change!r}: expected section.key=value, e.g. encoder.series_features=true")
+        section, field = key.split(".")
+        out.setdefault(section, {})[field] = yaml.safe_load(value)
+    return out
+
+
+def leave_out(name: str, runs: Path, steps: int, stage2_steps: int, threads: int, changes: list[str] = ()) -> dict:
     """One row: {"city", "channel", "zero_shot": {stllm, encoder_only}, "baselines", "full_shot", "single_source",
     "encoder_only_full_shot", ...}."""
     if name not in HELD_OUT:
@@ -111,8 +126,8 @@ def leave_out(name: str, runs: Path, steps: int, stage2_steps: int, threads: int
     rest = sorted((s for s in series(recipe) if s["name"] != dataset), key=lambda s: s["name"] != "synthetic")
     own = {"name": dataset, "channels": [channel]}
     t0 = time.time()
-    folders = run_folders(runs, name, steps, stage2_steps)
-    train(with_series(recipe, rest), folders["general"], steps, stage2_steps, threads)
+    folders = run_folders(runs, name, steps, stage2_steps, changes)
+    train(with_series(changed(recipe, changes), rest), folders["general"], steps, stage2_steps, threads)
     train(with_series(recipe, [own]), folders["full_shot"], steps, stage2_steps, threads)
     train(with_series(recipe, [single_source(name)]), folders["single_source"], steps, stage2_steps, threads)
     zero, full, single = (scores(folders[r], name) for r in ("general", "full_shot", "single_source"))
@@ -120,7 +135,7 @@ def leave_out(name: str, runs: Path, steps: int, stage2_steps: int, threads: int
     return {"city": name, "channel": channel, "zero_shot": {"stllm": zero["stllm"], "encoder_only": zero["encoder_only"]},
             "baselines": zero["baselines"], "full_shot": full["stllm"], "full_shot_encoder_only": full["encoder_only"],
             "single_source": single["stllm"], "single_source_encoder_only": single["encoder_only"],
-            "pretrained_on": [label(s) for s in rest],
+            "pretrained_on": [label(s) for s in rest], "recipe_changes": list(changes),
             "budget": {"encoder_steps": steps, "stage2_steps": stage2_steps}, "wall_s": round(time.time() - t0, 1)}
 
 

@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--stage2-steps", type=int, default=300, help="--leave-out: language-model-stage steps")
     parser.add_argument("--threads", type=int, default=1, help="--leave-out: torch threads per training run")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "leave_out"), help="--leave-out: where runs go")
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                        help="--leave-out: overrides of the pretraining recipe only (its own run folder; the full-shot "
+                             "and single-source runs stay shared), e.g. encoder.series_features=true")
     parser.add_argument("--channels", nargs="*", default=[], help="TARGET=RUN channel mapping (RUN as a position)")
     parser.add_argument("--rows", nargs="*", default=ALL_ROWS, choices=ALL_ROWS)
     parser.add_argument("--steps", type=int, help="training budget of full- and few-shot runs in optimizer steps "
@@ -152,7 +155,7 @@ def leave_one_out_main(args) -> None:
     names = sorted(loo.HELD_OUT) if args.all else [args.leave_out]
     rows = []
     for name in names:
-        row = loo.leave_out(name, Path(args.runs), steps, args.stage2_steps, args.threads)
+        row = loo.leave_out(name, Path(args.runs), steps, args.stage2_steps, args.threads, args.set)
         row["command"] = " ".join(["python", "benchmarks/zero_shot.py", *sys.argv[1:]])
         rows.append(row)
         print(loo.table([row]), flush=True)

@@ -89,6 +89,10 @@ class EncoderConfig:
     mix_hidden: int = 256                    # width of the MLP that mixes a node's tokens (recent patches, day,
                                              # week) after the graph convolution (0 = off: tokens meet only in the
                                              # head). NYC bike, encoder only, 11 min: test MAE 9.81 without, 9.33 with
+    series_features: bool = False            # every token also gets a projection of what the series is: log of the
+                                             # interval in hours and the channel's name, unit and the city's domain
+                                             # as hashed words (stllm.data.prepared.series_features); for training
+                                             # on many cities, where series of different kinds meet one encoder
 
     def __post_init__(self) -> None:
         check_fields(self)

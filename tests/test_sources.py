@@ -220,3 +220,36 @@ def test_test_sources_false_tests_the_main_dataset_only(tmp_path):
 def test_a_wrong_source_is_named_by_its_place_and_key(given, says):
     with pytest.raises(ConfigError, match=says):
         load_config(TINY, [f"data.sources={given}"])
+
+
+# ------------------------------------------------------------------------------------------ what the series is
+
+
+def test_series_features_say_the_interval_and_the_words_of_channel_unit_and_domain():
+    from stllm.data.prepared import SERIES_FEATURES, series_features
+    hourly, half = make_city(n_nodes=3, n_days=7, seed=0), make_city(n_nodes=5, n_days=7, seed=1, interval="30min")
+    f_hourly, f_half = series_features(hourly), series_features(half)
+    assert f_hourly.shape == (hourly.n_channels, SERIES_FEATURES)
+    assert f_hourly[:, 0] == pytest.approx(0.0) and f_half[:, 0] == pytest.approx(np.log(0.5))
+    np.testing.assert_allclose(np.linalg.norm(f_hourly[:, 1:], axis=1), 1.0, rtol=1e-6)
+    # the words, not the sizes: same channel, unit and domain -> same word part on both cities
+    np.testing.assert_array_equal(f_hourly[:, 1:], f_half[:, 1:])
+    renamed = dataclasses.replace(hourly, channels=["speed"] * hourly.n_channels, units=["mph"] * hourly.n_channels)
+    assert not np.allclose(series_features(renamed)[:, 1:], f_hourly[:, 1:])
+    assert series_features(renamed)[:, 0] == pytest.approx(0.0)
+
+
+def test_series_features_train_and_change_the_forecast_of_another_kind_of_series(tmp_path):
+    from stllm.model import STLLM
+    out = tmp_path / "run"
+    cfg = load_config(TINY, [*FAST, SOURCES, "encoder.series_features=true", "train.max_steps=6",
+                             "train.eval_every=3"])
+    train(cfg, out, progress=False)
+    model = STLLM.from_pretrained(out)
+    assert model.encoder.series is not None and model.encoder.series.weight.abs().sum() > 0   # it learned
+    city = make_city(n_nodes=6, n_days=21, seed=0)
+    other = dataclasses.replace(city, channels=[f"{c} speed" for c in city.channels])
+    a, b = model.predict(city, split="test")["prediction"], model.predict(other, split="test")["prediction"]
+    assert not np.allclose(a, b)                     # the same numbers, said to be another kind of series
+    without = load_config(TINY, [*FAST, "train.max_steps=1"])
+    assert without.encoder.series_features is False   # off unless asked: older runs load and behave as before

@@ -1,6 +1,9 @@
 """`PreparedCity`: a CityData turned into scaled tensors, graphs and splits, ready to cut batches from."""
 from __future__ import annotations
 
+import re
+import zlib
+
 import numpy as np
 import pandas as pd
 import torch
@@ -74,6 +77,7 @@ class PreparedCity:
         self.node_texts = node_texts(city)
         self.level = torch.from_numpy(scaler.mean / scaler.std)   # [N|1, C]: raw value 0 sits at -level (scaled)
         self.static_adj = self._static_graph(enc_cfg) if enc_cfg.static_graph else None                     # [N, N]
+        self.series = torch.from_numpy(series_features(city))                                  # [C, SERIES_FEATURES]
         self._wind = self._wind_setup(enc_cfg)
 
     @property
@@ -164,6 +168,7 @@ class PreparedCity:
         out["level"] = self.level
         out["node_texts"] = self.node_texts                                   # [N] names and descriptions
         out["static_adj"] = self.static_adj
+        out["series"] = self.series
         out["dynamic_adj"] = self.wind_adjacency(starts) if self.has_wind else None
         return out
 
@@ -210,6 +215,28 @@ def node_texts(city: CityData) -> list[str]:
     """What the language model reads about each node: its name, and its description when there is one."""
     return [f"{name}: {desc}" if desc else str(name)
             for name, desc in zip(city.nodes["name"].astype(str), city.nodes["description"].astype(str))]
+
+
+SERIES_WORD_BUCKETS = 16
+SERIES_FEATURES = 1 + SERIES_WORD_BUCKETS
+
+
+def series_features(city: CityData) -> np.ndarray:
+    """[C, SERIES_FEATURES] what each channel is, as numbers the encoder can read (encoder.series_features): the
+    log of the interval in hours (5 min -2.5, 1 h 0, 1 day 3.2), then the words of the channel's name, its unit and
+    the city's domain hashed into SERIES_WORD_BUCKETS signed buckets (crc32, so the same words give the same
+    numbers in every process), scaled to unit length. Node-free and city-size-free, so a new city gets them too."""
+    hours = np.log(city.interval / pd.Timedelta(hours=1))
+    out = np.zeros((city.n_channels, SERIES_FEATURES), np.float32)
+    for c, (name, unit) in enumerate(zip(city.channels, city.units)):
+        out[c, 0] = hours
+        for word in re.findall(r"[a-z0-9.]+", f"{name} {unit} {city.domain}".lower()):
+            h = zlib.crc32(word.encode())
+            out[c, 1 + h % SERIES_WORD_BUCKETS] += 1.0 if (h >> 16) & 1 else -1.0
+        norm = np.linalg.norm(out[c, 1:])
+        if norm > 0:
+            out[c, 1:] /= norm
+    return out
 
 
 def prompt_fields(city: CityData) -> dict:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stllm.data.prepared import SERIES_FEATURES
 from stllm.nn.graph import SpatialBlock
 from stllm.nn.temporal import TemporalEncoder
 
@@ -37,6 +38,11 @@ class STEncoder(nn.Module):
         # it is already aligned with the targets, so it needs no temporal convolution (and this is 3x cheaper).
         self.period = nn.Sequential(nn.Linear(self.t_out * 2 * n_channels + self.n_time, d), nn.GELU(), nn.Linear(d, d))
         self.token_type = nn.Parameter(torch.randn(self.n_tokens, d) * 0.02)  # closeness patches, day, week
+        # What the series is (encoder.series_features): one vector per window added to every token; zero at the
+        # start, so a run begins as it would without it
+        self.series = nn.Linear(n_channels * SERIES_FEATURES, d, bias=False) if enc_cfg.series_features else None
+        if self.series is not None:
+            nn.init.zeros_(self.series.weight)
         self.spatial = SpatialBlock(d, enc_cfg.static_graph, enc_cfg.dynamic_graph, enc_cfg.dropout)
         self.mix = TokenMix(self.n_tokens * d, enc_cfg.mix_hidden, enc_cfg.dropout) if enc_cfg.mix_hidden else None
 
@@ -71,6 +77,8 @@ class STEncoder(nn.Module):
                 hp = self.period(torch.cat([flat, when], -1))          # [b, N, d]
                 tokens.append(hp.reshape(b * n_nodes, 1, -1))          # [b*N, 1, d]
         z = torch.cat(tokens, dim=1) + self.token_type                 # [b*N, k, d]
+        if self.series is not None:
+            z = z + self.series(batch["series"].to(z.dtype).reshape(-1))      # [C * SERIES_FEATURES] -> [d]
         z = z.reshape(b, n_nodes, self.n_tokens, -1)                   # [b, N, k, d]
         z = self.spatial(z, batch.get("static_adj"), batch.get("dynamic_adj"))
         return z if self.mix is None else self.mix(z)
