@@ -122,9 +122,23 @@ class ModelConfig:
     floor: bool = False                      # forecast relative to the naive references the history supports (last
                                              # value, same time a day and a week earlier): a learned per-step mix of
                                              # them plus the model's correction, so a new city's own rhythm is the start
+    lm_layout: bool = True                   # the language model also reads the city layout (each node's ST-tokens
+                                             # in the prompt) and corrects the encoder's read-out | false: it reads
+                                             # only text (model.notes=text), and outside the notes' nodes and hours
+                                             # the forecast is the encoder's read-out, unchanged
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if not self.lm_layout and self.use_llm:
+            if self.task != "forecast" or self.notes != "text":
+                raise ConfigError(f"model.lm_layout=false leaves the language model only the notes to read; set "
+                                  f"model.task=forecast and model.notes=text (got {self.task}, {self.notes})")
+            if self.node_text:
+                raise ConfigError("model.node_text reaches the forecast through the city layout; it needs "
+                                  "model.lm_layout=true")
+            if not self.encoder_skip:
+                raise ConfigError("model.lm_layout=false forecasts with the encoder's read-out; it needs "
+                                  "model.encoder_skip=true")
 
 
 @dataclass

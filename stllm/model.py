@@ -126,6 +126,8 @@ class STLLM(nn.Module):
         if self.backbone is None:
             return self.head(tokens)
         base = self.skip(tokens) if self.skip is not None else 0.0     # [b, t_out, N, C]
+        if not self.cfg.model.lm_layout:                                # the language model reads only the notes
+            return base
         if not self.llm_active:
             if self.skip is None:
                 raise ValueError("llm_active=False needs model.encoder_skip=true (there is no other read-out)")

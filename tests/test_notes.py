@@ -116,6 +116,32 @@ def test_a_note_moves_the_forecast_only_where_and_when_it_holds(tiny_city, tiny_
     assert model.notes is not None
 
 
+def test_a_model_that_reads_only_notes_is_its_encoder_outside_them(tiny_city, tiny_config):
+    """model.lm_layout=false: the language model reads the notes and nothing else; wherever no note holds, the
+    forecast is exactly the encoder's read-out (the ablation of the same weights)."""
+    from stllm.config import ConfigError
+    from stllm.train import build_model
+    city = _notes_city(tiny_city)
+    cfg = tiny_config(["model.lm_layout=false"])
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    model = build_model(cfg, prep).eval()
+    torch.nn.init.normal_(model.notes.mlp[-1].weight, std=0.5)
+    torch.nn.init.normal_(model.skip.lin.weight, std=0.1)                    # a read-out as training would give
+    t0 = city.time_index("2024-01-05 10:00")
+    batch = prep.batch(np.array([t0 - 3, t0 - 40]))                          # meets the note | meets none
+    with torch.no_grad():
+        y = model(batch)
+        model.llm_active = False
+        encoder = model(batch)
+    moved = (y - encoder).abs() > 1e-7
+    assert moved[0, 3:9, 2].all() and moved.sum() == 6                        # only S02 in the note's hours
+    assert torch.equal(y[1], encoder[1])
+    for bad, message in ((["model.notes=flags"], "only the notes to read"), (["model.node_text=true"], "city layout"),
+                         (["model.encoder_skip=false"], "encoder_skip=true")):
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(["model.lm_layout=false", *bad])
+
+
 def test_untrained_note_effect_is_zero_and_text_cache_is_exact(tiny_city, tiny_config):
     from stllm.train import build_model
     city = _notes_city(tiny_city)

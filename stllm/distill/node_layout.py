@@ -69,6 +69,9 @@ def slot_vectors(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.
         raise ValueError("the explaining student and generated explanations do not support data.window_norm or "
                          "model.floor yet (their forecasts would differ from the model's); train the run without "
                          "them, or use explain.mode=analytic")
+    if not model.cfg.model.lm_layout:
+        raise ValueError("this run's language model reads only notes (model.lm_layout=false), never the sensors' "
+                         "tokens, so it cannot explain a sensor's forecast from them; use explain.mode=analytic")
     tokens = model.encoder(batch)                                       # [b, N, k, d_enc]
     his = model.projector(tokens)                                       # [b, N, m, d_llm]
     pre = model.pre_query + model.pre_proj(tokens.mean(2))             # [b, N, d_llm]
