@@ -41,6 +41,9 @@ class DataConfig:
     train_days: float = 0                    # few-shot: train only on windows inside the first k days (0 = all)
     notes: str = ""                          # notes CSV (start,end,zones,kind,text): dated text about places
                                              # (docs/data_formats.md); "" = none
+    notes_max_hours: float = 0.0             # the model reads only notes that last at most this long (0 = all):
+                                             # a months-long order is a regime the history already shows, and the
+                                             # size of its effect in one year need not hold in the next
     profile: bool = False                    # the encoder also sees each node's average at the target steps' hour
                                              # of the week over the training part (the historical-average forecast,
                                              # denoised over every training week) as one more period token
@@ -287,7 +290,7 @@ LIMITS: dict[str, Limit] = {
                       lambda v: not v or (len(v) == 2 and 0 < v[0] <= v[1])),
     "data.periods": ("a list of day and/or week", lambda v: all(p in ("day", "week") for p in v)),
     "data.scaler": _one_of("channel", "node"),
-    "data.max_nodes": _at_least(0), "data.train_days": _at_least(0),
+    "data.max_nodes": _at_least(0), "data.notes_max_hours": _at_least(0), "data.train_days": _at_least(0),
     "data.resample": ("'' or '<interval>:sum' / '<interval>:mean' with a positive interval, e.g. '1h:sum'",
                       lambda v: v == "" or parse_resample(v) is not None),
     "encoder.d_enc": _at_least(1), "encoder.patch_len": _at_least(1), "encoder.temporal_layers": _at_least(0),

@@ -252,3 +252,16 @@ def test_runs_saved_before_notes_still_load(tmp_path, tiny_city, tiny_config):
     (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(raw))
     model = STLLM.from_pretrained(tmp_path / "old")
     assert model.cfg.model.notes == "none" and model.notes is None
+
+
+def test_notes_max_hours_keeps_the_short_notes_only(tiny_city, tiny_config):
+    from stllm.config import ConfigError
+    from stllm.data.notes import with_notes
+    city = with_notes(tiny_city, [
+        {"start": "2024-01-05 10:00", "end": "2024-01-05 15:00", "zones": "S02", "kind": "fair", "text": "A fair"},
+        {"start": "2024-01-03 00:00", "end": "2024-01-12 00:00", "zones": "all", "kind": "order", "text": "Stay home"}])
+    kept = {h: PreparedCity(city, tiny_config([f"data.notes_max_hours={h}"]).data, tiny_config().encoder).note_kinds
+            for h in (0, 48, 5, 4.9)}
+    assert kept == {0: ["fair", "order"], 48: ["fair"], 5: ["fair"], 4.9: []}   # 5 h long: kept at 5, not 4.9
+    with pytest.raises(ConfigError, match="notes_max_hours"):
+        tiny_config(["data.notes_max_hours=-1"])

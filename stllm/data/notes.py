@@ -70,6 +70,13 @@ def with_notes(city: CityData, notes) -> CityData:
     return replace(city, notes=frame)
 
 
+def short_notes(notes: pd.DataFrame | None, max_hours: float) -> pd.DataFrame | None:
+    """The notes that last at most `max_hours` (end - start); all of them when max_hours is 0."""
+    if notes is None or not max_hours:
+        return notes
+    return notes[(notes["end"] - notes["start"]) <= pd.Timedelta(hours=max_hours)].reset_index(drop=True)
+
+
 def coverage(notes: pd.DataFrame | None, timestamps: np.ndarray, n_nodes: int
              ) -> tuple[list[str], list[str], np.ndarray]:
     """Route notes to steps and nodes: (texts [J], kinds [J], cover [T, N, J] bool) for the J notes that meet

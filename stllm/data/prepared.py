@@ -11,7 +11,7 @@ import torch
 from stllm.data import graphs
 from stllm.data.city import CityData, DataError
 from stllm.data.calendar import holiday_flags, holiday_names, window_text
-from stllm.data.notes import coverage
+from stllm.data.notes import coverage, short_notes
 from stllm.data.windows import (WIND_DIR, WIND_SPEED, Scaler, exog_features, no_windows, period_lags,
                                 split_bounds, split_starts, time_features)
 
@@ -72,7 +72,8 @@ class PreparedCity:
         exog, self.exog_names = exog_features(city, max(self.train_end, 1))
         self.exog = torch.from_numpy(exog)                                                               # [T, N|1, E]
         # Notes routed once to the steps and nodes they concern; a batch takes the ones its windows meet.
-        self.note_texts, self.note_kinds, cover = coverage(city.notes, self.timestamps, city.n_nodes)
+        notes = short_notes(city.notes, data_cfg.notes_max_hours)
+        self.note_texts, self.note_kinds, cover = coverage(notes, self.timestamps, city.n_nodes)
         self.note_cover = torch.from_numpy(cover)                                              # [T', N, J] bool
         self.node_texts = node_texts(city)
         self.level = torch.from_numpy(scaler.mean / scaler.std)   # [N|1, C]: raw value 0 sits at -level (scaled)
