@@ -79,7 +79,8 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
     _, pred, true = next(forecast(model, prep, np.array([s])))       # [1, t_out, N, C] each, original scale
     values = [float(v) for v in pred[0, :, i, c]]
     truth = [float(v) if np.isfinite(v) else None for v in true[0, :, i, c]]
-    facts = compute_facts(city, i, s, t_in=t_in, t_out=t_out, effects=effects, channel=c)
+    moved = note_effects(model, prep, i, s, c)
+    facts = compute_facts(city, i, s, t_in=t_in, t_out=t_out, effects=effects, channel=c, note_effects=moved)
 
     generation = None
     if mode == "analytic":                                            # the head's direction, the slot kept
@@ -102,7 +103,7 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
                              f"{FORECAST_SLOT}", True))
     text, program_spans = _join(segments, format_forecast(values))   # the head's numbers, written by the program
     report = check_explanation(text, city, i, s, forecast=values, t_in=t_in, t_out=t_out, channel=c,
-                               effects=effects, program=program_spans)
+                               effects=effects, program=program_spans, note_effects=moved)
     claims = claim_rows(report)
     mine = tally(claims, "model")
     step = lambda k: time_text(pd.Timestamp(city.timestamps[0]) + k * city.interval)  # noqa: E731
@@ -121,6 +122,38 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
             out["warning"] = ("the generated text states no fact the checker can test (only the forecast numbers "
                               "the program wrote): the run's language model has not learned to explain; "
                               "train the student longer (configs/*explain*.yaml) or use mode 'analytic'")
+    return out
+
+
+def note_effects(model, prep: PreparedCity, i: int, s: int, c: int) -> dict[str, float]:
+    """What each note that holds at node i in window s did to the model's forecast: {note text as the model reads
+    it: the forecast with every note minus the forecast without that one, mean over the forecast steps, in the
+    channel's unit}. Empty for a run that does not read notes (model.notes=none, or the encoder-only ablation's
+    model.notes=text) and for a window without notes."""
+    import torch
+    if getattr(model, "notes", None) is None or not model.llm_active:
+        return {}
+    batch = prep.batch(np.array([s]))
+    texts, cover = batch.get("note_texts") or [], batch["note_cover"]              # [J], [1, t_in + t_out, N, J]
+    here = [j for j in range(len(texts)) if bool(cover[0, :, i, j].any())]
+    if not here:
+        return {}
+    device = next(model.parameters()).device
+    std = float(np.asarray(prep.scaler.std)[min(i, prep.scaler.std.shape[0] - 1), c])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(batch_to(batch, device))[0, :, i, c].float().cpu()
+            out = {}
+            for j in here:
+                keep = [k for k in range(len(texts)) if k != j]
+                without = {**batch, "note_texts": [texts[k] for k in keep],
+                           "note_kinds": [batch["note_kinds"][k] for k in keep], "note_cover": cover[..., keep]}
+                rest = model(batch_to(without, device))[0, :, i, c].float().cpu()
+                out[texts[j]] = float((full - rest).mean()) * std
+    finally:
+        model.train(was_training)
     return out
 
 

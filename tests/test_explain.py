@@ -486,3 +486,43 @@ def test_explain_notebook_runs_end_to_end():
     text = "".join(o.get("text", "") for o in outputs)
     assert "faithfulness 1.00" in text and "FAILS last_value.value" in text and "mode generated" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
+
+
+# ------------------------------------------------------------------------------------------------ notes
+
+
+def test_a_note_the_model_reads_is_stated_as_a_fact_and_a_factor_and_checked(city):
+    """A note at the node: stage 2 says it holds (its words quoted, never read as claims), stage 4 names what it did
+    to the forecast (the model with the note minus without it) and its push; planted wrong note claims fail."""
+    from stllm.data.notes import with_notes
+    from stllm.data.prepared import PreparedCity
+    from stllm.explain import note_effects
+    noted = with_notes(city, [{"start": "2024-01-17 12:00", "end": "2024-01-17 18:00", "zones": "S02",
+                               "kind": "fair", "text": "A street fair; crowds rose by 913.5 percent"}])
+    cfg = load_config(TINY, LLAMA + ["model.notes=text"])
+    model = build_model(cfg, PreparedCity(noted, cfg.data, cfg.encoder)).eval()
+    torch.nn.init.normal_(model.notes.mlp[-1].weight, std=0.5)            # an effect, as training would give
+    at = noted.time_index("2024-01-17 10:00")
+    r = explain(model, noted, "S02", at)
+    moved = note_effects(model, model.prepare(noted), 2, at, 0)
+    (effect,) = moved.values()
+    assert abs(effect) > 0.1
+    text = r["explanation"]
+    assert 'A fair note holds at S02 Central Station during the forecast: "A street fair' in text
+    stated = f"the fair note moves the forecast by {effect:+.1f} on average, which pushes {'up' if effect > 0 else 'down'}"
+    assert stated in text
+    notes = [c for c in r["claims"] if c["kind"] == "note" or c["quantity"] == "note"]
+    assert [(c["kind"], c["quantity"]) for c in notes] == [("note", "holds"), ("note", "effect"), ("push", "note")]
+    assert all(c["holds"] for c in r["claims"] if c["verdict"] != "unchecked") and r["faithfulness"] == 1.0
+    assert not any("913.5" in c["text"] for c in r["claims"])    # the quoted words are not claims
+    # planted wrong: another size, the other push, a note that is not there
+    wrong = (text.replace(f"{effect:+.1f} on average", f"{effect + 25:+.1f} on average")
+             .replace(f"which pushes {'up' if effect > 0 else 'down'}.", f"which pushes {'down' if effect > 0 else 'up'}.")
+             .replace("A fair note holds at S02 Central Station during the forecast",
+                      "A parade note holds at S02 Central Station during the forecast"))
+    report = check_explanation(wrong, noted, "S02", at, forecast=r["forecast"], note_effects=moved)
+    failed = sorted((c.kind, c.quantity) for c in report.failed)
+    assert failed == [("note", "effect"), ("note", "holds"), ("push", "note")]
+    # a window the note does not reach says nothing of it
+    far = explain(model, noted, "S02", at - 48)
+    assert "fair note" not in far["explanation"]

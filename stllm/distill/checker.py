@@ -20,9 +20,13 @@ Claim kinds (Claim.kind, with Claim.quantity naming what is tested):
   calendar            weekday | day_type ("on a Tuesday", "(weekend)")
   effect              typical effect of a weather change, needs `effects` ("a change of +1.2 m/s usually moves
                       PM2.5 by -3.4"; "a 2 m/s rise in wind speed usually lowers PM2.5 by about 5")
+  note                holds ("A parade note holds at Midtown Center during the forecast": a note of that kind names
+                      the node then; the note's quoted words are not read) | effect ("the parade note moves the
+                      forecast by +12.3": what the note did to the model's forecast, needs `note_effects`; a note
+                      that is not there fails)
   push                a factor's push on the forecast, stated after it in the same ';'-item ("wind speed rose (a
                       change of +1.1 m/s usually moves PM2.5 by -22.0 ...), which pushes down"): quantity names the
-                      factor (effect.<variable> | period_mean.<period> | neighbours | trend); it holds when the
+                      factor (effect.<variable> | period_mean.<period> | neighbours | trend | note); it holds when the
                       push is the factor's own (the sign of the effect, above / below the latest reading, the
                       direction of the neighbours or of the trend); a weather change without an effect is unchecked
   forecast_numbers    a bracketed list or a single number stated as the forecast: values | value
@@ -131,6 +135,13 @@ _ADJ = re.compile(r"\b(?P<adj>rising|increasing|climbing|growing|strengthening|w
 _BALANCE = re.compile(r"\bthe (?P<up>up|down)wards? (?:pushes|factors|influences) outweigh\b"
                       r"|\bthe move (?P<move>up|down) comes from\b|\bpushes roughly cancel(?: each other)? out\b", re.I)
 _PUSH = re.compile(r"\b(?:push(?:es|ing)?|drives?|driving)\s+(?:[\w.]+\s+){0,2}?(?P<p>up|down)(?:wards?)?\b", re.I)
+_NOTE_DURING = {"the forecast": "forecast", "the last hours": "history", "the last hours and the forecast": "both"}
+_NOTE_HOLDS = re.compile(r"\b(?:a|an|the)\s+(?P<kind>[\w.\- ]{1,40}?)\s+note\s+holds\b[^.;\"]{0,120}?\bduring\s+"
+                         r"(?P<during>the\s+last\s+hours\s+and\s+the\s+forecast|the\s+forecast|the\s+last\s+hours)",
+                         re.I)
+_NOTE_EFFECT = re.compile(rf"\bthe\s+(?P<kind>[\w.\- ]{{1,40}}?)\s+note\s+moves\s+the\s+forecast\s+by\s+"
+                          rf"{_num('eff')}{_UNIT}", re.I)
+_QUOTED = re.compile(r'"[^"\n]*"')
 _FORECAST_CONTEXT = re.compile(r"\b(?:forecast|predict\w*|expect\w*|outlook|projection|next\s+\d+)", re.I)
 _LIST = re.compile(r"\[(?P<body>[^\]]*)\]")
 _SINGLE = re.compile(rf"\b(?:forecasts?|expect(?:s|ed)?|predict(?:s|ed)?|project(?:s|ed)?|will|should|likely)\b"
@@ -242,16 +253,19 @@ class Report:
 def check_explanation(text: str, city: CityData, node, start, forecast=None, tolerance: float = DEFAULT_TOLERANCE,
                       t_in: int = 12, t_out: int = 12, channel: str | int = 0,
                       effects: dict[str, dict[str, Effect]] | None = None,
-                      program: Sequence[tuple[int, int]] = ()) -> Report:
+                      program: Sequence[tuple[int, int]] = (), note_effects: dict[str, float] | None = None) -> Report:
     """Find and test the checkable claims of `text`, an explanation of node `node` (id, name or position) for
     the window starting at `start` (index or timestamp of the first target step). `forecast` [t_out]: the
     numbers the explanation must state (the regression head's); `effects`: from `estimate_effects`, to test
-    effect claims; `program`: the (start, end) spans of `text` the program wrote (the rest is the model's)."""
-    truth = compute_facts(city, node, start, t_in=t_in, t_out=t_out, effects=effects, channel=channel)
+    effect claims; `program`: the (start, end) spans of `text` the program wrote (the rest is the model's);
+    `note_effects`: what each note did to the model's forecast (`stllm.explain.note_effects`), to test note claims.
+    A quoted text (a note's own words) is a citation, not a claim: nothing inside double quotes is read."""
+    truth = compute_facts(city, node, start, t_in=t_in, t_out=t_out, effects=effects, channel=channel,
+                          note_effects=note_effects)
     _, s = resolve_window(city, node, start, t_in, t_out)
     fc = None if forecast is None else np.asarray([np.nan if v is None else v for v in forecast], dtype=np.float64)
     ctx = _Context(text, city, truth, s, fc, tolerance, effects, program)
-    for m_start, sentence in _sentences(_hide_node_ids(text, city)):
+    for m_start, sentence in _sentences(_hide_quotes(_hide_node_ids(text, city))):
         ctx.sentence(m_start, sentence)
     checked = [c for c in ctx.found if c.holds is not None]
     data = [c for c in checked if not c.kind.startswith("forecast")]
@@ -282,6 +296,11 @@ def _hide_node_ids(text: str, city: CityData) -> str:
     for m in listed.finditer(text):
         chars[m.start():m.end()] = re.sub(r"\d", "#", m.group(0))
     return "".join(chars)
+
+
+def _hide_quotes(text: str) -> str:
+    """`text` with what stands inside double quotes overwritten by '_' (same length: offsets stay)."""
+    return _QUOTED.sub(lambda m: '"' + "_" * (len(m.group(0)) - 2) + '"', text)
 
 
 def _sentences(text: str):
@@ -339,6 +358,7 @@ class _Context:
         self.comparisons(off, sent)
         self.last_value(off, sent)
         self.calendar(off, sent)
+        self.notes(off, sent)
         if re.search(r"\bwinds?\b", sent, re.I):
             self.wind(off, sent)
         clauses = _clauses(sent)
@@ -351,6 +371,26 @@ class _Context:
         for m in _BALANCE.finditer(sent):
             self.forecast_direction(off, m.span(), (m.group("up") or m.group("move") or "flat").lower())
         self.not_parsed(off, clauses, [c.span for c in self.found[first:]])
+
+    def notes(self, off: int, sent: str) -> None:
+        """"A parade note holds at X during the forecast" (such a note exists there and then) and "the parade note
+        moves the forecast by +12.3" (what it did to the model's forecast; a note that is not there fails)."""
+        for m in _NOTE_HOLDS.finditer(sent):
+            kind, during = m.group("kind").lower(), _NOTE_DURING[re.sub(r"\s+", " ", m.group("during").lower())]
+            spans = [n.during for n in self.truth.notes if n.kind.lower() == kind]
+            self.add("note", "holds", off, m.span(), f"{kind}: {during}", ", ".join(spans) or "no such note",
+                     during in spans)
+        for m in _NOTE_EFFECT.finditer(sent):
+            kind, stated = m.group("kind").lower(), _float(m.group("eff"))
+            notes = [n for n in self.truth.notes if n.kind.lower() == kind]
+            known = [n.effect for n in notes if n.effect is not None]
+            if not notes:
+                self.add("note", "effect", off, m.span(), stated, "no such note", False)
+            elif not known:
+                self.add("note", "effect", off, m.span(), stated, None, None)
+            else:
+                self.number("note", "effect", off, m.span(), m.group("eff"), stated,
+                            min(known, key=lambda e: abs(e - stated)))
 
     def not_parsed(self, off: int, clauses, covered: list[tuple[int, int]]) -> None:
         """One "unparsed" entry per clause with a checkable shape (`_marks`) outside every claim found."""
@@ -371,7 +411,11 @@ class _Context:
             item = [c for c in found if item_start <= c.span[0] and c.span[1] <= off + m.start()]
             stated = m.group("p").lower()
             by_kind = {c.kind + "." + c.quantity.split(".")[-1]: c for c in item}
-            if effect := next((c for c in item if c.kind == "effect"), None):
+            if note := next((c for c in item if c.kind == "note" and c.quantity == "effect"), None):
+                what = "note"
+                actual = None if not isinstance(note.actual, float) else "up" if note.actual > 0 else "down" \
+                    if note.actual < 0 else "flat"
+            elif effect := next((c for c in item if c.kind == "effect"), None):
                 what = f"effect.{effect.quantity}"
                 actual = None if effect.actual is None else "up" if effect.actual > 0 else "down" \
                     if effect.actual < 0 else "flat"

@@ -118,10 +118,23 @@ class Calendar:
 
 
 @dataclass
+class NoteFact:
+    """A note (dated text about places, `CityData.notes`) that holds at this node during the window."""
+    kind: str
+    text: str
+    start: str                   # the note's own span
+    end: str
+    during: str                  # where it holds in this window: "forecast", "history" or "both"
+    effect: float | None = None  # what it did to this forecast: the model's forecast with every note minus the same
+                                 # without this one, mean over the forecast steps, in the channel's unit (None:
+                                 # not known, e.g. a run that does not read notes)
+
+
+@dataclass
 class Factor:
     """One reason for the target to move: which way it pushes and, when estimated, by how much."""
     name: str                    # "recent trend", "same hours yesterday", "neighbours", "wind speed", ...
-    kind: str                    # trend | yesterday | last_week | neighbours | weather
+    kind: str                    # trend | yesterday | last_week | neighbours | weather | note
     push: str                    # up | down
     size: float | None = None
 
@@ -168,6 +181,7 @@ class Facts:
     wind: WindDirection | None
     calendar: Calendar
     factors: list[Factor] = field(default_factory=list)
+    notes: list[NoteFact] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict (NaN -> None)."""
@@ -182,6 +196,7 @@ class Facts:
             d[key] = None if d.get(key) is None else kind(**d[key])
         d["weather"] = [WeatherChange(**w) for w in d.get("weather", [])]
         d["factors"] = [Factor(**f) for f in d.get("factors", [])]
+        d["notes"] = [NoteFact(**n) for n in d.get("notes", [])]
         return cls(**d)
 
 
@@ -305,10 +320,12 @@ def _opt(x) -> float | None:
 
 def compute_facts(city: CityData, node, start, t_in: int = 12, t_out: int = 12,
                   effects: dict[str, dict[str, Effect]] | None = None, channel: str | int = 0,
-                  k_neighbours: int = N_NEIGHBOURS) -> Facts:
+                  k_neighbours: int = N_NEIGHBOURS, note_effects: dict[str, float] | None = None) -> Facts:
     """Facts for node `node` (id, name or position) and window start `start` (index or timestamp of the first
-    target step), from `city.values[:start]` and `city.exog[:start]` only. `effects` comes from
-    `estimate_effects` and adds the typical effect of each weather change."""
+    target step), from `city.values[:start]` and `city.exog[:start]` only, and the city's notes that hold at the
+    node during the window (a note is known in advance: a parade is announced). `effects` comes from
+    `estimate_effects` and adds the typical effect of each weather change; `note_effects` ({note text as the model
+    reads it: effect}, from `stllm.explain.note_effects`) what each note did to the model's forecast."""
     i, s = resolve_window(city, node, start, t_in, t_out)
     c = city.channel_index(channel)
     hist = city.values[s - t_in:s, i, c].astype(np.float64)                    # [t_in]
@@ -333,7 +350,8 @@ def compute_facts(city: CityData, node, start, t_in: int = 12, t_out: int = 12,
         yesterday=_period(city, i, c, s, t_out, last_idx, last_value, city.steps_per_day, "yesterday"),
         last_week=_period(city, i, c, s, t_out, last_idx, last_value, 7 * city.steps_per_day, "last week"),
         neighbours=_neighbours(city, i, c, s, t_in, k_neighbours),
-        weather=weather, wind=_wind(city, i, s, t_in), calendar=_calendar(city, s, t_in, t_out))
+        weather=weather, wind=_wind(city, i, s, t_in), calendar=_calendar(city, s, t_in, t_out),
+        notes=_notes(city, i, s, t_in, t_out, note_effects or {}))
     facts.factors = _factors(facts)
     return facts
 
@@ -452,6 +470,26 @@ def _calendar(city: CityData, s: int, t_in: int, t_out: int) -> Calendar:
                     weekday=WEEKDAYS[first.day_of_week], is_weekend=bool(first.day_of_week >= 5), hour=int(first.hour))
 
 
+def _notes(city: CityData, i: int, s: int, t_in: int, t_out: int, effects: dict[str, float]) -> list[NoteFact]:
+    """The notes that name node i (or all nodes) and hold during steps [s - t_in, s + t_out)."""
+    from stllm.data.notes import note_text
+    if city.notes is None or not len(city.notes):
+        return []
+    history = (step_time(city, s - t_in), step_time(city, s - 1))
+    forecast = (step_time(city, s), step_time(city, s + t_out - 1))
+    out = []
+    for note in city.notes.itertuples(index=False):
+        if len(note.nodes) and i not in note.nodes:
+            continue
+        meets = [note.start <= hi and note.end >= lo for lo, hi in (history, forecast)]
+        if not any(meets):
+            continue
+        during = "both" if all(meets) else "history" if meets[0] else "forecast"
+        out.append(NoteFact(note.kind, note.text, time_text(note.start), time_text(note.end), during,
+                            effects.get(note_text(note.kind, note.text))))
+    return out
+
+
 def _factors(f: Facts) -> list[Factor]:
     """Each fact that argues for a move of the target, with its direction (flat facts argue for nothing)."""
     out = []
@@ -467,6 +505,9 @@ def _factors(f: Facts) -> list[Factor]:
     for w in f.weather:                                # an effect below the "flat" tolerance moves nothing
         if w.effect is not None and abs(w.effect) > FLAT_TOL * level:
             out.append(Factor(w.label, "weather", "up" if w.effect > 0 else "down", w.effect))
+    for n in f.notes:                                  # a note the model read, where it moved the forecast
+        if n.effect is not None and abs(n.effect) > FLAT_TOL * level:
+            out.append(Factor(f"the {n.kind} note", "note", "up" if n.effect > 0 else "down", n.effect))
     return out
 
 

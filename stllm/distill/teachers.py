@@ -40,7 +40,7 @@ from stllm.prompts import PromptTemplate
 
 FORECAST_SLOT = "{forecast}"
 FACT_SLOT = re.compile(r"\{(question|drivers|recent|conclusion|trend|neighbours|hours:(?:yesterday|last_week)"
-                       r"|(?:effect|weather):[\w.\- ]+)\}")
+                       r"|(?:effect|weather|note):[\w.\- ]+)\}")
 QUESTION = "What will {channel} be at {node} over the next {horizon} (from {start} to {end}), and why?"
 
 
@@ -178,7 +178,17 @@ def drivers_text(facts: Facts) -> str:
                        else f"the wind turned from {facts.wind.first} to {facts.wind.last}")
     parts.append(f"Over the last {history_text(facts)}: {'; '.join(clauses)}." if clauses
                  else "No weather data is recorded.")
+    parts += [_note_sentence(facts, n) for n in facts.notes]
     return " ".join(parts)
+
+
+NOTE_DURING = {"forecast": "the forecast", "history": "the last hours", "both": "the last hours and the forecast"}
+
+
+def _note_sentence(facts: Facts, note) -> str:
+    """'A parade note holds at Midtown Center during the forecast: "Thousands march up Fifth Avenue".'"""
+    text = note.text.strip().rstrip(".").replace('"', "'")
+    return f'A {note.kind} note holds at {facts.node_name} during {NOTE_DURING[note.during]}: "{text}".'
 
 
 def recent_text(facts: Facts) -> str:
@@ -263,6 +273,14 @@ def _weather_phrase(facts: Facts, name: str) -> str:
     return f"{w.label} {_moved(w.direction)} {_effect_phrase(facts, name)}".strip()   # the direction of stage 2
 
 
+def _note_phrase(facts: Facts, kind: str) -> str:
+    """"the parade note moves the forecast by +12.3 trips on average" ("" when no note of that kind moved it)."""
+    note = next((n for n in facts.notes if n.kind == kind and n.effect is not None), None)
+    if note is None:
+        return ""
+    return f"the {kind} note moves the forecast by {fmt_signed(note.effect)}{_unit(facts)} on average"
+
+
 def _factor_phrase(facts: Facts, kind: str, name: str, slots: bool = False) -> str:
     """One factor of stage 4, its subject and direction first ("wind speed rose ..."), before the push the student
     words itself. slots=True: the fact slot the program fills with that phrase."""
@@ -270,6 +288,9 @@ def _factor_phrase(facts: Facts, kind: str, name: str, slots: bool = False) -> s
         return f"{{{kind}}}" if slots else _trend_phrase(facts) if kind == "trend" else _neighbours_phrase(facts)
     if kind in ("yesterday", "last_week"):
         return f"{{hours:{kind}}}" if slots else _hours_phrase(facts, kind)
+    if kind == "note":
+        note_kind = name[len("the "):-len(" note")]
+        return f"{{note:{note_kind}}}" if slots else _note_phrase(facts, note_kind)
     w = next(w for w in facts.weather if w.label == name)
     return f"{{weather:{w.name}}}" if slots else _weather_phrase(facts, w.name)
 
@@ -348,6 +369,8 @@ def fact_text(facts: Facts, slot: str, direction: str | None, written: str | Non
         return _hours_phrase(facts, name)
     if kind == "weather" and name:
         return _weather_phrase(facts, name)
+    if kind == "note" and name:
+        return _note_phrase(facts, name)
     if kind == "effect" and name:            # students trained before {weather:...} write "wind speed rose {effect:..}"
         return _effect_phrase(facts, name)
     return None
