@@ -83,6 +83,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.leave_out or args.all:
         return leave_one_out_main(args)
+    if args.set:
+        parser.error("--set changes the pretraining recipe of --leave-out / --all only")
     if not (args.source and args.target):
         parser.error("--source and --target are needed (or --leave-out NAME / --all)")
 

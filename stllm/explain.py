@@ -126,16 +126,16 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
 
 
 def note_effects(model, prep: PreparedCity, i: int, s: int, c: int) -> dict[str, float]:
-    """What each note that holds at node i in window s did to the model's forecast: {note text as the model reads
-    it: the forecast with every note minus the forecast without that one, mean over the forecast steps, in the
-    channel's unit}. Empty for a run that does not read notes (model.notes=none, or the encoder-only ablation's
-    model.notes=text) and for a window without notes."""
+    """What the notes that hold at node i in window s did to the model's forecast, by kind: {kind: the forecast
+    with every note minus the forecast without the notes of that kind, mean over the forecast steps, in the
+    channel's unit}. Empty for a run that does not read notes (model.notes=none) and for a window without notes."""
     import torch
+    from stllm.distill.facts import note_kind
     if getattr(model, "notes", None) is None or not model.llm_active:
         return {}
     batch = prep.batch(np.array([s]))
-    texts, cover = batch.get("note_texts") or [], batch["note_cover"]              # [J], [1, t_in + t_out, N, J]
-    here = [j for j in range(len(texts)) if bool(cover[0, :, i, j].any())]
+    kinds, cover = [note_kind(k) for k in batch.get("note_kinds") or []], batch["note_cover"]   # [J], [1, T, N, J]
+    here = list(dict.fromkeys(kinds[j] for j in range(len(kinds)) if bool(cover[0, :, i, j].any())))
     if not here:
         return {}
     device = next(model.parameters()).device
@@ -146,12 +146,12 @@ def note_effects(model, prep: PreparedCity, i: int, s: int, c: int) -> dict[str,
         with torch.no_grad():
             full = model(batch_to(batch, device))[0, :, i, c].float().cpu()
             out = {}
-            for j in here:
-                keep = [k for k in range(len(texts)) if k != j]
-                without = {**batch, "note_texts": [texts[k] for k in keep],
-                           "note_kinds": [batch["note_kinds"][k] for k in keep], "note_cover": cover[..., keep]}
+            for kind in here:
+                keep = [j for j in range(len(kinds)) if kinds[j] != kind]
+                without = {**batch, "note_texts": [batch["note_texts"][j] for j in keep],
+                           "note_kinds": [batch["note_kinds"][j] for j in keep], "note_cover": cover[..., keep]}
                 rest = model(batch_to(without, device))[0, :, i, c].float().cpu()
-                out[texts[j]] = float((full - rest).mean()) * std
+                out[kind] = float((full - rest).mean()) * std
     finally:
         model.train(was_training)
     return out

@@ -70,6 +70,7 @@ class STLLM(nn.Module):
         if self.floor is not None:
             nn.init.zeros_(readout.lin.weight)
             nn.init.zeros_(readout.lin.bias)
+        self.llm_active = True   # False: forward uses only the encoder read-out (training's first stage)
         if not cfg.model.use_llm:   # for events the linear head's outputs are logits
             self.backbone = None
             self.head = readout
@@ -103,7 +104,6 @@ class STLLM(nn.Module):
         if self.node_proj is not None:
             nn.init.zeros_(self.node_proj.weight)
             nn.init.zeros_(self.node_proj.bias)
-        self.llm_active = True   # False: forward uses only the encoder read-out (training's first stage)
         self._layouts: dict = {}
 
     # ---- forward -----------------------------------------------------------------------------------------------

@@ -97,14 +97,20 @@ def test_generated_mode_inserts_the_heads_numbers(run, city):
     assert r["forecast"] == analytic["forecast"]                  # same head, same window
 
 
-def test_generated_mode_on_gpt2(tmp_path, city):
-    """GPT-2 has learned position embeddings: the node prompt plus the rationale must fit them (was an IndexError
-    inside the model)."""
+def test_generated_mode_on_gpt2_stops_before_its_learned_positions_end(tmp_path, city):
+    """GPT-2's positions are a learned table: past its last row the model raised an IndexError inside transformers.
+    With a table just longer than the prompt, generation now stops there and says so."""
     out = tmp_path / "gpt2"
     train(load_config(TINY, ["backbone.name=tiny-gpt2", "train.max_steps=2"]), out, city=city, progress=False)
-    r = explain(STLLM.from_pretrained(out), city, "S01", AT, mode="generated", max_new_tokens=16)
-    assert r["generation"]["new_tokens"] <= 16 and r["numbers_consistent"] is True
-    assert r["generation"]["stopped_by"] in ("eos", "max_new_tokens")
+    model = STLLM.from_pretrained(out)
+    r = explain(model, city, "S01", AT, mode="generated", max_new_tokens=16)
+    assert r["generation"]["stopped_by"] in ("eos", "max_new_tokens") and r["numbers_consistent"] is True
+    limit = r["generation"]["prompt_tokens"] + 3
+    gpt2 = model.backbone.get_base_model().transformer
+    gpt2.wpe = torch.nn.Embedding(limit, gpt2.wpe.embedding_dim)           # a shorter table, as a smaller model has
+    gpt2.config.n_positions = limit
+    r = explain(model, city, "S01", AT, mode="generated", max_new_tokens=50)
+    assert r["generation"]["stopped_by"] == "context" and r["generation"]["new_tokens"] == 4
 
 
 def test_generation_stops_where_the_models_positions_end(run, city, monkeypatch):
@@ -509,15 +515,15 @@ def test_a_note_the_model_reads_is_stated_as_a_fact_and_a_factor_and_checked(cit
     assert abs(effect) > 0.1
     text = r["explanation"]
     assert 'A fair note holds at S02 Central Station during the forecast: "A street fair' in text
-    stated = f"the fair note moves the forecast by {effect:+.1f} on average, which pushes {'up' if effect > 0 else 'down'}"
-    assert stated in text
+    push = "up" if effect > 0 else "down"
+    assert f"the fair note moves the forecast by {effect:+.1f} on average, which pushes {push}" in text
     notes = [c for c in r["claims"] if c["kind"] == "note" or c["quantity"] == "note"]
     assert [(c["kind"], c["quantity"]) for c in notes] == [("note", "holds"), ("note", "effect"), ("push", "note")]
     assert all(c["holds"] for c in r["claims"] if c["verdict"] != "unchecked") and r["faithfulness"] == 1.0
     assert not any("913.5" in c["text"] for c in r["claims"])    # the quoted words are not claims
     # planted wrong: another size, the other push, a note that is not there
     wrong = (text.replace(f"{effect:+.1f} on average", f"{effect + 25:+.1f} on average")
-             .replace(f"which pushes {'up' if effect > 0 else 'down'}.", f"which pushes {'down' if effect > 0 else 'up'}.")
+             .replace(f"which pushes {push}.", f"which pushes {'down' if push == 'up' else 'up'}.")
              .replace("A fair note holds at S02 Central Station during the forecast",
                       "A parade note holds at S02 Central Station during the forecast"))
     report = check_explanation(wrong, noted, "S02", at, forecast=r["forecast"], note_effects=moved)
@@ -526,3 +532,32 @@ def test_a_note_the_model_reads_is_stated_as_a_fact_and_a_factor_and_checked(cit
     # a window the note does not reach says nothing of it
     far = explain(model, noted, "S02", at - 48)
     assert "fair note" not in far["explanation"]
+    # other wordings: read by the kinds the window has, at the sensor it names; any other quote is read as text
+    holds = lambda t: [(c.quantity, c.holds) for c in check_explanation(  # noqa: E731
+        t, noted, "S02", at, note_effects=moved).claims if c.kind == "note"]
+    assert holds("In the morning a fair note holds at S02 Central Station during the forecast.") == [("holds", True)]
+    assert holds("A fair note holds at S05 Harbour during the forecast.") == [("holds", False)]
+    assert holds("A fair note holds during the last hours.") == [("holds", False)]   # it starts in the forecast
+    quoted = check_explanation('The latest reading is "999.0" at 09:00.', noted, "S02", at, note_effects=moved)
+    assert quoted.claims or quoted.unparsed                                      # not hidden like a note's words
+
+
+def test_notes_of_one_kind_are_one_factor_and_flags_runs_explain_too(city):
+    """Two notes of one kind at the sensor: one factor, the size of both together. An encoder-only run that sees
+    notes as flags (model.use_llm=false, model.notes=flags) explains the same way."""
+    from stllm.data.notes import with_notes
+    from stllm.data.prepared import PreparedCity
+    from stllm.explain import note_effects
+    rows = [{"start": "2024-01-17 12:00", "end": "2024-01-17 14:00", "zones": "S02", "kind": "fair", "text": "A fair"},
+            {"start": "2024-01-17 15:00", "end": "2024-01-17 18:00", "zones": "all", "kind": "fair", "text": "Another"}]
+    noted = with_notes(city, rows)
+    cfg = load_config(TINY, ["model.use_llm=false", "model.notes=flags"])
+    model = build_model(cfg, PreparedCity(noted, cfg.data, cfg.encoder)).eval()
+    torch.nn.init.normal_(model.notes.mlp[-1].weight, std=0.5)
+    at = noted.time_index("2024-01-17 10:00")
+    moved = note_effects(model, model.prepare(noted), 2, at, 0)
+    assert list(moved) == ["fair"] and abs(moved["fair"]) > 0.1
+    r = explain(model, noted, "S02", at)
+    assert r["explanation"].count("A fair note holds at S02") == 2
+    assert r["explanation"].count("the fair note moves the forecast by") == 1
+    assert f"{moved['fair']:+.1f} on average" in r["explanation"] and r["faithfulness"] == 1.0

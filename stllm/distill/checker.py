@@ -58,7 +58,7 @@ import numpy as np
 
 from stllm.data.city import CityData
 from stllm.distill.facts import (COMPASS16, WEEKDAYS, WIND_STEADY_DEG, Effect, Facts, angle_diff, compute_facts,
-                                 forecast_direction, percent, resolve_window, step_time)
+                                 forecast_direction, note_quote, percent, resolve_window, step_time)
 
 WIND_TOL_DEG = 33.75          # a compass name holds within half a 16-point sector plus one more sector
 DEFAULT_TOLERANCE = 0.05      # relative slack on stated data numbers (beyond rounding)
@@ -136,10 +136,10 @@ _BALANCE = re.compile(r"\bthe (?P<up>up|down)wards? (?:pushes|factors|influences
                       r"|\bthe move (?P<move>up|down) comes from\b|\bpushes roughly cancel(?: each other)? out\b", re.I)
 _PUSH = re.compile(r"\b(?:push(?:es|ing)?|drives?|driving)\s+(?:[\w.]+\s+){0,2}?(?P<p>up|down)(?:wards?)?\b", re.I)
 _NOTE_DURING = {"the forecast": "forecast", "the last hours": "history", "the last hours and the forecast": "both"}
-_NOTE_HOLDS = re.compile(r"\b(?:a|an|the)\s+(?P<kind>[\w.\- ]{1,40}?)\s+note\s+holds\b[^.;\"]{0,120}?\bduring\s+"
-                         r"(?P<during>the\s+last\s+hours\s+and\s+the\s+forecast|the\s+forecast|the\s+last\s+hours)",
-                         re.I)
-_NOTE_EFFECT = re.compile(rf"\bthe\s+(?P<kind>[\w.\- ]{{1,40}}?)\s+note\s+moves\s+the\s+forecast\s+by\s+"
+_NOTE_HOLDS = re.compile(r"\b(?:a|an|the)\s+(?P<kind>[^.;\"]{1,60}?)\s+note\s+holds\s+"
+                         r"(?:at\s+(?P<where>[^;\"]{1,80}?)\s+)?during\s+(?P<during>the\s+last\s+hours\s+and\s+"
+                         r"the\s+forecast|the\s+forecast|the\s+last\s+hours)", re.I)
+_NOTE_EFFECT = re.compile(rf"\b(?:a|an|the)\s+(?P<kind>[^.;\"]{{1,60}}?)\s+notes?\s+moves?\s+the\s+forecast\s+by\s+"
                           rf"{_num('eff')}{_UNIT}", re.I)
 _QUOTED = re.compile(r'"[^"\n]*"')
 _FORECAST_CONTEXT = re.compile(r"\b(?:forecast|predict\w*|expect\w*|outlook|projection|next\s+\d+)", re.I)
@@ -265,7 +265,7 @@ def check_explanation(text: str, city: CityData, node, start, forecast=None, tol
     _, s = resolve_window(city, node, start, t_in, t_out)
     fc = None if forecast is None else np.asarray([np.nan if v is None else v for v in forecast], dtype=np.float64)
     ctx = _Context(text, city, truth, s, fc, tolerance, effects, program)
-    for m_start, sentence in _sentences(_hide_quotes(_hide_node_ids(text, city))):
+    for m_start, sentence in _sentences(_hide_quotes(_hide_node_ids(text, city), truth)):
         ctx.sentence(m_start, sentence)
     checked = [c for c in ctx.found if c.holds is not None]
     data = [c for c in checked if not c.kind.startswith("forecast")]
@@ -298,9 +298,19 @@ def _hide_node_ids(text: str, city: CityData) -> str:
     return "".join(chars)
 
 
-def _hide_quotes(text: str) -> str:
-    """`text` with what stands inside double quotes overwritten by '_' (same length: offsets stay)."""
-    return _QUOTED.sub(lambda m: '"' + "_" * (len(m.group(0)) - 2) + '"', text)
+def _note_kind(written: str, known: set[str]) -> str:
+    """The kind a note claim names: the longest tail of the words before "note" that is a kind of this window's
+    notes ("in the morning a fair" -> "fair"), else its last word."""
+    words = written.lower().split()
+    return next((" ".join(words[k:]) for k in range(len(words)) if " ".join(words[k:]) in known), words[-1])
+
+
+def _hide_quotes(text: str, truth: Facts) -> str:
+    """`text` with each quoted note (a note's own words, as `note_quote` writes them, between double quotes)
+    overwritten by '_' (same length: offsets stay). Any other quoted text is read like the rest."""
+    quotes = {note_quote(n.text) for n in truth.notes}
+    return _QUOTED.sub(lambda m: '"' + "_" * (len(m.group(0)) - 2) + '"' if m.group(0)[1:-1] in quotes
+                       else m.group(0), text)
 
 
 def _sentences(text: str):
@@ -373,24 +383,30 @@ class _Context:
         self.not_parsed(off, clauses, [c.span for c in self.found[first:]])
 
     def notes(self, off: int, sent: str) -> None:
-        """"A parade note holds at X during the forecast" (such a note exists there and then) and "the parade note
-        moves the forecast by +12.3" (what it did to the model's forecast; a note that is not there fails)."""
+        """"A parade note holds at Midtown Center during the forecast" (a note of that kind names this node, and
+        holds then: "the forecast" and "the last hours" also hold for a note that covers both) and "the parade note
+        moves the forecast by +12.3" (what the notes of that kind did to the model's forecast; a note that is not
+        there fails)."""
+        known = {n.kind.lower() for n in self.truth.notes}
+        node = {self.truth.node_name.lower(), self.truth.node_id.lower()}
         for m in _NOTE_HOLDS.finditer(sent):
-            kind, during = m.group("kind").lower(), _NOTE_DURING[re.sub(r"\s+", " ", m.group("during").lower())]
+            kind = _note_kind(m.group("kind"), known)
+            during = _NOTE_DURING[re.sub(r"\s+", " ", m.group("during").lower())]
             spans = [n.during for n in self.truth.notes if n.kind.lower() == kind]
-            self.add("note", "holds", off, m.span(), f"{kind}: {during}", ", ".join(spans) or "no such note",
-                     during in spans)
+            where = (m.group("where") or "").strip().lower()
+            here = not where or where in node
+            self.add("note", "holds", off, m.span(), f"{kind} at {where or 'this sensor'}: {during}",
+                     ", ".join(spans) or "no such note",
+                     here and any(d == during or d == "both" for d in spans))
         for m in _NOTE_EFFECT.finditer(sent):
-            kind, stated = m.group("kind").lower(), _float(m.group("eff"))
-            notes = [n for n in self.truth.notes if n.kind.lower() == kind]
-            known = [n.effect for n in notes if n.effect is not None]
-            if not notes:
+            kind, stated = _note_kind(m.group("kind"), known), _float(m.group("eff"))
+            effects = [n.effect for n in self.truth.notes if n.kind.lower() == kind]
+            if not effects:
                 self.add("note", "effect", off, m.span(), stated, "no such note", False)
-            elif not known:
+            elif effects[0] is None:
                 self.add("note", "effect", off, m.span(), stated, None, None)
             else:
-                self.number("note", "effect", off, m.span(), m.group("eff"), stated,
-                            min(known, key=lambda e: abs(e - stated)))
+                self.number("note", "effect", off, m.span(), m.group("eff"), stated, effects[0])
 
     def not_parsed(self, off: int, clauses, covered: list[tuple[int, int]]) -> None:
         """One "unparsed" entry per clause with a checkable shape (`_marks`) outside every claim found."""

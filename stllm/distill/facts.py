@@ -125,9 +125,9 @@ class NoteFact:
     start: str                   # the note's own span
     end: str
     during: str                  # where it holds in this window: "forecast", "history" or "both"
-    effect: float | None = None  # what it did to this forecast: the model's forecast with every note minus the same
-                                 # without this one, mean over the forecast steps, in the channel's unit (None:
-                                 # not known, e.g. a run that does not read notes)
+    effect: float | None = None  # what the notes of its kind did to this forecast: the model's forecast with every
+                                 # note minus the same without the notes of this kind, mean over the forecast steps,
+                                 # in the channel's unit (None: not known, e.g. a run that does not read notes)
 
 
 @dataclass
@@ -324,8 +324,8 @@ def compute_facts(city: CityData, node, start, t_in: int = 12, t_out: int = 12,
     """Facts for node `node` (id, name or position) and window start `start` (index or timestamp of the first
     target step), from `city.values[:start]` and `city.exog[:start]` only, and the city's notes that hold at the
     node during the window (a note is known in advance: a parade is announced). `effects` comes from
-    `estimate_effects` and adds the typical effect of each weather change; `note_effects` ({note text as the model
-    reads it: effect}, from `stllm.explain.note_effects`) what each note did to the model's forecast."""
+    `estimate_effects` and adds the typical effect of each weather change; `note_effects` ({note kind: effect},
+    from `stllm.explain.note_effects`) what the notes of each kind did to the model's forecast."""
     i, s = resolve_window(city, node, start, t_in, t_out)
     c = city.channel_index(channel)
     hist = city.values[s - t_in:s, i, c].astype(np.float64)                    # [t_in]
@@ -471,23 +471,33 @@ def _calendar(city: CityData, s: int, t_in: int, t_out: int) -> Calendar:
 
 
 def _notes(city: CityData, i: int, s: int, t_in: int, t_out: int, effects: dict[str, float]) -> list[NoteFact]:
-    """The notes that name node i (or all nodes) and hold during steps [s - t_in, s + t_out)."""
-    from stllm.data.notes import note_text
+    """The notes that name node i (or all nodes) and hold at a step of [s - t_in, s + t_out), tested on the steps'
+    timestamps as the model's routing does (`stllm.data.notes.coverage`)."""
     if city.notes is None or not len(city.notes):
         return []
-    history = (step_time(city, s - t_in), step_time(city, s - 1))
-    forecast = (step_time(city, s), step_time(city, s + t_out - 1))
+    times = np.array([step_time(city, k) for k in range(s - t_in, s + t_out)], dtype="datetime64[ns]")
     out = []
     for note in city.notes.itertuples(index=False):
         if len(note.nodes) and i not in note.nodes:
             continue
-        meets = [note.start <= hi and note.end >= lo for lo, hi in (history, forecast)]
+        held = (times >= np.datetime64(note.start, "ns")) & (times <= np.datetime64(note.end, "ns"))
+        meets = [bool(held[:t_in].any()), bool(held[t_in:].any())]
         if not any(meets):
             continue
         during = "both" if all(meets) else "history" if meets[0] else "forecast"
-        out.append(NoteFact(note.kind, note.text, time_text(note.start), time_text(note.end), during,
-                            effects.get(note_text(note.kind, note.text))))
+        kind = note_kind(note.kind)
+        out.append(NoteFact(kind, note.text, time_text(note.start), time_text(note.end), during, effects.get(kind)))
     return out
+
+
+def note_kind(kind: str) -> str:
+    """A note's kind as explanations name it ("note" for a note without one)."""
+    return " ".join(str(kind).split()) or "note"
+
+
+def note_quote(text: str) -> str:
+    """A note's words as an explanation quotes them: one line, no double quote inside, no final full stop."""
+    return " ".join(str(text).split()).rstrip(".").replace('"', "'")
 
 
 def _factors(f: Facts) -> list[Factor]:
@@ -505,9 +515,10 @@ def _factors(f: Facts) -> list[Factor]:
     for w in f.weather:                                # an effect below the "flat" tolerance moves nothing
         if w.effect is not None and abs(w.effect) > FLAT_TOL * level:
             out.append(Factor(w.label, "weather", "up" if w.effect > 0 else "down", w.effect))
-    for n in f.notes:                                  # a note the model read, where it moved the forecast
-        if n.effect is not None and abs(n.effect) > FLAT_TOL * level:
-            out.append(Factor(f"the {n.kind} note", "note", "up" if n.effect > 0 else "down", n.effect))
+    for kind in dict.fromkeys(n.kind for n in f.notes):    # the notes of one kind the model read, if they moved it
+        effect = next(n.effect for n in f.notes if n.kind == kind)
+        if effect is not None and abs(effect) > FLAT_TOL * level:
+            out.append(Factor(f"the {kind} note", "note", "up" if effect > 0 else "down", effect))
     return out
 
 

@@ -225,7 +225,7 @@ def generate_with_facts(model, inputs: NodeInputs, fill, max_new_tokens: int = 2
                          f"longer context, or a run with a shorter data.t_in")
     out = backbone(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, use_cache=True)
     segments, written, carry, n_new, n_filled = [], [], "", 0, 0
-    stopped_by = "eos"
+    stopped_by, cache_name = "eos", _cache_name(backbone)
     while n_new < max_new_tokens:
         nxt = _next_token(out.logits[0, -1], tok,
                           lambda t: carry + tok.decode(written + [t], skip_special_tokens=True), allowed)
@@ -251,7 +251,7 @@ def generate_with_facts(model, inputs: NodeInputs, fill, max_new_tokens: int = 2
             break
         length += len(feed)
         out = backbone(input_ids=torch.tensor([feed], device=inputs.embeds.device), use_cache=True,
-                       **_cache_kwarg(backbone, out))
+                       **{cache_name: _cache_of(out)})
     segments.append((carry + tok.decode(written, skip_special_tokens=True), False))
     merged = []                                                      # one segment per run of the same writer
     for t, p in segments:
@@ -264,15 +264,17 @@ def generate_with_facts(model, inputs: NodeInputs, fill, max_new_tokens: int = 2
     return merged, {"new_tokens": n_new, "filled_tokens": n_filled, "stopped_by": stopped_by}
 
 
-def _cache_kwarg(backbone, out) -> dict:
-    """The KV cache of `out`, passed back under the name the model's forward takes: `cache` (transformers from
-    about 5.20 on; `past_key_values` is deprecated there) or `past_key_values` (earlier 5.x)."""
+def _cache_name(backbone) -> str:
+    """The name the model's forward takes its KV cache under: `cache` (transformers from about 5.20 on, where
+    `past_key_values` is deprecated) or `past_key_values` (earlier 5.x)."""
     base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    return "cache" if "cache" in inspect.signature(getattr(base, "forward", base)).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    """The KV cache a forward returned (`cache`, or `past_key_values` in earlier 5.x)."""
     cache = getattr(out, "cache", None)
-    if cache is None:
-        cache = out.past_key_values
-    takes_cache = "cache" in inspect.signature(getattr(base, "forward", base)).parameters
-    return {"cache": cache} if takes_cache else {"past_key_values": cache}
+    return out.past_key_values if cache is None else cache
 
 
 def context_limit(backbone) -> int | None:

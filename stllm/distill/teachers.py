@@ -35,12 +35,12 @@ import pandas as pd
 
 from stllm.data.city import CityData
 from stllm.distill.facts import (Effect, Facts, FutureFacts, compute_facts, forecast_direction, future_facts,
-                                 interval_text)
+                                 interval_text, note_quote)
 from stllm.prompts import PromptTemplate
 
 FORECAST_SLOT = "{forecast}"
 FACT_SLOT = re.compile(r"\{(question|drivers|recent|conclusion|trend|neighbours|hours:(?:yesterday|last_week)"
-                       r"|(?:effect|weather|note):[\w.\- ]+)\}")
+                       r"|(?:effect|weather):[\w.\- ]+|note:[^{}\n]+)\}")
 QUESTION = "What will {channel} be at {node} over the next {horizon} (from {start} to {end}), and why?"
 
 
@@ -187,8 +187,8 @@ NOTE_DURING = {"forecast": "the forecast", "history": "the last hours", "both": 
 
 def _note_sentence(facts: Facts, note) -> str:
     """'A parade note holds at Midtown Center during the forecast: "Thousands march up Fifth Avenue".'"""
-    text = note.text.strip().rstrip(".").replace('"', "'")
-    return f'A {note.kind} note holds at {facts.node_name} during {NOTE_DURING[note.during]}: "{text}".'
+    during = NOTE_DURING[note.during]
+    return f'A {note.kind} note holds at {facts.node_name} during {during}: "{note_quote(note.text)}".'
 
 
 def recent_text(facts: Facts) -> str:
@@ -274,7 +274,8 @@ def _weather_phrase(facts: Facts, name: str) -> str:
 
 
 def _note_phrase(facts: Facts, kind: str) -> str:
-    """"the parade note moves the forecast by +12.3 trips on average" ("" when no note of that kind moved it)."""
+    """"the parade note moves the forecast by +12.3 trips on average" ("" when no note of that kind moved it): what
+    the notes of that kind did together (`stllm.explain.note_effects`)."""
     note = next((n for n in facts.notes if n.kind == kind and n.effect is not None), None)
     if note is None:
         return ""
