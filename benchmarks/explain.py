@@ -24,6 +24,9 @@ same way; NAME is any label.
 `--push-accuracy N` adds, teacher-forced on N training and N test pairs, how often the run's language model ranks
 the teacher's "pushes up|down" word above the other (`stllm.distill.student.push_accuracy`; about 0.5 for a
 student that has not learned which way a factor pushes).
+`--notes FILE` attaches a notes CSV to the city and `--note-pairs N` adds N test pairs where a note holds at the
+sensor: their explanations state the notes (and, for a run that reads notes, what they did to the forecast), and
+`note_claims` reports how many note claims each such explanation holds and the share that hold.
 Writes benchmarks/results/explain.json and prints a markdown table.
 """
 from __future__ import annotations
@@ -62,6 +65,18 @@ def pick_pairs(prep, n: int, seed: int = 0) -> list[tuple[int, int, int]]:
         if np.isfinite(values[s - 1, i, c]) and np.isfinite(values[s:s + prep.t_out, i, c]).any():
             out.append((s, i, c))
     return out
+
+
+def pick_note_pairs(prep, n: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """n (start, node, channel 0) triples from the test split where a note holds at the node during the window
+    (so the explanations state notes); fewer when the test split has fewer."""
+    rng = np.random.default_rng(seed + 1)
+    held = prep.note_cover.any(-1).numpy()                                  # [T', N]
+    candidates = [(int(s), int(i)) for s in prep.splits["test"]
+                  for i in np.flatnonzero(held[s - prep.t_in:s + prep.t_out].any(0))
+                  if np.isfinite(prep.city.values[s - 1, i, 0])]
+    picked = rng.choice(len(candidates), size=min(n, len(candidates)), replace=False) if candidates else []
+    return [(*candidates[k], 0) for k in sorted(picked)]
 
 
 def _share(flags: list[bool]) -> float | None:
@@ -151,15 +166,17 @@ def push_accuracies(model, prep, city, effects, n: int, seed: int = 0) -> dict:
 
 
 def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_tokens: int,
-              n_push: int = 0) -> dict:
+              n_push: int = 0, notes: str = "", n_note_pairs: int = 0) -> dict:
+    from stllm.data.notes import with_notes
     t0 = time.time()
     model = STLLM.from_pretrained(run_dir)
-    city = load_city(model.cfg.data)
+    city = with_notes(load_city(model.cfg.data), notes or None)
     prep = model.prepare(city)
     effects_source = "estimated from the training part (as stllm explain does), once for every pair"
     effects = estimate_effects(city, prep.train_end, prep.t_in, prep.t_out) if city.exog is not None else {}
-    pairs = pick_pairs(prep, n_pairs)
+    pairs = pick_pairs(prep, n_pairs) + (pick_note_pairs(prep, n_note_pairs) if n_note_pairs else [])
     out = {"run": str(run_dir), "dataset": city.name, "n_nodes": city.n_nodes, "channels": city.channels,
+           "notes": notes, "pairs": {"random": n_pairs, "with_notes": len(pairs) - n_pairs},
            "effects": effects_source, "load_s": round(time.time() - t0, 1),
            "run_metrics": _run_metrics(run_dir)}
 
@@ -169,6 +186,14 @@ def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_t
         results.append(model.explain(prep, i, s, channel=c, effects=effects))
         seconds.append(time.perf_counter() - t)
     out["analytic"] = summarise(results, seconds)
+    if n_note_pairs:
+        with_notes_part = results[n_pairs:]
+        out["analytic"]["note_claims"] = {
+            "per_explanation_with_notes": sum(c["kind"] == "note" or c["quantity"] == "note"
+                                              for r in with_notes_part for c in r["claims"]) / max(len(with_notes_part), 1),
+            "hold_share": _share([c["holds"] for r in results for c in r["claims"]
+                                  if (c["kind"] == "note" or c["quantity"] == "note") and c["holds"] is not None]),
+            "example": next((r["explanation"] for r in with_notes_part if "note moves" in r["explanation"]), None)}
     # the city layout's numbers for the same windows, batched as `stllm evaluate` does
     starts = np.array(sorted({s for s, _, _ in pairs}))
     by_start = {}
@@ -228,6 +253,9 @@ def main() -> None:
                         help="teacher-forced push accuracy on N training and N test pairs (student runs)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "explain.json"))
     parser.add_argument("--note", default="", help="the conditions of this run, kept in the JSON (e.g. what else ran)")
+    parser.add_argument("--notes", default="", help="a notes CSV attached to every run's city (docs/data_formats.md)")
+    parser.add_argument("--note-pairs", type=int, default=0, metavar="N",
+                        help="N more test pairs where a note holds at the sensor (their note claims are reported)")
     args = parser.parse_args()
 
     path = Path(args.out)
@@ -236,7 +264,8 @@ def main() -> None:
     for item in args.runs:
         key, run_dir = item.split("=", 1)
         print(f"== {key}: {run_dir}", flush=True)
-        results[key] = bench_run(key, run_dir, args.pairs, args.generated, args.max_new_tokens, args.push_accuracy)
+        results[key] = bench_run(key, run_dir, args.pairs, args.generated, args.max_new_tokens, args.push_accuracy,
+                                 args.notes, args.note_pairs)
         results["_machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                "platform": platform.platform(), "note": args.note}
         path.parent.mkdir(parents=True, exist_ok=True)

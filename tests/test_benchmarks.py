@@ -149,3 +149,15 @@ def test_leave_one_out_pretrains_on_every_other_series_and_shares_single_source_
     assert "series_features" not in recipe["encoder"]                    # the recipe itself is left as it was
     with pytest.raises(SystemExit, match="section.key=value"):
         loo.changed(recipe, ["series_features=true"])
+
+
+def test_explain_benchmark_adds_pairs_with_notes_and_counts_their_claims(run, tmp_path):
+    bench = load_benchmark("explain")
+    notes = tmp_path / "notes.csv"
+    notes.write_text('start,end,zones,kind,text\n2024-01-19 10:00,2024-01-19 14:00,all,market,"A market fills '
+                     'the square"\n')
+    out = bench.bench_run("tiny", str(run), n_pairs=1, n_generated=0, max_new_tokens=8, notes=str(notes),
+                          n_note_pairs=2)
+    assert out["pairs"] == {"random": 1, "with_notes": 2}
+    claims = out["analytic"]["note_claims"]
+    assert claims["per_explanation_with_notes"] >= 1 and claims["hold_share"] == 1.0
