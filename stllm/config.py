@@ -125,6 +125,10 @@ class ModelConfig:
     floor: bool = False                      # forecast relative to the naive references the history supports (last
                                              # value, same time a day and a week earlier): a learned per-step mix of
                                              # them plus the model's correction, so a new city's own rhythm is the start
+    floor_fit: bool = False                  # with model.floor: each window weighs the references by how well each
+                                             # would have forecast its own history (stllm.nn.floor), so a city whose
+                                             # hour-of-week average fits best leans on it, one with a steady level on
+                                             # the last value
     lm_layout: bool = True                   # the language model also reads the city layout (each node's ST-tokens
                                              # in the prompt) and corrects the encoder's read-out | false: it reads
                                              # only text (model.notes=text), and outside the notes' nodes and hours
@@ -142,6 +146,8 @@ class ModelConfig:
             if not self.encoder_skip:
                 raise ConfigError("model.lm_layout=false forecasts with the encoder's read-out; it needs "
                                   "model.encoder_skip=true")
+        if self.floor_fit and not self.floor:
+            raise ConfigError("model.floor_fit weighs the references of the naive floor; it needs model.floor=true")
 
 
 @dataclass

@@ -30,11 +30,13 @@ def times(city, factor: float):
 def test_ten_times_the_values_gives_ten_times_the_forecast(tiny_city, tiny_config):
     """With the run's own scaler (same dataset: the z-scores are not the same), only the window's own scale can make
     the forecast follow: data.window_norm does, and without it the forecast does not."""
-    cfg = tiny_config(["model.use_llm=false", "data.window_norm=true", "model.floor=true", "data.profile=true"])
-    model = encoder_model(cfg, tiny_city)
-    base = model.predict(tiny_city)["prediction"]
-    big = model.predict(times(tiny_city, 10.0))["prediction"]
-    np.testing.assert_allclose(big, 10 * base, rtol=1e-4, atol=1e-3)
+    for fit in ("false", "true"):                 # model.floor_fit weighs by errors on the window's own scale
+        cfg = tiny_config(["model.use_llm=false", "data.window_norm=true", "model.floor=true", "data.profile=true",
+                           f"model.floor_fit={fit}"])
+        model = encoder_model(cfg, tiny_city)
+        base = model.predict(tiny_city)["prediction"]
+        big = model.predict(times(tiny_city, 10.0))["prediction"]
+        np.testing.assert_allclose(big, 10 * base, rtol=1e-4, atol=1e-3)
 
     plain = encoder_model(tiny_config(["model.use_llm=false"]), tiny_city)
     base, big = plain.predict(tiny_city)["prediction"], plain.predict(times(tiny_city, 10.0))["prediction"]
@@ -82,6 +84,30 @@ def test_naive_floor_mixes_only_what_the_history_reaches():
     np.testing.assert_allclose(y[0, :, 1, 0], (5 + 1) / 2, rtol=1e-6)       # the missing one gets no weight
     with pytest.raises(ValueError, match="naive references"):
         floor({"x": x, "x_mask": torch.ones_like(x)})
+
+
+def test_a_fitted_floor_leans_on_the_reference_that_fits_the_window_s_history():
+    """model.floor_fit: a history that repeats the day before exactly and jumps around its last value leans on the
+    day-earlier reference; the same references with the fit off mix equally."""
+    t_in, t_out = 6, 3
+    day_before = torch.tensor([1.0, 4.0, 2.0, 5.0, 3.0, 6.0])                 # the history: zig-zag
+    x = day_before.reshape(1, t_in, 1, 1)
+    hist_refs = torch.stack([x, torch.full_like(x, 10.0)], 1)     # [b, P, t_in, N, C]: a day, a week earlier
+    batch = {"x": x, "x_mask": torch.ones_like(x), "periods_hist": hist_refs,
+             "periods_hist_mask": torch.ones_like(hist_refs),
+             "periods": torch.stack([torch.full((1, t_out, 1, 1), 2.0), torch.full((1, t_out, 1, 1), 10.0)], 1)}
+    batch["period_mask"] = torch.ones_like(batch["periods"])
+    fitted = NaiveFloor(t_out, 3, fit=True)
+    errors = fitted.history_errors(batch)[:, 0, 0, 0, 0]
+    assert errors.tolist() == pytest.approx([2.6, 0.0, 6.5])                  # last value (one step ahead), day, week
+    with torch.no_grad():
+        fitted.sharpness.fill_(5.0)                                           # a sharpness training would give
+        y = fitted(batch)[0, :, 0, 0]
+        plain = NaiveFloor(t_out, 3)(batch)[0, :, 0, 0]
+    np.testing.assert_allclose(y, 2.0, atol=1e-3)                             # the day-earlier forecast
+    np.testing.assert_allclose(plain, (6.0 + 2.0 + 10.0) / 3, rtol=1e-6)
+    no_week = dict(batch, periods_hist_mask=torch.stack([torch.ones_like(x), torch.zeros_like(x)], 1))
+    assert fitted.history_errors(no_week)[2].item() == pytest.approx(2.6)    # no evidence: the worst error there
 
 
 def test_floor_starts_from_the_naive_mix(tiny_city, tiny_config):

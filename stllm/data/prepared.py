@@ -162,6 +162,7 @@ class PreparedCity:
         if periods:
             out["periods"] = torch.stack(periods, 1)                          # [b, P, t_out, N, C]
             out["period_mask"] = torch.stack(period_masks, 1)
+            out["periods_hist"], out["periods_hist_mask"] = self._history_references(hist)   # [b, P, t_in, N, C]
         out["context"] = self.context                                        # prompt fields for this city
         out["window_text"] = [window_text(self.timestamps[s:s + self.t_out], self.holidays, self.periods)
                               for s in starts]                                # [b] calendar sentences (<WHEN>)
@@ -173,6 +174,22 @@ class PreparedCity:
         out["dynamic_adj"] = self.wind_adjacency(starts) if self.has_wind else None
         return out
 
+
+    def _history_references(self, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each period reference said about the history steps themselves (the value a day / a week before each
+        of them, the profile at them), with masks: [b, P, t_in, N, C] each, in the order of `periods`. How well each
+        would have forecast the history is what model.floor_fit weighs them by."""
+        refs, masks = [], []
+        for lag in self.lags:
+            idx = hist - lag
+            valid = (idx >= 0).float()[:, :, None, None]
+            idx = idx.clamp(min=0)
+            refs.append(self.x[idx] * valid)
+            masks.append(self.mask[idx] * valid)
+        if self.profile is not None:
+            refs.append(self.profile[0][hist])
+            masks.append(self.profile[1][hist])
+        return torch.stack(refs, 1), torch.stack(masks, 1)
 
     def _profile(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each node's mean (scaled) at every hour of the week over the training part, laid out over all T' steps:

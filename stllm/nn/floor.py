@@ -11,6 +11,9 @@ show the morning rush the forecast must reach.
 The naive floor: a learned mix, per horizon step, of the history's last step (when it is observed), the same time a day earlier and a
 week earlier (and the hour-of-week profile with data.profile), over those the history reaches (a missing one
 gets no weight). The model adds its correction to that mix, so on a new city its start is the city's own rhythm.
+With model.floor_fit the mix is also the window's own: each reference loses weight with its error on the window's
+history (what it would have said about each history step against what happened), so a city whose hour-of-week
+average fits best leans on it, and one with a steady level on the last value, without training on that city.
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ def normalized(batch: dict, mean: torch.Tensor, spread: torch.Tensor) -> dict:
     out["x"] = (batch["x"] - mean) / spread * batch["x_mask"]
     if "periods" in batch:
         out["periods"] = (batch["periods"] - mean[:, None]) / spread[:, None] * batch["period_mask"]
+    if "periods_hist" in batch:
+        out["periods_hist"] = (batch["periods_hist"] - mean[:, None]) / spread[:, None] * batch["periods_hist_mask"]
     return out
 
 
@@ -53,9 +58,28 @@ class NaiveFloor(nn.Module):
     and an entry with no reference at all gets 0 (the window's mean, with data.window_norm).
     """
 
-    def __init__(self, t_out: int, n_references: int):
+    def __init__(self, t_out: int, n_references: int, fit: bool = False):
         super().__init__()
         self.logits = nn.Parameter(torch.zeros(n_references, t_out))
+        # model.floor_fit: a reference's weight also falls with its error on the window's own history, by a learned
+        # sharpness (softplus, starting at 1 per unit of error on the axis the inputs are on)
+        self.sharpness = nn.Parameter(torch.tensor(0.5413)) if fit else None   # softplus(0.5413) = 1.0
+
+    def history_errors(self, batch: dict) -> torch.Tensor:
+        """[R, b, 1, N, C]: each reference's mean absolute error over the history steps where both it and the value
+        are observed (the last value as a one-step-ahead forecast of the next history step); references with no such
+        step get the largest error any reference has there, so they are not preferred for lack of evidence."""
+        x, m = batch["x"], batch["x_mask"]                                   # [b, t_in, N, C]
+        errs, seen = [(x[:, 1:] - x[:, :-1]).abs()], [m[:, 1:] * m[:, :-1]]
+        if "periods_hist" in batch:
+            for ref, rm in zip(batch["periods_hist"].unbind(1), batch["periods_hist_mask"].unbind(1)):
+                errs.append((ref - x).abs())
+                seen.append(rm * m)
+        err = torch.stack([(e * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1.0)
+                           for e, w in zip(errs, seen)])                     # [R, b, 1, N, C]
+        has = torch.stack([w.sum(1, keepdim=True) > 0 for w in seen])
+        worst = torch.where(has, err, torch.zeros_like(err)).amax(0, keepdim=True)
+        return torch.where(has, err, worst)
 
     def forward(self, batch: dict) -> torch.Tensor:
         t_out = self.logits.shape[1]
@@ -68,5 +92,8 @@ class NaiveFloor(nn.Module):
             raise ValueError(f"model.floor: the batch has {len(refs)} naive references, the model was built for "
                              f"{self.logits.shape[0]} (data.periods and data.profile must match the run's)")
         refs, masks = torch.stack(refs), torch.stack(masks)                 # [R, b, t_out, N, C]
-        weights = torch.softmax(self.logits, 0)[:, None, :, None, None] * masks
+        logits = self.logits[:, None, :, None, None]                         # [R, 1, t_out, 1, 1]
+        if self.sharpness is not None:
+            logits = logits - nn.functional.softplus(self.sharpness) * self.history_errors(batch)
+        weights = torch.softmax(logits, 0) * masks
         return (weights * refs).sum(0) / weights.sum(0).clamp(min=1e-6)
