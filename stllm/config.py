@@ -129,6 +129,9 @@ class ModelConfig:
                                              # would have forecast its own history (stllm.nn.floor), so a city whose
                                              # hour-of-week average fits best leans on it, one with a steady level on
                                              # the last value
+    nonnegative: bool = False                # forecasts below 0 are raised to 0 on the original scale (counts,
+                                             # concentrations and speeds cannot be negative); in every forecast
+                                             # stllm.infer.forecast returns, so metrics, predict and explain agree
     lm_layout: bool = True                   # the language model also reads the city layout (each node's ST-tokens
                                              # in the prompt) and corrects the encoder's read-out | false: it reads
                                              # only text (model.notes=text), and outside the notes' nodes and hours

@@ -22,6 +22,8 @@ def forecast(model, prep: PreparedCity, starts: np.ndarray, batch_size: int = 16
         batch = batch_to(prep.batch(chunk), device)
         out = model(batch).float().cpu()
         pred = torch.sigmoid(out) if _is_events(model) else prep.scaler.inverse(out)  # probabilities or values
+        if not _is_events(model) and model.cfg.model.nonnegative:
+            pred = pred.clamp(min=0.0)
         yield chunk, pred.numpy(), batch["y_raw"].cpu().numpy()
     model.train(was_training)
 

@@ -147,3 +147,19 @@ def test_the_per_node_explanation_path_refuses_a_floor_run(tiny_city, tiny_confi
     model = build_model(cfg, prep)
     with pytest.raises(ValueError, match="model.floor"):
         slot_vectors(model, prep.batch(prep.splits["test"][:1]))
+
+
+def test_nonnegative_raises_forecasts_below_zero_to_zero(tiny_city, tiny_config):
+    """model.nonnegative: the same weights, the forecasts below 0 raised to 0 and the rest unchanged; the metrics
+    are those of what predict returns."""
+    city = replace(tiny_city, values=tiny_city.values - np.nanmean(tiny_city.values))   # around 0: some below
+    plain = encoder_model(tiny_config(["model.use_llm=false"]), city)
+    clamped = encoder_model(tiny_config(["model.use_llm=false", "model.nonnegative=true"]), city)
+    a, b = plain.predict(city)["prediction"], clamped.predict(city)["prediction"]
+    assert (a < 0).any() and (b >= 0).all()
+    np.testing.assert_allclose(b, np.maximum(a, 0), rtol=1e-6, atol=1e-6)
+    from stllm.infer import evaluate
+    prep = clamped.prepare(city)
+    truth = clamped.predict(city)["truth"]
+    seen = np.isfinite(truth) & (np.abs(truth) > 1e-4)
+    assert evaluate(clamped, prep, prep.splits["test"])["mae"] == pytest.approx(np.abs(b - truth)[seen].mean(), rel=1e-5)
