@@ -161,3 +161,19 @@ def test_explain_benchmark_adds_pairs_with_notes_and_counts_their_claims(run, tm
     assert out["pairs"] == {"random": 1, "with_notes": 2}
     claims = out["analytic"]["note_claims"]
     assert claims["per_explanation_with_notes"] >= 1 and claims["hold_share"] == 1.0
+
+
+def test_leave_one_out_does_not_shadow_the_holidays_package(tmp_path):
+    """benchmarks/holidays.py must not hide the `holidays` package that a city's calendar (Melbourne: AU-VIC) needs:
+    --leave-out loads leave_one_out.py from its file instead of putting benchmarks/ on sys.path."""
+    import sys
+    from types import SimpleNamespace
+    zero_shot = load_benchmark("zero_shot")
+    args = SimpleNamespace(steps=10, all=False, leave_out="atlantis", runs=str(tmp_path), stage2_steps=2, threads=1,
+                           set=[], out=str(tmp_path / "row.json"))
+    with pytest.raises(SystemExit, match="choose one of"):            # loaded leave_one_out, refused the name
+        zero_shot.leave_one_out_main(args)
+    assert str(ROOT / "benchmarks") not in sys.path
+    sys.modules.pop("holidays", None)
+    import holidays
+    assert hasattr(holidays, "country_holidays")                      # the package, not benchmarks/holidays.py
