@@ -152,8 +152,8 @@ def main() -> None:
 
 def leave_one_out_main(args) -> None:
     """--leave-out NAME (one row, written to --out as JSON) or --all (every city; the JSON list and a table)."""
-    # loaded from its file, not by putting benchmarks/ on sys.path: benchmarks/holidays.py would then shadow the
-    # `holidays` package that Melbourne's calendar (AU-VIC) needs
+    # loaded from its file, not by putting benchmarks/ on sys.path (no benchmark may shadow a package name; a
+    # benchmarks/holidays.py once hid the `holidays` package that Melbourne's calendar, AU-VIC, needs)
     spec = importlib.util.spec_from_file_location("leave_one_out", ROOT / "benchmarks" / "leave_one_out.py")
     loo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loo)

@@ -1,9 +1,10 @@
 """The benchmark scripts' own arithmetic: the roofline's FLOP count (benchmarks/inference.py), the holiday error
-breakdown (benchmarks/holidays.py) and the explanation summary (benchmarks/explain.py)."""
+breakdown (benchmarks/holiday_errors.py) and the explanation summary (benchmarks/explain.py)."""
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,7 @@ def test_window_flops_cuts_the_nodes_into_groups(run):
 
 
 def test_holiday_groups_add_up_to_the_masked_mae(run, monkeypatch):
-    bench = load_benchmark("holidays")
+    bench = load_benchmark("holiday_errors")
     city = dataclasses.replace(make_city(n_nodes=6, n_days=21, seed=0), holidays="US")   # MLK day: 2024-01-15
     monkeypatch.setattr(bench, "load_city", lambda cfg: city)
     out = bench.errors_by_group(run, ["val", "test"])
@@ -163,9 +164,14 @@ def test_explain_benchmark_adds_pairs_with_notes_and_counts_their_claims(run, tm
     assert claims["per_explanation_with_notes"] >= 1 and claims["hold_share"] == 1.0
 
 
-def test_leave_one_out_does_not_shadow_the_holidays_package(tmp_path):
-    """benchmarks/holidays.py must not hide the `holidays` package that a city's calendar (Melbourne: AU-VIC) needs:
+def test_no_benchmark_shadows_a_package_and_leave_one_out_keeps_sys_path(tmp_path):
+    """A benchmark run as a script has benchmarks/ first on sys.path, so a file there named like a package (a
+    benchmarks/holidays.py once did) hides it: Melbourne's calendar (AU-VIC) needs the `holidays` package. And
     --leave-out loads leave_one_out.py from its file instead of putting benchmarks/ on sys.path."""
+    import importlib.util as iu
+    for script in (ROOT / "benchmarks").glob("*.py"):
+        spec = iu.find_spec(script.stem)
+        assert spec is None or Path(spec.origin or "").parent == ROOT / "benchmarks", f"{script.name} shadows a module"
     import sys
     from types import SimpleNamespace
     zero_shot = load_benchmark("zero_shot")
@@ -176,4 +182,4 @@ def test_leave_one_out_does_not_shadow_the_holidays_package(tmp_path):
     assert str(ROOT / "benchmarks") not in sys.path
     sys.modules.pop("holidays", None)
     import holidays
-    assert hasattr(holidays, "country_holidays")                      # the package, not benchmarks/holidays.py
+    assert hasattr(holidays, "country_holidays")                      # the package

@@ -95,7 +95,7 @@ def holiday_flags(timestamps: np.ndarray, holidays: dict, periods=("day", "week"
 
 def holiday_group(target_times: np.ndarray, holidays: dict, periods=("day", "week")) -> str:
     """'holiday' when a forecast day is a holiday, 'after_holiday' when a day the period context comes from is
-    one (the history then misleads), else 'other'. For breaking errors down (benchmarks/holidays.py)."""
+    one (the history then misleads), else 'other'. For breaking errors down (benchmarks/holiday_errors.py)."""
     days = _days(target_times)
     if any(d in holidays for d in days):
         return "holiday"

@@ -1,7 +1,7 @@
 """Where a forecaster errs: windows whose forecast days hold a public holiday, windows whose period context
 (one day / one week earlier) does, and the rest. Masked MAE on the original scale for each group.
 
-    python benchmarks/holidays.py --runs ablation=runs/bench5/nyc-taxi-60min/encoder_only \
+    python benchmarks/holiday_errors.py --runs ablation=runs/bench5/nyc-taxi-60min/encoder_only \
         calendar=runs/bench8/nyc-taxi-60min/stllm --splits val test
 
 The holidays are the city's calendar (`CityData.holidays`, "US" for the NYC data). Writes
