@@ -38,7 +38,7 @@ from stllm.data.city import CityData
 from stllm.data.fit import resolve_node, resolve_time
 from stllm.data.prepared import PreparedCity, batch_to
 from stllm.distill.checker import check_explanation
-from stllm.distill.facts import compute_facts, estimate_effects, forecast_direction, time_text
+from stllm.distill.facts import compute_facts, estimate_effects, forecast_direction, note_kind, time_text
 from stllm.distill.teachers import (FACT_SLOT, FORECAST_SLOT, fact_text, format_forecast, horizon_text,
                                     opening_segments, render_node_prompt, render_rationale, stage4_slot_names)
 
@@ -130,7 +130,6 @@ def note_effects(model, prep: PreparedCity, i: int, s: int, c: int) -> dict[str,
     with every note minus the forecast without the notes of that kind, mean over the forecast steps, in the
     channel's unit}. Empty for a run that does not read notes (model.notes=none) and for a window without notes."""
     import torch
-    from stllm.distill.facts import note_kind
     if getattr(model, "notes", None) is None or not model.llm_active:
         return {}
     batch = prep.batch(np.array([s]))

@@ -149,20 +149,9 @@ class PreparedCity:
         if mask_zeros:
             y_mask = y_mask * (self.raw[fut].nan_to_num(0.0).abs() > 1e-4)
         out["y_mask"] = y_mask
-        periods, period_masks = [], []
-        for lag in self.lags:
-            idx = fut - lag                                                   # [b, t_out]
-            valid = (idx >= 0).float()[:, :, None, None]
-            idx = idx.clamp(min=0)
-            periods.append(self.x[idx] * valid)
-            period_masks.append(self.mask[idx] * valid)
-        if self.profile is not None:                                          # the hour-of-week average
-            periods.append(self.profile[0][fut])
-            period_masks.append(self.profile[1][fut])
-        if periods:
-            out["periods"] = torch.stack(periods, 1)                          # [b, P, t_out, N, C]
-            out["period_mask"] = torch.stack(period_masks, 1)
-            out["periods_hist"], out["periods_hist_mask"] = self._history_references(hist)   # [b, P, t_in, N, C]
+        if self.lags or self.profile is not None:
+            out["periods"], out["period_mask"] = self._references(fut)               # [b, P, t_out, N, C]
+            out["periods_hist"], out["periods_hist_mask"] = self._references(hist)   # [b, P, t_in, N, C]
         out["context"] = self.context                                        # prompt fields for this city
         out["window_text"] = [window_text(self.timestamps[s:s + self.t_out], self.holidays, self.periods)
                               for s in starts]                                # [b] calendar sentences (<WHEN>)
@@ -175,20 +164,21 @@ class PreparedCity:
         return out
 
 
-    def _history_references(self, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What each period reference said about the history steps themselves (the value a day / a week before each
-        of them, the profile at them), with masks: [b, P, t_in, N, C] each, in the order of `periods`. How well each
-        would have forecast the history is what model.floor_fit weighs them by."""
+    def _references(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The period references at `steps` [b, t] (the value a day / a week before each step, in `periods` order,
+        then the hour-of-week profile with data.profile) and their masks: [b, P, t, N, C] each. At the target steps
+        they are the period windows the encoder reads; at the history steps, what each reference would have said
+        about the history, which model.floor_fit weighs them by."""
         refs, masks = [], []
         for lag in self.lags:
-            idx = hist - lag
+            idx = steps - lag
             valid = (idx >= 0).float()[:, :, None, None]
             idx = idx.clamp(min=0)
             refs.append(self.x[idx] * valid)
             masks.append(self.mask[idx] * valid)
-        if self.profile is not None:
-            refs.append(self.profile[0][hist])
-            masks.append(self.profile[1][hist])
+        if self.profile is not None:                                          # the hour-of-week average
+            refs.append(self.profile[0][steps])
+            masks.append(self.profile[1][steps])
         return torch.stack(refs, 1), torch.stack(masks, 1)
 
     def _profile(self) -> tuple[torch.Tensor, torch.Tensor]:

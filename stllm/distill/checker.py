@@ -57,8 +57,8 @@ from typing import Sequence
 import numpy as np
 
 from stllm.data.city import CityData
-from stllm.distill.facts import (COMPASS16, WEEKDAYS, WIND_STEADY_DEG, Effect, Facts, angle_diff, compute_facts,
-                                 forecast_direction, note_quote, percent, resolve_window, step_time)
+from stllm.distill.facts import (COMPASS16, NOTE_DURING, WEEKDAYS, WIND_STEADY_DEG, Effect, Facts, angle_diff,
+                                 compute_facts, forecast_direction, note_quote, percent, resolve_window, step_time)
 
 WIND_TOL_DEG = 33.75          # a compass name holds within half a 16-point sector plus one more sector
 DEFAULT_TOLERANCE = 0.05      # relative slack on stated data numbers (beyond rounding)
@@ -135,7 +135,7 @@ _ADJ = re.compile(r"\b(?P<adj>rising|increasing|climbing|growing|strengthening|w
 _BALANCE = re.compile(r"\bthe (?P<up>up|down)wards? (?:pushes|factors|influences) outweigh\b"
                       r"|\bthe move (?P<move>up|down) comes from\b|\bpushes roughly cancel(?: each other)? out\b", re.I)
 _PUSH = re.compile(r"\b(?:push(?:es|ing)?|drives?|driving)\s+(?:[\w.]+\s+){0,2}?(?P<p>up|down)(?:wards?)?\b", re.I)
-_NOTE_DURING = {"the forecast": "forecast", "the last hours": "history", "the last hours and the forecast": "both"}
+_NOTE_DURING = {words: during for during, words in NOTE_DURING.items()}   # "the forecast" -> "forecast"
 _NOTE_HOLDS = re.compile(r"\b(?:a|an|the)\s+(?P<kind>[^.;\"]{1,60}?)\s+note\s+holds\s+"
                          r"(?:at\s+(?P<where>[^;\"]{1,80}?)\s+)?during\s+(?P<during>the\s+last\s+hours\s+and\s+"
                          r"the\s+forecast|the\s+forecast|the\s+last\s+hours)", re.I)

@@ -490,6 +490,10 @@ def _notes(city: CityData, i: int, s: int, t_in: int, t_out: int, effects: dict[
     return out
 
 
+NOTE_DURING = {"forecast": "the forecast", "history": "the last hours", "both": "the last hours and the forecast"}
+"""How explanations word where a note holds in the window (NoteFact.during); the checker reads the same words."""
+
+
 def note_kind(kind: str) -> str:
     """A note's kind as explanations name it ("note" for a note without one)."""
     return " ".join(str(kind).split()) or "note"

@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from stllm.data.city import CityData
-from stllm.distill.facts import (Effect, Facts, FutureFacts, compute_facts, forecast_direction, future_facts,
-                                 interval_text, note_quote)
+from stllm.distill.facts import (NOTE_DURING, Effect, Facts, FutureFacts, compute_facts, forecast_direction,
+                                 future_facts, interval_text, note_quote)
 from stllm.prompts import PromptTemplate
 
 FORECAST_SLOT = "{forecast}"
@@ -182,9 +182,6 @@ def drivers_text(facts: Facts) -> str:
     return " ".join(parts)
 
 
-NOTE_DURING = {"forecast": "the forecast", "history": "the last hours", "both": "the last hours and the forecast"}
-
-
 def _note_sentence(facts: Facts, note) -> str:
     """'A parade note holds at Midtown Center during the forecast: "Thousands march up Fifth Avenue".'"""
     during = NOTE_DURING[note.during]
@@ -290,8 +287,8 @@ def _factor_phrase(facts: Facts, kind: str, name: str, slots: bool = False) -> s
     if kind in ("yesterday", "last_week"):
         return f"{{hours:{kind}}}" if slots else _hours_phrase(facts, kind)
     if kind == "note":
-        note_kind = name[len("the "):-len(" note")]
-        return f"{{note:{note_kind}}}" if slots else _note_phrase(facts, note_kind)
+        which = name[len("the "):-len(" note")]                       # the factor is named "the <kind> note"
+        return f"{{note:{which}}}" if slots else _note_phrase(facts, which)
     w = next(w for w in facts.weather if w.label == name)
     return f"{{weather:{w.name}}}" if slots else _weather_phrase(facts, w.name)
 
