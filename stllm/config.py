@@ -129,6 +129,10 @@ class ModelConfig:
                                              # would have forecast its own history (stllm.nn.floor), so a city whose
                                              # hour-of-week average fits best leans on it, one with a steady level on
                                              # the last value
+    floor_city_fit: bool = False             # with model.floor: each node also weighs the references by how well
+                                             # each forecast its city's training part (relative error, computed once
+                                             # per city from its own inputs, as the profile is), so on a new city the
+                                             # mix leans on the reference that city's history shows to work best
     nonnegative: bool = False                # forecasts below 0 are raised to 0 on the original scale (counts,
                                              # concentrations and speeds cannot be negative); in every forecast
                                              # stllm.infer.forecast returns, so metrics, predict and explain agree
@@ -151,6 +155,9 @@ class ModelConfig:
                                   "model.encoder_skip=true")
         if self.floor_fit and not self.floor:
             raise ConfigError("model.floor_fit weighs the references of the naive floor; it needs model.floor=true")
+        if self.floor_city_fit and not self.floor:
+            raise ConfigError("model.floor_city_fit weighs the references of the naive floor; it needs "
+                              "model.floor=true")
 
 
 @dataclass

@@ -67,7 +67,7 @@ class STLLM(nn.Module):
         if (cfg.data.window_norm or cfg.model.floor) and cfg.model.task != "forecast":
             raise ValueError("data.window_norm and model.floor need model.task=forecast (event logits have no scale)")
         self.floor = NaiveFloor(t_out, 1 + len(cfg.data.periods) + int(cfg.data.profile),
-                                fit=cfg.model.floor_fit) if cfg.model.floor else None
+                                fit=cfg.model.floor_fit, city_fit=cfg.model.floor_city_fit) if cfg.model.floor else None
         if self.floor is not None:
             nn.init.zeros_(readout.lin.weight)
             nn.init.zeros_(readout.lin.bias)

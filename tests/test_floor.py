@@ -163,3 +163,56 @@ def test_nonnegative_raises_forecasts_below_zero_to_zero(tiny_city, tiny_config)
     truth = clamped.predict(city)["truth"]
     seen = np.isfinite(truth) & (np.abs(truth) > 1e-4)
     assert evaluate(clamped, prep, prep.splits["test"])["mae"] == pytest.approx(np.abs(b - truth)[seen].mean(), rel=1e-5)
+
+
+def test_reference_fit_finds_the_reference_the_city_s_training_part_follows(tiny_city, tiny_config):
+    """PreparedCity.reference_fit: in a city whose values repeat the day before exactly, the day-earlier reference
+    has no error on the training part, the last value a large one; x10 in the values changes nothing (relative)."""
+    steps = tiny_city.n_steps
+    day = np.sin(np.arange(steps) * 2 * np.pi / 24)[:, None, None] * np.arange(1, 7)[None, :, None] + 10
+    daily = replace(tiny_city, values=day.astype(np.float32), exog=None, exog_names=[])
+    cfg = tiny_config(["data.periods=[day,week]", "data.profile=true"])
+    fit = PreparedCity(daily, cfg.data, cfg.encoder).reference_fit             # [R, t_out, N, C]
+    assert fit.shape == (4, cfg.data.t_out, 6, 1)                              # last value, day, week, profile
+    np.testing.assert_allclose(fit[1:], 0.0, atol=1e-4)                        # a day, a week, the profile: exact
+    assert (fit[0] > 0.1).all()                                                # the last value is not
+    assert fit[0, -1].mean() > fit[0, 0].mean()                                # and worse the further ahead
+    big = PreparedCity(times(daily, 10.0), cfg.data, cfg.encoder).reference_fit
+    np.testing.assert_allclose(big, fit, rtol=1e-4, atol=1e-5)
+
+
+def test_a_city_fitted_floor_leans_on_the_reference_with_the_smallest_city_error():
+    """model.floor_city_fit: the references' errors on the city's training part move each node's mix; with no
+    difference in those errors it is the plain mix."""
+    t_out = 2
+    x = torch.zeros(1, 4, 2, 1)                                                # history: last value 0, two nodes
+    periods = torch.stack([torch.full((1, t_out, 2, 1), 5.0), torch.full((1, t_out, 2, 1), 9.0)], 1)
+    fit = torch.zeros(3, t_out, 2, 1)
+    fit[:, :, 0] = torch.tensor([3.0, 0.0, 3.0])[:, None, None]               # node 0: the day reference fits
+    fit[:, :, 1] = torch.tensor([3.0, 3.0, 0.0])[:, None, None]               # node 1: the week reference fits
+    batch = {"x": x, "x_mask": torch.ones_like(x), "periods": periods, "period_mask": torch.ones_like(periods),
+             "reference_fit": fit}
+    floor = NaiveFloor(t_out, 3, city_fit=True)
+    with torch.no_grad():
+        floor.city_sharpness.fill_(8.0)
+        y = floor(batch)[0, :, :, 0]
+        flat = floor(dict(batch, reference_fit=torch.zeros_like(fit)))[0, :, :, 0]
+    np.testing.assert_allclose(y[:, 0], 5.0, atol=1e-3)
+    np.testing.assert_allclose(y[:, 1], 9.0, atol=1e-3)
+    np.testing.assert_allclose(flat, (0.0 + 5.0 + 9.0) / 3, rtol=1e-6)
+    with pytest.raises(ValueError, match="reference_fit"):
+        floor({k: v for k, v in batch.items() if k != "reference_fit"})
+
+
+def test_ten_times_holds_with_the_city_fitted_floor(tiny_city, tiny_config):
+    cfg = tiny_config(["model.use_llm=false", "data.window_norm=true", "model.floor=true", "data.profile=true",
+                       "model.floor_fit=true", "model.floor_city_fit=true"])
+    model = encoder_model(cfg, tiny_city)
+    base = model.predict(tiny_city)["prediction"]
+    np.testing.assert_allclose(model.predict(times(tiny_city, 10.0))["prediction"], 10 * base, rtol=1e-4, atol=1e-3)
+
+
+def test_the_city_fit_needs_the_floor(tiny_config):
+    from stllm.config import ConfigError
+    with pytest.raises(ConfigError, match="floor_city_fit.*model.floor=true"):
+        tiny_config(["model.floor_city_fit=true"])

@@ -69,6 +69,8 @@ class PreparedCity:
             tf = np.concatenate([tf, holiday_flags(self.timestamps, self.holidays or {}, self.periods)], axis=1)
         self.tf = torch.from_numpy(tf)                                                   # [T', 4 (+1+P holiday)]
         self.profile = self._profile() if data_cfg.profile else None   # ([T', N, C] values, [T', N, C] mask)
+        # [R, t_out, N, C]: each naive reference's relative error on the training part (model.floor_city_fit)
+        self.reference_fit = self._reference_fit() if (self.lags or self.profile is not None) else None
         exog, self.exog_names = exog_features(city, max(self.train_end, 1))
         self.exog = torch.from_numpy(exog)                                                               # [T, N|1, E]
         # Notes routed once to the steps and nodes they concern; a batch takes the ones its windows meet.
@@ -152,6 +154,7 @@ class PreparedCity:
         if self.lags or self.profile is not None:
             out["periods"], out["period_mask"] = self._references(fut)               # [b, P, t_out, N, C]
             out["periods_hist"], out["periods_hist_mask"] = self._references(hist)   # [b, P, t_in, N, C]
+            out["reference_fit"] = self.reference_fit                                 # [R, t_out, N, C], static
         out["context"] = self.context                                        # prompt fields for this city
         out["window_text"] = [window_text(self.timestamps[s:s + self.t_out], self.holidays, self.periods)
                               for s in starts]                                # [b] calendar sentences (<WHEN>)
@@ -180,6 +183,33 @@ class PreparedCity:
             refs.append(self.profile[0][steps])
             masks.append(self.profile[1][steps])
         return torch.stack(refs, 1), torch.stack(masks, 1)
+
+    def _reference_fit(self) -> torch.Tensor:
+        """[R, t_out, N, C]: how well each naive reference of the floor (the last value, then the period references,
+        in `_references` order) forecast each node's training part: its mean absolute error there at each horizon
+        step, divided by the node's mean absolute deviation from its own mean (so 1.0 is as good as that mean, and
+        every city is on one scale). Only the training part is read, as for the profile, so for zero-shot it comes
+        from the target's own inputs. A reference the training part never checks gets the largest error of any."""
+        end = max(self.train_end, 1)
+        x, m = self.x[:end], self.mask[:end]                                     # [T, N, C]
+        mean = (x * m).sum(0) / m.sum(0).clamp(min=1.0)
+        spread = ((x - mean).abs() * m).sum(0) / m.sum(0).clamp(min=1.0)         # [N, C]
+
+        def err(pred, pm, lag):                                                  # pred aligned with x[lag:]
+            w = m[lag:] * pm
+            e = ((x[lag:] - pred).abs() * w).sum(0) / w.sum(0).clamp(min=1.0)
+            return torch.where(w.sum(0) > 0, e, torch.full_like(e, float("nan")))
+
+        rows = [torch.stack([err(x[:end - h], m[:end - h], h) if h < end else torch.full_like(mean, float("nan"))
+                             for h in range(1, self.t_out + 1)])]                # last value: [t_out, N, C]
+        for lag in self.lags:
+            one = err(x[:end - lag], m[:end - lag], lag) if lag < end else torch.full_like(mean, float("nan"))
+            rows.append(one.expand(self.t_out, -1, -1))
+        if self.profile is not None:
+            rows.append(err(self.profile[0][:end], self.profile[1][:end], 0).expand(self.t_out, -1, -1))
+        fit = torch.stack(rows) / spread.clamp(min=1e-6)                        # [R, t_out, N, C]
+        worst = fit.nan_to_num(0.0).amax(0, keepdim=True)
+        return torch.where(fit.isnan(), worst, fit).contiguous()
 
     def _profile(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each node's mean (scaled) at every hour of the week over the training part, laid out over all T' steps:

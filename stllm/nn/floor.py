@@ -14,6 +14,9 @@ gets no weight). The model adds its correction to that mix, so on a new city its
 With model.floor_fit the mix is also the window's own: each reference loses weight with its error on the window's
 history (what it would have said about each history step against what happened), so a city whose hour-of-week
 average fits best leans on it, and one with a steady level on the last value, without training on that city.
+With model.floor_city_fit each node's mix also follows how well each reference forecast the city's training part
+(`PreparedCity.reference_fit`: relative errors computed once per city from its own inputs, as the profile is):
+twelve history steps are a short record, a city's months of its own data are a long one.
 """
 from __future__ import annotations
 
@@ -58,12 +61,14 @@ class NaiveFloor(nn.Module):
     and an entry with no reference at all gets 0 (the window's mean, with data.window_norm).
     """
 
-    def __init__(self, t_out: int, n_references: int, fit: bool = False):
+    def __init__(self, t_out: int, n_references: int, fit: bool = False, city_fit: bool = False):
         super().__init__()
         self.logits = nn.Parameter(torch.zeros(n_references, t_out))
         # model.floor_fit: a reference's weight also falls with its error on the window's own history, by a learned
         # sharpness (softplus, starting at 1 per unit of error on the axis the inputs are on)
         self.sharpness = nn.Parameter(torch.tensor(0.5413)) if fit else None   # softplus(0.5413) = 1.0
+        # model.floor_city_fit: the same for each reference's relative error on the city's training part
+        self.city_sharpness = nn.Parameter(torch.tensor(0.5413)) if city_fit else None
 
     def history_errors(self, batch: dict) -> torch.Tensor:
         """[R, b, 1, N, C]: each reference's mean absolute error over the history steps where both it and the value
@@ -95,5 +100,11 @@ class NaiveFloor(nn.Module):
         logits = self.logits[:, None, :, None, None]                         # [R, 1, t_out, 1, 1]
         if self.sharpness is not None:
             logits = logits - nn.functional.softplus(self.sharpness) * self.history_errors(batch)
+        if self.city_sharpness is not None:
+            if "reference_fit" not in batch:
+                raise ValueError("model.floor_city_fit needs the batch's reference_fit (PreparedCity with "
+                                 "data.periods or data.profile)")
+            fit = batch["reference_fit"].to(logits.dtype)[:, None]           # [R, 1, t_out, N, C]
+            logits = logits - nn.functional.softplus(self.city_sharpness) * fit
         weights = torch.softmax(logits, 0) * masks
         return (weights * refs).sum(0) / weights.sum(0).clamp(min=1e-6)
