@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -183,3 +184,35 @@ def test_no_benchmark_shadows_a_package_and_leave_one_out_keeps_sys_path(tmp_pat
     sys.modules.pop("holidays", None)
     import holidays
     assert hasattr(holidays, "country_holidays")                      # the package
+
+
+def test_note_prior_measures_each_note_against_the_week_before_and_scores_the_prior():
+    """benchmarks/note_prior.py: a note over which the values double has effect log(2) (+1 smoothing), one over
+    which they halve about -log(2); the prior is the language model's up-minus-down log-probability; agreement
+    counts the signs."""
+    from dataclasses import replace
+
+    from stllm.backbone import BackboneConfig, build_base_model
+    from stllm.data.notes import with_notes
+    bench = load_benchmark("note_prior")
+    city = make_city(n_nodes=3, n_days=21, seed=0)
+    values = np.full_like(city.values, 100.0)
+    t0 = 14 * 24                                                               # day 15, two weeks in
+    values[t0:t0 + 6, 1] = 200.0                                               # node 1 doubles for 6 hours
+    values[t0 + 24:t0 + 30, 2] = 50.0                                          # node 2 halves the next day
+    city = replace(city, values=values)
+    ts = city.timestamps
+    fmt = lambda i: str(pd.Timestamp(ts[i]))                                   # noqa: E731
+    city = with_notes(city, [
+        {"start": fmt(t0), "end": fmt(t0 + 5), "zones": city.nodes["id"][1], "kind": "fair", "text": "A fair"},
+        {"start": fmt(t0 + 24), "end": fmt(t0 + 29), "zones": city.nodes["id"][2], "kind": "closure",
+         "text": "A closure"}])
+    rows = bench.note_effects(city)
+    assert rows["kind"].tolist() == ["fair", "closure"] and rows["n"].tolist() == [6, 6]
+    np.testing.assert_allclose(rows["effect"], [np.log(1201 / 601), np.log(301 / 601)], rtol=1e-6)
+    model, tok = build_base_model(BackboneConfig(name="tiny-llama", n_layers=None, lora_r=0))
+    result = bench.measure(city, model.eval(), tok, "visitors")
+    assert all(np.isfinite(r["prior"]) for r in result["rows"]) and result["n_notes"] == 2
+    same = np.mean([np.sign(r["prior"]) == np.sign(r["effect"]) for r in result["rows"]])
+    assert result["sign_agreement"] == same and result["correlation"] is not None
+    assert bench.agreement(rows.iloc[:0].assign(prior=[]))["sign_agreement"] is None
