@@ -140,6 +140,10 @@ class ModelConfig:
                                              # in the prompt) and corrects the encoder's read-out | false: it reads
                                              # only text (model.notes=text), and outside the notes' nodes and hours
                                              # the forecast is the encoder's read-out, unchanged
+    lm_where: str = "everywhere"             # where the language model's correction of the city layout applies:
+                                             # everywhere | notes: only at the nodes whose window (history or
+                                             # horizon) meets a note; at the others the forecast is the encoder's
+                                             # read-out exactly, so the language model changes only what text is about
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -153,6 +157,11 @@ class ModelConfig:
             if not self.encoder_skip:
                 raise ConfigError("model.lm_layout=false forecasts with the encoder's read-out; it needs "
                                   "model.encoder_skip=true")
+        if self.lm_where == "notes" and self.use_llm and (self.notes == "none" or not self.lm_layout
+                                                          or not self.encoder_skip):
+            raise ConfigError(f"model.lm_where=notes applies the language model's correction only where a note is: "
+                              f"it needs model.notes=text or flags, model.lm_layout=true and model.encoder_skip=true "
+                              f"(got {self.notes}, {self.lm_layout}, {self.encoder_skip})")
         if self.floor_fit and not self.floor:
             raise ConfigError("model.floor_fit weighs the references of the naive floor; it needs model.floor=true")
         if self.floor_city_fit and not self.floor:
@@ -317,7 +326,7 @@ LIMITS: dict[str, Limit] = {
     "encoder.dropout": _FRACTION, "encoder.mix_hidden": _at_least(0),
     "model.task": _one_of("forecast", "events"), "model.prompt": _NAME, "model.projector": _one_of("linear", "mlp"),
     "model.tokens_per_node": _at_least(1), "model.nodes_per_sequence": _at_least(0), "model.head_hidden": _at_least(1),
-    "model.notes": _one_of("text", "flags", "none"), "model.note_hidden": _at_least(1),
+    "model.notes": _one_of("text", "flags", "none"), "model.lm_where": _one_of("everywhere", "notes"), "model.note_hidden": _at_least(1),
     "train.lr": _POSITIVE, "train.lora_lr": _at_least(0), "train.weight_decay": _at_least(0),
     "train.batch_size": _at_least(1), "train.epochs": _at_least(1), "train.max_minutes": _at_least(0),
     "train.max_steps": _at_least(0), "train.train_stride": _at_least(1), "train.eval_every": _at_least(0),

@@ -133,6 +133,9 @@ class STLLM(nn.Module):
             if self.skip is None:
                 raise ValueError("llm_active=False needs model.encoder_skip=true (there is no other read-out)")
             return base
+        gate = self._noted_nodes(batch, tokens) if self.cfg.model.lm_where == "notes" else None      # [b, N]
+        if gate is not None and not gate.any():
+            return base                                                 # no note in these windows: nothing to read
         if self.node_proj is not None:
             tokens = tokens + self.node_proj(self._node_states(batch, tokens))[None, :, None, :]
         b, n = tokens.shape[:2]
@@ -149,7 +152,18 @@ class STLLM(nn.Module):
             a, p = self._run_backbone(his[:, lo:hi], pre[:, lo:hi], batch.get("context") or {}, when)
             h_his.append(a)
             h_pre.append(p)
-        return base + self.head(torch.cat(h_his, 1), torch.cat(h_pre, 1))
+        correction = self.head(torch.cat(h_his, 1), torch.cat(h_pre, 1))   # [b, t_out, N, C]
+        if gate is not None:
+            correction = correction * gate[:, None, :, None].to(correction.dtype)
+        return base + correction
+
+    @staticmethod
+    def _noted_nodes(batch: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """[b, N] bool: the nodes whose window (history or horizon) meets a note (model.lm_where=notes)."""
+        cover = batch.get("note_cover")                                 # [b, t_in + t_out, N, J]
+        if cover is None or cover.shape[-1] == 0:
+            return torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return (cover > 0).any(-1).any(1).to(tokens.device)
 
     def _read_notes(self, y: torch.Tensor, batch: dict) -> torch.Tensor:
         """The forecast y [b, t_out, N, C] moved by the notes the windows meet (unchanged without notes)."""

@@ -142,6 +142,39 @@ def test_a_model_that_reads_only_notes_is_its_encoder_outside_them(tiny_city, ti
             tiny_config(["model.lm_layout=false", *bad])
 
 
+def test_lm_where_notes_corrects_only_the_nodes_whose_window_meets_a_note(tiny_city, tiny_config):
+    """model.lm_where=notes: the language model's correction of the city layout reaches only the nodes whose window
+    meets a note (S02 here); every other node, and a window with no note at all, is the encoder's read-out exactly.
+    With the default (everywhere) it reaches every node."""
+    from stllm.config import ConfigError
+    from stllm.train import build_model
+    city = _notes_city(tiny_city)
+    t0 = city.time_index("2024-01-05 10:00")
+    moved_nodes = {}
+    for where in ("notes", "everywhere"):
+        cfg = tiny_config([f"model.lm_where={where}"])
+        prep = PreparedCity(city, cfg.data, cfg.encoder)
+        torch.manual_seed(0)
+        model = build_model(cfg, prep).eval()
+        for p in [*model.head.parameters(), *model.skip.parameters()]:        # a correction as training would give
+            torch.nn.init.normal_(p, std=0.1)
+        batch = prep.batch(np.array([t0 - 3, t0 - 40]))                      # meets the note | meets none
+        with torch.no_grad():
+            y = model(batch)
+            model.llm_active = False
+            encoder = model(batch)
+        moved = ((y - encoder).abs() > 1e-7).any(1)[..., 0]                   # [b, N]
+        moved_nodes[where] = moved
+    assert moved_nodes["notes"][0].nonzero().flatten().tolist() == [2]       # S02 only
+    assert not moved_nodes["notes"][1].any()                                  # no note: the encoder, exactly
+    assert moved_nodes["everywhere"].all()
+    for bad in (["model.notes=none"], ["model.encoder_skip=false"]):
+        with pytest.raises(ConfigError, match="lm_where=notes"):
+            tiny_config(["model.lm_where=notes", *bad])
+    with pytest.raises(ConfigError, match="lm_where"):
+        tiny_config(["model.lm_where=somewhere"])
+
+
 def test_untrained_note_effect_is_zero_and_text_cache_is_exact(tiny_city, tiny_config):
     from stllm.train import build_model
     city = _notes_city(tiny_city)
