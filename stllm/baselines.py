@@ -1,4 +1,5 @@
-"""Simple forecasting baselines: last value, same time yesterday, same time last week, historical average.
+"""Simple forecasting baselines: last value, same time yesterday, same time last week, historical average, and the
+same time averaged over the last four weeks.
 
 A model that does not clearly beat the best of these has not learned the dataset (REFERENCE.md).
 
@@ -25,7 +26,10 @@ it metrics of None (format_table prints "n/a") and a reason under "missing", e.g
 the first window, has 40". A seasonal naive with lag L needs L steps before the first window (last value 1, same
 time yesterday one day, same time last week one week); the historical average needs a whole week of training data
 (`train_end` >= one week of steps), so that every time-of-week slot had a chance to be seen. The fallbacks above
-only fill single missing references of a baseline that the history does support. The single functions
+only fill single missing references of a baseline that the history does support. The four-week average
+(`last_4_weeks`: the mean of the same time one, two, three and four weeks earlier, over those observed) needs four
+weeks of history before the first window; it follows a city whose level drifts (NYC taxi in 2020) where the
+training-part average cannot. The single functions
 (`same_time_last_week(...)`) still return the fallback forecast; the check is the scoreboard's.
 """
 from __future__ import annotations
@@ -35,7 +39,8 @@ import numpy as np
 from stllm.data.city import CityData
 from stllm.metrics import MetricAccumulator
 
-BASELINES = ("last", "same_time_yesterday", "same_time_last_week", "historical_average")
+BASELINES = ("last", "same_time_yesterday", "same_time_last_week", "historical_average", "last_4_weeks")
+WEEKS = 4   # last_4_weeks: how many weeks back it averages
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
@@ -99,6 +104,21 @@ def _seasonal_naive(city: CityData, starts: np.ndarray, t_out: int, lag: int,
     return _lookup(city.values, ref, fallback, starts)
 
 
+def _weeks_average(city: CityData, starts: np.ndarray, t_out: int, fallback: np.ndarray | None,
+                   weeks: int = WEEKS) -> np.ndarray:
+    """[b, t_out, N, C]: the mean of the same time 1..weeks weeks earlier, over the observed ones; where none is
+    observed, the fallback (NaN without one)."""
+    refs = np.stack([_seasonal_naive(city, starts, t_out, k * 7 * city.steps_per_day, None)
+                     for k in range(1, weeks + 1)])                               # [weeks, b, t_out, N, C]
+    seen = ~np.isnan(refs)
+    count = seen.sum(0)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(seen, refs, 0.0).sum(0) / count
+    if fallback is not None:
+        mean = np.where(count > 0, mean, fallback[starts][:, None])
+    return mean.astype(np.float32)
+
+
 def _time_of_week_slot(city: CityData, index: np.ndarray) -> np.ndarray:
     """Slot day_of_week * steps_per_day + step_of_day (Monday = 0) of step `index` (any int array, may run
     past the data: the timestamp grid is extended by `interval`)."""
@@ -149,6 +169,13 @@ def same_time_last_week(city: CityData, starts, t_out: int, train_end: int | Non
     return _seasonal_naive(city, starts, t_out, 7 * city.steps_per_day, fallback)
 
 
+def last_4_weeks(city: CityData, starts, t_out: int, train_end: int | None = None,
+                 missing: str = "fallback") -> np.ndarray:
+    """The mean of values[s + h - k * 7 * steps_per_day] for k = 1..4, over the observed ones. [b, t_out, n, c]."""
+    starts = _check_starts(city, starts, t_out)
+    return _weeks_average(city, starts, t_out, _fallback_or_none(city.values, train_end, missing))
+
+
 def historical_average(city: CityData, starts, t_out: int, train_end: int, missing: str = "fallback") -> np.ndarray:
     """Mean of the training part [0, train_end) at the target's time-of-week slot
     (day_of_week * steps_per_day + step_of_day, from city.timestamps). [b, t_out, n, c]."""
@@ -182,6 +209,7 @@ def run_baselines(city: CityData, starts, t_out: int, train_end: int, batch_size
         "same_time_yesterday": lambda s: _seasonal_naive(city, s, t_out, spd, fallback),
         "same_time_last_week": lambda s: _seasonal_naive(city, s, t_out, 7 * spd, fallback),
         "historical_average": lambda s: _historical_average(city, s, t_out, table, fallback),
+        "last_4_weeks": lambda s: _weeks_average(city, s, t_out, fallback),
     }
     reasons = _unsupported(city, starts, train_end)
     predictors = {name: f for name, f in predictors.items() if name not in reasons}
@@ -206,7 +234,8 @@ def _unsupported(city: CityData, starts: np.ndarray, train_end: int | None) -> d
     """{baseline: reason} for the baselines whose reference history does not exist for these windows."""
     spd, first = city.steps_per_day, int(starts.min())
     reasons = {name: f"needs {lag} steps of history before the first window, has {first}"
-               for name, lag in (("last", 1), ("same_time_yesterday", spd), ("same_time_last_week", 7 * spd))
+               for name, lag in (("last", 1), ("same_time_yesterday", spd), ("same_time_last_week", 7 * spd),
+                                 ("last_4_weeks", WEEKS * 7 * spd))
                if first < lag}
     trained = city.n_steps if train_end is None else min(int(train_end), city.n_steps)
     if trained < 7 * spd:

@@ -47,6 +47,10 @@ class DataConfig:
     profile: bool = False                    # the encoder also sees each node's average at the target steps' hour
                                              # of the week over the training part (the historical-average forecast,
                                              # denoised over every training week) as one more period token
+    profile_weeks: int = 0                   # 0: the profile is the training part's average (above) | K > 0: the
+                                             # same step's mean over the K weeks before it (causal, from any part of
+                                             # the data), which follows a city whose level drifts away from its
+                                             # training part (NYC taxi in 2020)
     holiday_features: bool = False           # the encoder also sees, per step, whether its day, and the days one
                                              # day / one week earlier (data.periods), are public holidays
     resample: str = ""                       # aggregate the loaded data to a coarser step before anything else:
@@ -63,6 +67,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.profile_weeks and not self.profile:
+            raise ConfigError(f"data.profile_weeks={self.profile_weeks} says how the profile is averaged; it needs "
+                              f"data.profile=true")
         for i, source in enumerate(self.sources):
             where = f"data.sources[{i}]"
             if not isinstance(source, dict):
@@ -315,7 +322,7 @@ LIMITS: dict[str, Limit] = {
                       lambda v: not v or (len(v) == 2 and 0 < v[0] <= v[1])),
     "data.periods": ("a list of day and/or week", lambda v: all(p in ("day", "week") for p in v)),
     "data.scaler": _one_of("channel", "node"),
-    "data.max_nodes": _at_least(0), "data.notes_max_hours": _at_least(0), "data.train_days": _at_least(0),
+    "data.max_nodes": _at_least(0), "data.profile_weeks": _at_least(0), "data.notes_max_hours": _at_least(0), "data.train_days": _at_least(0),
     "data.resample": ("'' or '<interval>:sum' / '<interval>:mean' with a positive interval, e.g. '1h:sum'",
                       lambda v: v == "" or parse_resample(v) is not None),
     "encoder.d_enc": _at_least(1), "encoder.patch_len": _at_least(1), "encoder.temporal_layers": _at_least(0),

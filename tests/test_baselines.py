@@ -290,4 +290,23 @@ def test_a_baseline_without_the_history_it_needs_is_reported_missing_not_replace
 def test_exactly_enough_history_gives_every_baseline_figures():
     city = weekly_city()
     out = run_baselines(city, np.array([168, 300]), 12, train_end=168, missing="skip")
+    assert out["last_4_weeks"]["missing"] == "needs 672 steps of history before the first window, has 168"
+    assert all("missing" not in m and np.isfinite(m["mae"]) for k, m in out.items() if k != "last_4_weeks")
+    out = run_baselines(city, np.array([672, 700]), 12, train_end=168, missing="skip")
     assert all("missing" not in m and np.isfinite(m["mae"]) for m in out.values())
+
+
+def test_last_4_weeks_averages_the_same_time_of_the_four_weeks_before():
+    """A level that rises by 10 every week: the four-week average lags it by 2.5 weeks' rise (25), last week's
+    value by one (10); a missing week is left out of the mean, not counted as 0."""
+    from stllm.baselines import last_4_weeks
+    t = 24 * 7 * 6
+    level = (np.arange(t) // 168 * 10.0)[:, None, None] + np.zeros((1, 2, 1))
+    city = make_city(level.astype(np.float32))
+    starts = np.array([24 * 7 * 5 + 3])                                  # in week 5 (level 50)
+    np.testing.assert_allclose(last_4_weeks(city, starts, 6), (40 + 30 + 20 + 10) / 4)
+    np.testing.assert_allclose(same_time_last_week(city, starts, 6), 40.0)
+    gap = level.copy()
+    gap[24 * 7 * 3:24 * 7 * 4] = np.nan                                   # week 3 unobserved
+    np.testing.assert_allclose(last_4_weeks(make_city(gap.astype(np.float32)), starts, 6), (40 + 20 + 10) / 3)
+    assert run_baselines(city, starts, 6, train_end=24 * 7 * 4)["last_4_weeks"]["mae"] == pytest.approx(25.0)

@@ -216,3 +216,20 @@ def test_the_city_fit_needs_the_floor(tiny_config):
     from stllm.config import ConfigError
     with pytest.raises(ConfigError, match="floor_city_fit.*model.floor=true"):
         tiny_config(["model.floor_city_fit=true"])
+
+
+def test_profile_weeks_is_the_mean_of_the_same_step_in_the_weeks_before(tiny_city, tiny_config):
+    """data.profile_weeks=K: the profile reference at a step is the mean of the same step 1..K weeks earlier (causal,
+    on the scaled axis), over the observed ones; without K weeks behind it, over those there are; none: masked."""
+    from stllm.config import ConfigError
+    cfg = tiny_config(["data.profile=true", "data.profile_weeks=2"])
+    prep = PreparedCity(tiny_city, cfg.data, cfg.encoder)
+    values, mask = prep.profile
+    week = 168
+    t = 2 * week + 30
+    np.testing.assert_allclose(values[t], (prep.x[t - week] + prep.x[t - 2 * week]) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(values[week + 5], prep.x[5], rtol=1e-5, atol=1e-6)        # one week behind it
+    seen = prep.mask[:-week] + torch.cat([torch.zeros_like(prep.mask[:week]), prep.mask[:-2 * week]])  # 1 or 2 weeks
+    assert mask[:week].sum() == 0 and torch.equal(mask[week:] > 0, seen > 0)
+    with pytest.raises(ConfigError, match="profile_weeks.*data.profile=true"):
+        tiny_config(["data.profile_weeks=4"])

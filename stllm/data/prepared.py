@@ -222,6 +222,8 @@ class PreparedCity:
         if week != int(week):
             raise DataError(f"{self.city.name}: data.profile needs an interval that divides a week, got {self.city.interval}")
         week, steps = int(week), len(self.x)
+        if self.cfg.profile_weeks:
+            return self._recent_profile(week, self.cfg.profile_weeks)
         slot = np.arange(steps) % week                                           # [T'] hour of the week
         seen = self.mask[: self.train_end].numpy()                               # [T_train, N, C]
         total = np.zeros((week, *seen.shape[1:]), np.float64)
@@ -234,6 +236,20 @@ class PreparedCity:
         count[:own] -= seen
         mean = np.where(count > 0.5, total / np.maximum(count, 1), 0.0).astype(np.float32)
         return torch.from_numpy(mean), torch.from_numpy((count > 0.5).astype(np.float32))
+
+    def _recent_profile(self, week: int, weeks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """data.profile_weeks: each step's mean over the same step 1..`weeks` weeks before it (the observed ones;
+        mask 0 where none is), on the scaled axis: (values [T', N, C], mask [T', N, C]). Causal, so it reads no
+        target, and it needs no training part: it follows a city whose level drifts."""
+        total, count = torch.zeros_like(self.x), torch.zeros_like(self.x)
+        for k in range(1, weeks + 1):
+            lag = k * week
+            if lag >= len(self.x):
+                break
+            total[lag:] += self.x[:-lag] * self.mask[:-lag]
+            count[lag:] += self.mask[:-lag]
+        mean = torch.where(count > 0.5, total / count.clamp(min=1.0), torch.zeros_like(total))
+        return mean, (count > 0.5).float()
 
     def _notes(self, steps: torch.Tensor) -> dict:
         """The notes the windows meet: texts [J], kinds [J] and cover [b, t_in + t_out, N, J] (1 where note j holds
