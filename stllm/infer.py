@@ -46,7 +46,7 @@ def evaluate(model, prep: PreparedCity, starts: np.ndarray, batch_size: int = 16
 
 
 def evaluate_with_baselines(model, prep: PreparedCity, split: str = "test", batch_size: int = 16) -> dict:
-    """The metrics JSON of `stllm evaluate`: the model and the four baselines on one split."""
+    """The metrics JSON of `stllm evaluate`: the model and the baselines (stllm.baselines.BASELINES) on one split."""
     from stllm.baselines import run_baselines
     from stllm.events import run_event_baselines
     if split not in prep.splits:
