@@ -99,7 +99,8 @@ def scores(run: Path, name: str) -> dict:
     finally:
         model.llm_active = True
     return {"stllm": with_lm["mae"], "encoder_only": encoder["mae"],
-            "baselines": {k: with_lm["baselines"].get(k, {}).get("mae") for k in BASELINES}, "zero_shot": with_lm["zero_shot"]}
+            "baselines": {k: with_lm["baselines"].get(k, {}).get("mae") for k in BASELINES},
+            "zero_shot": with_lm["zero_shot"]}
 
 
 def changed(recipe: dict, changes: list[str]) -> dict:

@@ -76,7 +76,8 @@ def measure(city, model, tokenizer, what: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", nargs="+", required=True, help="NAME:CHANNEL:WHAT, e.g. nyc-taxi:pickups:taxi_pickups")
+    parser.add_argument("--data", nargs="+", required=True,
+                        help="NAME:CHANNEL:WHAT, e.g. nyc-taxi:pickups:taxi_pickups")
     parser.add_argument("--notes", required=True, help="notes CSV (start,end,zones,kind,text)")
     parser.add_argument("--backbone", default="smollm2-135m", help="language model name (all its blocks)")
     parser.add_argument("--out", required=True, help="JSON file to write")
