@@ -105,7 +105,8 @@ def test_evaluate_gives_the_metrics_of_stllm_evaluate(model, run, city):
     m = model.evaluate(city)
     stored = json.loads((run / "metrics.json").read_text())
     assert m["mae"] == pytest.approx(stored["mae"], rel=1e-5) and m["n_windows"] == stored["n_windows"]
-    assert set(m["baselines"]) == {"last", "same_time_yesterday", "same_time_last_week", "historical_average"}
+    assert set(m["baselines"]) == {"last", "same_time_yesterday", "same_time_last_week", "historical_average",
+                                  "last_4_weeks"}
     assert m["zero_shot"] is False and m["source_dataset"] == "synthetic" and m["split"] == "test"
     prep = model.prepare(city)                                            # prepared once, used for several calls
     assert model.evaluate(prep, split="val")["n_windows"] == len(prep.splits["val"])

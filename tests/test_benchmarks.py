@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -147,8 +148,9 @@ def test_leave_one_out_pretrains_on_every_other_series_and_shares_single_source_
     # --set changes the pretraining only: its own general run, the same full-shot and single-source runs
     c = loo.run_folders(tmp_path, "los-loop", 1000, 200, ["encoder.series_features=true"])
     assert c["general"] != a["general"] and (c["full_shot"], c["single_source"]) == (a["full_shot"], a["single_source"])
-    assert loo.changed(recipe, ["encoder.series_features=true"])["encoder"]["series_features"] is True
-    assert "series_features" not in recipe["encoder"]                    # the recipe itself is left as it was
+    before = json.loads(json.dumps(recipe))
+    assert loo.changed(recipe, ["encoder.patch_len=6"])["encoder"]["patch_len"] == 6
+    assert recipe == before and "patch_len" not in recipe["encoder"]    # the recipe itself is left as it was
     with pytest.raises(SystemExit, match="section.key=value"):
         loo.changed(recipe, ["series_features=true"])
 

@@ -28,7 +28,8 @@ def test_evaluate_writes_the_documented_json(run_dir, tmp_path, capsys):
     for key in ("dataset", "split", "n_windows", "mae", "rmse", "mape", "per_horizon", "unmasked", "baselines"):
         assert key in m, key
     assert m["split"] == "test" and m["zero_shot"] is False and len(m["per_horizon"]["mae"]) == 12
-    assert set(m["baselines"]) == {"last", "same_time_yesterday", "same_time_last_week", "historical_average"}
+    assert set(m["baselines"]) == {"last", "same_time_yesterday", "same_time_last_week", "historical_average",
+                                  "last_4_weeks"}
     for b in m["baselines"].values():
         assert {"mae", "rmse", "mape", "per_horizon", "unmasked"} <= set(b)
     assert "historical_average" in capsys.readouterr().out       # the table was printed

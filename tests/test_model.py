@@ -24,7 +24,7 @@ def test_train_save_load_evaluate(tmp_path, tiny_city, tiny_config, backbone):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_error"]) for r in log)
     assert np.isfinite(metrics["mae"]) and set(metrics["baselines"]) == {
-        "last", "same_time_yesterday", "same_time_last_week", "historical_average"}
+        "last", "same_time_yesterday", "same_time_last_week", "historical_average", "last_4_weeks"}
 
     assert not (tmp_path / "run" / "effects.json").exists()         # training leaves explaining to explain time
     model = STLLM.from_pretrained(tmp_path / "run")                  # needs no training data
