@@ -24,16 +24,14 @@ import torch
 
 def picked_reference_mae(model, prep, starts: np.ndarray, batch_size: int = 64) -> float:
     """Masked MAE of each node's reference with the smallest training-part error (per horizon step)."""
-    from stllm.data.prepared import batch_to
+    from stllm.nn.floor import NaiveFloor
     err = count = 0.0
     std = torch.as_tensor(prep.scaler.std, dtype=torch.float32)
     for lo in range(0, len(starts), batch_size):
-        b = batch_to(prep.batch(starts[lo:lo + batch_size]), "cpu")
-        t_out = b["y"].shape[1]
-        refs = torch.cat([b["x"][:, -1:].expand(-1, t_out, -1, -1)[:, None], b["periods"]], 1)   # [b, R, t, N, C]
-        seen = torch.cat([b["x_mask"][:, -1:].expand(-1, t_out, -1, -1)[:, None], b["period_mask"]], 1)
-        fit = torch.where(seen.bool(), b["reference_fit"][None], torch.full_like(refs, float("inf")))
-        choice = refs.gather(1, fit.argmin(1, keepdim=True))[:, 0]                               # [b, t, N, C]
+        b = prep.batch(starts[lo:lo + batch_size])
+        refs, seen = NaiveFloor.references(b, prep.t_out)                                       # [R, b, t, N, C]
+        fit = torch.where(seen.bool(), b["reference_fit"][:, None], torch.full_like(refs, float("inf")))
+        choice = refs.gather(0, fit.argmin(0, keepdim=True))[0]                                 # [b, t, N, C]
         err += ((choice - b["y"]).abs() * std * b["y_mask"]).sum().item()
         count += b["y_mask"].sum().item()
     return err / max(count, 1.0)

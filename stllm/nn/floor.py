@@ -86,17 +86,22 @@ class NaiveFloor(nn.Module):
         worst = torch.where(has, err, torch.zeros_like(err)).amax(0, keepdim=True)
         return torch.where(has, err, worst)
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        t_out = self.logits.shape[1]
+    @staticmethod
+    def references(batch: dict, t_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The naive references of a batch and their masks, [R, b, t_out, N, C] each: the last value of the history,
+        then each period window (data.periods order, then the profile)."""
         refs = [batch["x"][:, -1:].expand(-1, t_out, -1, -1)]               # [b, t_out, N, C]
         masks = [batch["x_mask"][:, -1:].expand(-1, t_out, -1, -1)]
         if "periods" in batch:
             refs += list(batch["periods"].unbind(1))
             masks += list(batch["period_mask"].unbind(1))
+        return torch.stack(refs), torch.stack(masks)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        refs, masks = self.references(batch, self.logits.shape[1])          # [R, b, t_out, N, C]
         if len(refs) != self.logits.shape[0]:
             raise ValueError(f"model.floor: the batch has {len(refs)} naive references, the model was built for "
                              f"{self.logits.shape[0]} (data.periods and data.profile must match the run's)")
-        refs, masks = torch.stack(refs), torch.stack(masks)                 # [R, b, t_out, N, C]
         logits = self.logits[:, None, :, None, None]                         # [R, 1, t_out, 1, 1]
         if self.sharpness is not None:
             logits = logits - nn.functional.softplus(self.sharpness) * self.history_errors(batch)
