@@ -255,6 +255,12 @@ class ExplainConfig:
                                              # {drivers}, ...) that the program fills; the student writes the
                                              # words around them (stllm.distill.teachers). false: plain text, so the
                                              # student must write every number itself
+    form: str = "written"                    # what the recipe trains to generate explanations: written (a writer
+                                             # model writes the whole rationale from a data sheet, numbers copied
+                                             # from it; stllm.distill.writer) | slots (the student writes the words
+                                             # around fact slots the program fills; stllm.distill.student)
+    writer_layers: int = 8                   # written: blocks of the backbone the writer keeps (0 = all)
+    copy_numbers: bool = True                # written: numbers the writer writes are numbers of its data sheet
     mode: str = "analytic"                   # default explanation mode of the run: analytic | generated
     max_new_tokens: int = 320                # bound on generated rationale tokens
 
@@ -349,6 +355,7 @@ LIMITS: dict[str, Limit] = {
     "explain.rationales": ("'' or a folder written by stllm distill", lambda v: v == "" or v.strip() != ""),
     "explain.batch_size": _at_least(1), "explain.steps": _at_least(0), "explain.minutes": _at_least(0),
     "explain.lora_lr": _at_least(0), "explain.mode": _one_of("analytic", "generated"),
+    "explain.form": _one_of("written", "slots"), "explain.writer_layers": _at_least(0),
     "explain.teacher": ("analytic, hf:<model folder> or openai:<model name>",
                         lambda v: v == "analytic" or v.startswith(("hf:", "openai:"))),
     "explain.max_new_tokens": _at_least(1),

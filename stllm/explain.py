@@ -38,6 +38,7 @@ from stllm.data.city import CityData
 from stllm.data.fit import resolve_node, resolve_time
 from stllm.data.prepared import PreparedCity, batch_to
 from stllm.distill.checker import check_explanation
+from stllm.distill.writer import data_sheet
 from stllm.distill.facts import compute_facts, estimate_effects, forecast_direction, note_kind, time_text
 from stllm.distill.teachers import (FACT_SLOT, FORECAST_SLOT, fact_text, format_forecast, horizon_text,
                                     opening_segments, render_node_prompt, render_rationale, stage4_slot_names)
@@ -47,7 +48,7 @@ _SAMPLED_LIST = re.compile(r"\[[^\[\]]*\d[^\[\]]*\]")   # a bracketed list with 
 
 
 def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analytic", channel: str | int = 0,
-            effects: dict | None = None, max_new_tokens: int = 256) -> dict:
+            effects: dict | None = None, max_new_tokens: int = 480, writer=None, copy_numbers: bool = True) -> dict:
     """Forecast and explain node `node` (id, name or position) for the window whose first forecast step is `at`
     (timestamp or step index). `city`: the data, or `model.prepare(city)` to prepare it once across calls;
     `effects`: weather effects (default: estimated from the city's training part, see above).
@@ -65,9 +66,12 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if getattr(model.cfg.model, "task", "forecast") != "forecast":
         raise ValueError(f"explain covers forecasts of values; this run has model.task={model.cfg.model.task!r}")
-    if mode == "generated" and getattr(model, "backbone", None) is None:
-        raise ValueError("this run has no language model (model.use_llm=false, the encoder-only ablation): "
-                         "only mode 'analytic' can explain its forecasts")
+    if mode == "generated" and writer is None:
+        writer = model.load_writer() if hasattr(model, "load_writer") else None
+    if mode == "generated" and writer is None and getattr(model, "backbone", None) is None:
+        raise ValueError("this run has neither a writer (<run>/writer, explain.form: written) nor a language model "
+                         "(model.use_llm=false, the encoder-only ablation): only mode 'analytic' can explain its "
+                         "forecasts")
     prep = model.prepare(city)
     city = prep.city
     t_in, t_out = prep.t_in, prep.t_out
@@ -85,7 +89,14 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
     generation = None
     if mode == "analytic":                                            # the head's direction, the slot kept
         segments = [(render_rationale(facts, values, fill=False), True)]
-    else:
+    elif writer is not None:                                          # the writer writes every word
+        text, generation = writer.write(data_sheet(facts, forecast_direction(facts.last_value, values)),
+                                        max_new_tokens, copy_numbers)
+        segments = [(_SAMPLED_LIST.sub(FORECAST_SLOT, text), False)]
+        if FORECAST_SLOT not in text:
+            segments.append((f"\nForecast for the next {horizon_text(facts)} ({facts.unit or 'no unit'}): "
+                             f"{FORECAST_SLOT}", True))
+    else:                                                             # the slot student of the run's own LM
         direction = forecast_direction(facts.last_value, values)
 
         def fill(name: str, written: str) -> str | None:
@@ -96,6 +107,7 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
                    and ex.teacher == "analytic" else [])
         segments, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), max_new_tokens, fill,
                                                   opening, stage4_slot_names(facts) if opening else None)
+        generation["form"] = "slots"
         segments = [(t if by_program else _SAMPLED_LIST.sub(FORECAST_SLOT, t), by_program)
                     for t, by_program in segments]
         if not any(FORECAST_SLOT in t for t, _ in segments):

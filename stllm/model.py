@@ -329,8 +329,20 @@ class STLLM(nn.Module):
         if not legacy:                               # the LoRA peft loaded, and the rest from the file
             weights = {**{k: v for k, v in model.trainable_state_dict().items() if "lora_" in k}, **weights}
         model.load_trainable_state_dict(weights, str(directory / WEIGHTS))
+        model.run_dir = directory
         model.eval()
         return model
+
+    def load_writer(self):
+        """The run's writer (`stllm.distill.writer`, <run>/writer/, explain.form: written), loaded on first use and
+        kept; None when the run has none (a model built in code, or a run without a writer)."""
+        if getattr(self, "_writer", None) is None:
+            folder = getattr(self, "run_dir", None)
+            if folder is None or not (Path(folder) / "writer" / "writer.json").is_file():
+                return None
+            from stllm.distill.writer import Writer
+            self.__dict__["_writer"] = Writer.from_pretrained(Path(folder) / "writer")   # not a submodule
+        return self._writer
 
     def to_device(self, device: str | torch.device) -> "STLLM":
         """Move the model to a device; a quantized backbone stays where bitsandbytes placed it (it cannot move)."""

@@ -213,8 +213,9 @@ def push_accuracy(model, prep: PreparedCity, samples: list[StudentSample], batch
 
 def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: CityData | None = None,
                   progress: bool = True) -> dict:
-    """Write rationales with the teacher, fine-tune the student with the joint loss, save the run like
-    `stllm.train.train` does (plus effects.json and rationales/), evaluate on the test split. Returns metrics.
+    """The explain recipe. explain.form=written: the forecaster (stage 1 below, or train.init_from), then the writer
+    (`stllm.distill.writer.train_writer_run`). explain.form=slots: write rationales with the teacher, fine-tune the
+    student with the joint loss, save the run like `stllm.train.train` does (plus effects.json and rationales/), evaluate on the test split. Returns metrics.
     With explain.rationales (a folder `stllm distill` wrote) the student learns exactly those rows instead.
 
     The student steps through `stllm.loop.Loop` like every training: explain.batch_size samples per batch, each
@@ -225,12 +226,13 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
     student learns rationales of the data section's dataset; data.sources reach only its forecaster stage."""
     from stllm.data.fit import load_city
     from stllm.infer import evaluate_with_baselines
-    out = Path(out_dir)
-    if (out / LAST).exists() and not resume:
+    from stllm.distill.writer import WRITER_DIR, train_writer_run
+    out, written = Path(out_dir), cfg.explain.form == "written"
+    if ((out / LAST).exists() or (out / WRITER_DIR / LAST).exists()) and not resume:
         raise FileExistsError(f"{out} holds a run; pass --resume to continue it or choose another --out")
     if cfg.model.task != "forecast":
         raise ValueError(f"explain.enabled needs model.task=forecast, got {cfg.model.task!r}")
-    if not cfg.model.use_llm:
+    if not cfg.model.use_llm and not written:
         raise ValueError("explain.enabled needs a language model (model.use_llm=true): the student writes text")
     accelerator = make_accelerator(cfg.train)
     if accelerator.num_processes > 1:
@@ -248,6 +250,10 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
         if not (init_from / "metrics.json").is_file():              # on --resume a finished stage 1 is kept
             train(stage1, init_from, resume=resume and (init_from / LAST).exists(), city=city, progress=progress)
         forecaster = json.loads((init_from / "metrics.json").read_text())
+    if written:      # explain.form: written, the writer model (stllm.distill.writer) beside the forecaster
+        if not init_from:
+            raise ValueError("explain.form=written needs a forecaster: explain.forecaster=true or train.init_from")
+        return train_writer_run(cfg, out, init_from, city=city, resume=resume, progress=progress)
     prep = PreparedCity(city, cfg.data, cfg.encoder)
     model, optimizer = student_model(cfg, prep, init_from)
     cfg.save(out / "config.yaml")
