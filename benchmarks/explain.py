@@ -17,9 +17,11 @@ turn: `stllm.explain.explain` in analytic mode, reporting
   does) next to the city layout's MAE on the same windows from `stllm.infer.forecast`. Explain mode reads the
   same head on the same city layout, so the two are equal by construction; the benchmark checks that they are;
 - seconds per explanation (mean and median).
-Then generated mode (the run's language model writes the rationale, greedy, KV cache, fact slots filled by the
-program as the model writes them) on the first `--generated` pairs: the same figures, and tokens per second
-(tokens the model chose). Student runs (trained by `stllm train` with an `explain:` section) are measured the
+Then generated mode on the first `--generated` pairs: the run's writer (`<run>/writer`, explain.form: written)
+writes the whole rationale from the data sheet, numbers copied from the sheet unless `--no-copy-numbers`; a run
+without a writer has its own language model write around fact slots the program fills (explain.form: slots).
+Greedy, KV cache; the same figures, tokens per second (tokens the model chose) and three sample explanations with
+their claims. Student runs (trained by `stllm train` with an `explain:` section) are measured the
 same way; NAME is any label.
 `--push-accuracy N` adds, teacher-forced on N training and N test pairs, how often the run's language model ranks
 the teacher's "pushes up|down" word above the other (`stllm.distill.student.push_accuracy`; about 0.5 for a
@@ -166,7 +168,7 @@ def push_accuracies(model, prep, city, effects, n: int, seed: int = 0) -> dict:
 
 
 def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_tokens: int,
-              n_push: int = 0, notes: str = "", n_note_pairs: int = 0) -> dict:
+              n_push: int = 0, notes: str = "", n_note_pairs: int = 0, copy_numbers: bool = True) -> dict:
     from stllm.data.notes import with_notes
     t0 = time.time()
     model = STLLM.from_pretrained(run_dir)
@@ -208,15 +210,21 @@ def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_t
     if n_push and model.backbone is not None:
         out["push_accuracy_teacher_forced"] = push_accuracies(model, prep, city, effects, n_push)
         print(f"  {name} push accuracy, teacher-forced: {out['push_accuracy_teacher_forced']}", flush=True)
-    if n_generated and model.backbone is not None:
+    writer = model.load_writer()
+    if writer is not None:
+        out["writer"] = {"layers": writer.n_layers, "copy_numbers": copy_numbers,
+                         "training": json.loads((Path(run_dir) / "writer" / "writer.json").read_text()).get("training")}
+    if n_generated and (model.backbone is not None or writer is not None):
         results, seconds = [], []
         for s, i, c in pairs[:n_generated]:
             t = time.perf_counter()
             results.append(model.explain(prep, i, s, channel=c, effects=effects, mode="generated",
-                                         max_new_tokens=max_new_tokens))
+                                         max_new_tokens=max_new_tokens, copy_numbers=copy_numbers))
             seconds.append(time.perf_counter() - t)
             print(f"  {name} generated {len(results)}/{n_generated}: {results[-1]['generation']}", flush=True)
         out["generated"] = summarise(results, seconds)
+        out["generated"]["examples"] = [{k: r[k] for k in ("node_name", "at", "explanation", "claims")}
+                                        for r in results[:3]]
     return out
 
 
@@ -248,7 +256,9 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", required=True, metavar="NAME=RUN_DIR")
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--generated", type=int, default=12, help="pairs explained in generated mode")
-    parser.add_argument("--max-new-tokens", type=int, default=320)
+    parser.add_argument("--max-new-tokens", type=int, default=480)
+    parser.add_argument("--no-copy-numbers", action="store_true",
+                        help="a writer writes numbers freely (default: only numbers of its data sheet)")
     parser.add_argument("--push-accuracy", type=int, default=0, metavar="N",
                         help="teacher-forced push accuracy on N training and N test pairs (student runs)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "explain.json"))
@@ -265,7 +275,7 @@ def main() -> None:
         key, run_dir = item.split("=", 1)
         print(f"== {key}: {run_dir}", flush=True)
         results[key] = bench_run(key, run_dir, args.pairs, args.generated, args.max_new_tokens, args.push_accuracy,
-                                 args.notes, args.note_pairs)
+                                 args.notes, args.note_pairs, copy_numbers=not args.no_copy_numbers)
         results["_machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                "platform": platform.platform(), "note": args.note}
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ def test_a_run_without_lora_in_its_weights_loads_with_the_same_forecasts(tmp_pat
 
 
 def test_the_explain_adapter_is_saved_by_peft_in_its_subfolder_and_loaded_from_there(tmp_path, city):
-    model = shaken(load_config(TINY, ["explain.enabled=true"]), city)
+    model = shaken(load_config(TINY, ["explain.enabled=true", "explain.form=slots"]), city)
     model.save_pretrained(tmp_path / "run")
     assert (tmp_path / "run" / "adapter" / "explain" / "adapter_model.safetensors").is_file()
     loaded = STLLM.from_pretrained(tmp_path / "run")
@@ -123,7 +123,7 @@ def test_train_reads_back_exactly_the_rows_distill_wrote(tmp_path, city, monkeyp
     folder = tmp_path / "distilled"
     student.write_rationales(load_config(TINY, ["backbone.name=tiny-llama", "explain.n_samples=3"]), folder, city)
     written = load_from_disk(str(folder / "dataset"))
-    cfg = load_config(TINY, ["backbone.name=tiny-llama", "explain.enabled=true", "explain.forecaster=false",
+    cfg = load_config(TINY, ["backbone.name=tiny-llama", "explain.enabled=true", "explain.form=slots", "explain.forecaster=false",
                              "explain.n_samples=5", "explain.batch_size=3", "explain.steps=1"])
     cfg.explain.rationales = str(folder)          # explain.rationales: the folder `stllm distill` wrote
     seen = []

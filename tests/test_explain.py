@@ -404,7 +404,7 @@ def test_push_accuracy_reads_each_push_the_teacher_states(city, monkeypatch):
 
 def test_train_student_writes_a_run_that_explains(tmp_path, city, monkeypatch):
     out = tmp_path / "student"
-    cfg = load_config(TINY, LLAMA + ["train.max_steps=3", "explain.enabled=true", "explain.n_samples=6",
+    cfg = load_config(TINY, LLAMA + ["train.max_steps=3", "explain.enabled=true", "explain.form=slots", "explain.n_samples=6",
                                      "explain.steps=3"])
     metrics = train_student(cfg, out, city=city, progress=False)
     for name in ("config.yaml", "model.safetensors", "meta.json", "metrics.json", "log.jsonl", "effects.json",
@@ -462,7 +462,7 @@ def test_train_student_writes_a_run_that_explains(tmp_path, city, monkeypatch):
 
 def test_student_without_its_own_adapter_trains_the_forecaster(tmp_path, city):
     out = tmp_path / "shared"
-    cfg = load_config(TINY, LLAMA + ["train.max_steps=3", "explain.enabled=true", "explain.n_samples=6",
+    cfg = load_config(TINY, LLAMA + ["train.max_steps=3", "explain.enabled=true", "explain.form=slots", "explain.n_samples=6",
                                      "explain.steps=3", "explain.own_adapter=false"])
     metrics = train_student(cfg, out, city=city, progress=False)
     assert metrics["mae"] != pytest.approx(metrics["explain"]["forecaster_test_mae"], rel=1e-6)
@@ -473,7 +473,7 @@ def test_student_without_its_own_adapter_trains_the_forecaster(tmp_path, city):
 def test_stllm_train_dispatches_to_the_student(tmp_path, capsys):
     out = tmp_path / "cli-student"
     assert main(["train", "--config", TINY, "--out", str(out), "--quiet", "--set", "backbone.name=tiny-llama",
-                 "train.max_steps=2", "explain.enabled=true", "explain.n_samples=4"]) == 0
+                 "train.max_steps=2", "explain.enabled=true", "explain.form=slots", "explain.n_samples=4"]) == 0
     assert (out / "rationales").is_dir() and (out / "effects.json").is_file()
     assert "historical_average" in capsys.readouterr().out
 

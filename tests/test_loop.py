@@ -183,7 +183,7 @@ def test_the_student_resumes_mid_run_to_the_same_run(tmp_path, tiny_city, monkey
     """Interrupted after its second step of three (the third in a new epoch), the student resumed from LAST ends
     with the uninterrupted student's log and metrics."""
     from stllm.distill import student
-    cfg = load_config(TINY, ["backbone.name=tiny-llama", "explain.enabled=true", "explain.forecaster=false",
+    cfg = load_config(TINY, ["backbone.name=tiny-llama", "explain.enabled=true", "explain.form=slots", "explain.forecaster=false",
                              "explain.n_samples=4", "explain.batch_size=2", "explain.steps=3", "train.num_threads=1"])
     whole = student.train_student(cfg, tmp_path / "whole", city=tiny_city, progress=False)
     assert [r["step"] for r in log_of(tmp_path / "whole")] == [1, 2, 3]
