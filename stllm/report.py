@@ -437,6 +437,8 @@ def add_report_parser(sub) -> None:
     p.add_argument("--explain", type=int, default=3, metavar="N", help="explain N of the plotted nodes, each at its "
                    "worst test window (default 3; 0 = none)")
     p.add_argument("--channel", default="0", help="channel to show (name or position; default the first)")
+    p.add_argument("--explain-mode", choices=("analytic", "generated"), help="how the explanations are written "
+                   "(default: generated when the run has a writer, <run>/writer, else analytic)")
     p.add_argument("--out", required=True, help="the HTML file to write")
     from stllm.cli import add_data_option          # here, not at the top: stllm.cli imports this module
     add_data_option(p)
@@ -453,6 +455,8 @@ def cmd_report(args) -> int:
         model.to_device("cuda")
     from stllm.data.fit import load_for_run
     city = load_for_run(model.meta, model.cfg.data, args.data, notes=args.notes, options=dict(args.data_options))
-    out = write_report(model, city, args.out, nodes=args.nodes, n_explain=args.explain, channel=args.channel)
+    mode = args.explain_mode or ("generated" if model.load_writer() is not None else None)
+    out = write_report(model, city, args.out, nodes=args.nodes, n_explain=args.explain, channel=args.channel,
+                       explain_mode=mode)
     print(f"report on {city.name} written to {out}")
     return 0

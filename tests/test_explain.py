@@ -279,7 +279,7 @@ def test_encoder_only_run_explains_analytically_only(tmp_path, city):
     train(load_config(TINY, ["model.use_llm=false", "train.max_steps=2"]), out, city=city, progress=False)
     model = STLLM.from_pretrained(out)
     assert explain(model, city, 0, AT)["faithfulness"] == 1.0
-    with pytest.raises(ValueError, match="no language model.*only mode 'analytic'"):
+    with pytest.raises(ValueError, match="neither a writer.*nor a language model.*only mode 'analytic'"):
         explain(model, city, 0, AT, mode="generated")
 
 

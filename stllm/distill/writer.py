@@ -28,6 +28,7 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,19 +57,20 @@ def _pct(p: float | None) -> str:
 
 def sheet_lines(facts: Facts, direction: str | None) -> list[str]:
     """The facts of one window as the writer reads them: numbers with their labels, in the order the rationale
-    states them, and the direction of the forecast it explains."""
+    states them (lines and the items of each line), and the direction of the forecast it explains."""
     cal, unit = facts.calendar, facts.unit or "no unit"
     lines = [f"Sensor: {facts.node_name}. Channel: {facts.channel} ({unit}).",
-             f"Forecast: the next {horizon_text(facts)}, {cal.target_start} to {cal.target_end}, {cal.weekday}, "
+             f"Forecast: the next {horizon_text(facts)}, from {cal.target_start} to {cal.target_end}, {cal.weekday}, "
              f"{'weekend' if cal.is_weekend else 'weekday'}.",
              f"History: the last {history_text(facts)}."]
     for w in facts.weather:
+        u = f" {w.unit}" if w.unit else ""
         effect = "" if w.effect is None else f", effect {fmt_signed(w.effect)}"
-        lines.append(f"Weather: {w.label} {fmt(w.first)} to {fmt(w.last)} {w.unit}".rstrip()
-                     + f", change {fmt_signed(w.change)}, {w.direction}{effect}.")
+        lines.append(f"Weather: {w.label} {w.direction}, change {fmt_signed(w.change)}{u}, from {fmt(w.first)} to "
+                     f"{fmt(w.last)}{u}{effect}.")
     if facts.wind is not None:
-        lines.append(f"Wind: from {facts.wind.first} to {facts.wind.last}, "
-                     f"{'steady' if facts.wind.steady else 'turned'}.")
+        lines.append(f"Wind: {'steady' if facts.wind.steady else 'turned'}, from {facts.wind.first} to "
+                     f"{facts.wind.last}.")
     if not facts.weather and facts.wind is None:
         lines.append("Weather: not recorded.")
     for n in facts.notes:
@@ -76,8 +78,8 @@ def sheet_lines(facts: Facts, direction: str | None) -> list[str]:
         lines.append(f'Note: {n.kind}, during {NOTE_DURING[n.during]}, "{note_quote(n.text)}"{effect}.')
     tr = facts.trend
     lines.append("Trend: too few readings." if tr is None else
-                 f"Trend: {fmt(tr.first)} to {fmt(tr.last)}, change {fmt_signed(tr.change)}{_pct(tr.percent)}, "
-                 f"{tr.direction}.")
+                 f"Trend: {tr.direction}, change {fmt_signed(tr.change)}{_pct(tr.percent)}, from {fmt(tr.first)} "
+                 f"to {fmt(tr.last)}.")
     if facts.last_value is not None:
         lines.append(f"Latest: {fmt(facts.last_value)} at {facts.last_time[-5:]}.")
     for p in (facts.yesterday, facts.last_week):
@@ -85,16 +87,16 @@ def sheet_lines(facts: Facts, direction: str | None) -> list[str]:
             continue
         parts = []
         if p.reference is not None and p.diff is not None:
-            parts.append(f"same hour {fmt(p.reference)}, difference {fmt_signed(p.diff)}{_pct(p.percent)}, "
-                         f"{p.relation}")
+            parts.append(f"{p.relation}, difference {fmt_signed(p.diff)}{_pct(p.percent)}, same hour "
+                         f"{fmt(p.reference)}")
         if p.ahead_mean is not None and p.ahead_relation is not None:
             parts.append(f"same hours ahead {fmt(p.ahead_mean)}, {p.ahead_relation}")
         if parts:
             lines.append(f"{p.label[:1].upper()}{p.label[1:]}: {'; '.join(parts)}.")
     nb = facts.neighbours
     if nb is not None and nb.mean_change is not None:
-        lines.append(f"Nearest: {len(nb.names)} ({', '.join(nb.names)}), mean change {fmt_signed(nb.mean_change)}"
-                     f"{_pct(nb.mean_percent)}, {nb.direction}.")
+        lines.append(f"Nearest: {len(nb.names)} ({', '.join(nb.names)}), {nb.direction}, mean change "
+                     f"{fmt_signed(nb.mean_change)}{_pct(nb.mean_percent)}.")
     lines.append(f"Forecast direction: {direction or 'unknown'}.")
     return lines
 
@@ -152,18 +154,23 @@ def consistent(text: str, allowed: set[str], prefixes: set[str]) -> bool:
     return True
 
 
+def number_tokens(tokenizer) -> tuple[dict[int, str], dict[int, str]]:
+    """The tokens that hold a digit, and those (without one) that start with "." or ":", each with its text."""
+    vocab = {i: tokenizer.decode([i]) for i in range(len(tokenizer))}
+    numeric = {i: t for i, t in vocab.items() if any(ch.isdigit() for ch in t)}
+    return numeric, {i: t for i, t in vocab.items() if t[:1] in ".:" and i not in numeric}
+
+
 class CopyNumbers(LogitsProcessor):
     """Greedy or sampled decoding in which every number the model writes is a number of its prompt: at each step,
     tokens that would make a number that is not in the prompt (or not on its way to one) are ruled out, and while
     a number is unfinished only tokens that go on with it may come. Everything else is the model's choice."""
 
-    def __init__(self, tokenizer, prompt: str, prompt_len: int):
+    def __init__(self, tokenizer, prompt: str, prompt_len: int, index: tuple[dict, dict] | None = None):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
         self.allowed = numbers_in(prompt)
         self.prefixes = {a[:k] for a in self.allowed for k in range(1, len(a) + 1)}
-        vocab = {i: tokenizer.decode([i]) for i in range(len(tokenizer))}
-        self.numeric = {i: t for i, t in vocab.items() if any(ch.isdigit() for ch in t)}
-        self.dotted = {i: t for i, t in vocab.items() if t[:1] in ".:" and i not in self.numeric}
+        self.numeric, self.dotted = index if index is not None else number_tokens(tokenizer)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for r in range(input_ids.shape[0]):
@@ -192,6 +199,7 @@ class Writer(torch.nn.Module):
     def __init__(self, lm, tokenizer, backbone):
         super().__init__()
         self.lm, self.tokenizer, self.backbone_cfg = lm, tokenizer, backbone
+        self._number_tokens = None                   # number_tokens(tokenizer), on first use
 
     @classmethod
     def build(cls, backbone, layers: int = 0) -> "Writer":
@@ -216,7 +224,9 @@ class Writer(torch.nn.Module):
         except (KeyError, TypeError, ValueError) as err:
             raise checkpoint.DamagedRun(f"{folder / WRITER_META} is damaged ({err}); train the writer again") from err
         base, tokenizer = build_base_model(cfg)
-        lm = PeftModel.from_pretrained(base, str(folder / ADAPTER))
+        with warnings.catch_warnings():      # peft 0.21 calls a transformers method deprecated in 5.x
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            lm = PeftModel.from_pretrained(base, str(folder / ADAPTER))
         return cls(lm, tokenizer, cfg).eval()
 
     def save_pretrained(self, folder: str | Path, extra: dict | None = None) -> None:
@@ -272,7 +282,10 @@ class Writer(torch.nn.Module):
         tok = self.tokenizer
         device = next(self.parameters()).device
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        processors = LogitsProcessorList([CopyNumbers(tok, prompt, ids.shape[1])] if copy_numbers else [])
+        if copy_numbers and self._number_tokens is None:
+            self._number_tokens = number_tokens(tok)
+        processors = LogitsProcessorList([CopyNumbers(tok, prompt, ids.shape[1], self._number_tokens)]
+                                         if copy_numbers else [])
         t0 = time.perf_counter()
         out = self.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                do_sample=False, logits_processor=processors, stop_strings=[FORECAST_SLOT],
