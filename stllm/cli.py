@@ -177,9 +177,11 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, [*args.set, *([f"data.notes={args.notes}"] if args.notes else [])])
     if cfg.explain.enabled:  # the explain recipe: the student trained with the joint regression + rationale loss
         from stllm.distill.student import train_student as train
-        if args.resume and (Path(args.out) / "config.yaml").is_file():   # train() checks its own runs
+        from stllm.distill.writer import WRITER_DIR
+        run = Path(args.out) / WRITER_DIR if cfg.explain.form == "written" else Path(args.out)  # the writer's own
+        if args.resume and (run / "config.yaml").is_file():   # train() checks its own runs
             from stllm.train import check_resume
-            check_resume(cfg, Path(args.out))
+            check_resume(cfg, run)
     metrics = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     if not metrics:  # not the main process of a multi-process run
         return 0

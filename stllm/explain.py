@@ -38,7 +38,7 @@ from stllm.data.city import CityData
 from stllm.data.fit import resolve_node, resolve_time
 from stllm.data.prepared import PreparedCity, batch_to
 from stllm.distill.checker import check_explanation
-from stllm.distill.writer import data_sheet
+from stllm.distill.writer import data_sheet, sheet_lines
 from stllm.distill.facts import compute_facts, estimate_effects, forecast_direction, note_kind, time_text
 from stllm.distill.teachers import (FACT_SLOT, FORECAST_SLOT, fact_text, format_forecast, horizon_text,
                                     opening_segments, render_node_prompt, render_rationale, stage4_slot_names)
@@ -90,8 +90,9 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
     if mode == "analytic":                                            # the head's direction, the slot kept
         segments = [(render_rationale(facts, values, fill=False), True)]
     elif writer is not None:                                          # the writer writes every word
-        text, generation = writer.write(data_sheet(facts, forecast_direction(facts.last_value, values)),
-                                        max_new_tokens, copy_numbers)
+        direction = forecast_direction(facts.last_value, values)
+        text, generation = writer.write(data_sheet(facts, direction), max_new_tokens, copy_numbers,
+                                        numbers_from="\n".join(sheet_lines(facts, direction)))
         segments = [(_SAMPLED_LIST.sub(FORECAST_SLOT, text), False)]
         if FORECAST_SLOT not in text:
             segments.append((f"\nForecast for the next {horizon_text(facts)} ({facts.unit or 'no unit'}): "

@@ -114,7 +114,8 @@ def test_decoding_with_copy_numbers_writes_only_the_prompts_numbers(seed, number
         nxt = processor(seq, scores).argmax(-1)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
     text = tok.decode(seq[0, len(ids):].tolist())
-    finished = re.findall(r"\d+(?:[.:]\d+)*(?=[^\d.:]|[.:][^\d])", text)
+    finished = [m.group() for m in re.finditer(r"\d+(?:[.:]\d+)*(?=[^\d.:]|[.:][^\d])", text)
+                if m.start() > 0 and text[m.start() - 1] != "\n"]     # a stage's number at a line start is free
     allowed = numbers_in(prompt)
     assert finished and all(n in allowed for n in finished), (text, allowed)
 
@@ -255,3 +256,32 @@ def test_report_page_shows_the_writers_explanations_claim_by_claim(written_run, 
     assert "Forecast direction:" in written["sheet"]                  # the writer was asked
     assert "mode generated" in page
     assert "<mark class=failed data-by=model" in page and "9999.5" in page   # its wrong claim, marked as its own
+
+
+def test_an_encoder_only_forecaster_gets_a_gpt2_writer(tmp_path, city):
+    """The writer is a model of its own: the encoder-only ablation (no language model in its forecasts) can have
+    one, here on the tiny GPT-2 (Conv1D layers), and explain in generated mode with it."""
+    out = tmp_path / "enc"
+    assert main(["train", "--config", TINY, "--out", str(out), "--quiet", "--set", "model.use_llm=false",
+                 "train.max_steps=2", "explain.enabled=true", "explain.n_samples=2", "explain.steps=1"]) == 0
+    model = STLLM.from_pretrained(out)
+    assert model.backbone is None and model.load_writer() is not None
+    r = model.explain(city, 0, AT, mode="generated", max_new_tokens=6)
+    assert r["generation"]["form"] == "written" and r["numbers_consistent"] is True
+    assert json.loads((out / "writer" / "writer.json").read_text())["backbone"]["name"] == "tiny-gpt2"
+
+
+def test_writer_training_resumes_from_the_cli_and_refuses_other_shapes(tmp_path, capsys):
+    out = tmp_path / "w"
+    base = ["train", "--config", TINY, "--out", str(out), "--quiet", "--set", *LLAMA, "train.max_steps=2",
+            "explain.enabled=true", "explain.n_samples=4", "explain.batch_size=1"]
+    assert main(base + ["explain.steps=2"]) == 0
+    assert main(base + ["explain.steps=2"]) == 2                           # a run is there: no silent overwrite
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(base + ["explain.writer_layers=1", "explain.steps=3", "--resume"]) == 2
+    assert "explain.writer_layers" in capsys.readouterr().err            # named, and nothing was touched
+    assert len((out / "writer" / "log.jsonl").read_text().splitlines()) == 2
+    assert main(base + ["explain.steps=3", "--resume"]) == 0               # a larger budget continues it
+    logged = [json.loads(x)["step"] for x in (out / "writer" / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]
+    assert json.loads((out / "metrics.json").read_text())["explain"]["steps"] == 3

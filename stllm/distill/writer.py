@@ -132,6 +132,7 @@ def writer_samples(city: CityData, pairs: list[tuple[int, int]], t_in: int, t_ou
 
 NUMBER = re.compile(r"\d+(?:[.:]\d+)*")           # 12, 12.3, 08:00 (a sign is a word the model chooses)
 OPEN_NUMBER = re.compile(r"\d+(?:[.:]\d+)*[.:]?$")
+LEADING_NUMBER = re.compile(r"^\d+(?:[.:]\d+)*[.:]?")
 
 
 def numbers_in(text: str) -> set[str]:
@@ -162,21 +163,31 @@ def number_tokens(tokenizer) -> tuple[dict[int, str], dict[int, str]]:
 
 
 class CopyNumbers(LogitsProcessor):
-    """Greedy or sampled decoding in which every number the model writes is a number of its prompt: at each step,
-    tokens that would make a number that is not in the prompt (or not on its way to one) are ruled out, and while
-    a number is unfinished only tokens that go on with it may come. Everything else is the model's choice."""
+    """Decoding in which every number the model writes is a number of `source` (the sheet's facts): at each step,
+    tokens that would make a number that is not in it (or not on its way to one) are ruled out, and while a number
+    is unfinished only tokens that go on with it may come. A number at the start of a line (a stage's) is free.
+    Everything else is the model's choice."""
 
-    def __init__(self, tokenizer, prompt: str, prompt_len: int, index: tuple[dict, dict] | None = None):
+    def __init__(self, tokenizer, source: str, prompt_len: int, index: tuple[dict, dict] | None = None):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
-        self.allowed = numbers_in(prompt)
+        self.allowed = numbers_in(source)
         self.prefixes = {a[:k] for a in self.allowed for k in range(1, len(a) + 1)}
         self.numeric, self.dotted = index if index is not None else number_tokens(tokenizer)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for r in range(input_ids.shape[0]):
-            tail = self.tokenizer.decode(input_ids[r, self.prompt_len:][-12:].tolist())
+            new = input_ids[r, self.prompt_len:]
+            tail = self.tokenizer.decode(new[-12:].tolist())
             m = OPEN_NUMBER.search(tail)
             start = tail[m.start():] if m else ""
+            whole = len(new) <= 12                  # the tail is all the model has written
+            if (not m and (tail.endswith("\n") or not tail)) or \
+                    (m and (tail[:m.start()].endswith("\n") or (m.start() == 0 and whole))):
+                # a stage's number at the start of a line ("4. Factors:") is free; what follows it is not
+                ok = lambda t: consistent(LEADING_NUMBER.sub("", start + t, count=1),  # noqa: E731
+                                          self.allowed, self.prefixes)
+                scores[r, [i for i, t in {**self.numeric, **self.dotted}.items() if not ok(t)]] = -math.inf
+                continue
             ok = lambda t: consistent(start + t, self.allowed, self.prefixes)  # noqa: E731
             banned = [i for i, t in self.numeric.items() if not ok(t)]
             if start and not (start.rstrip(".:") in self.allowed):       # unfinished: only what goes on with it
@@ -276,15 +287,18 @@ class Writer(torch.nn.Module):
 
     # ---- writing ----
     @torch.inference_mode()
-    def write(self, prompt: str, max_new_tokens: int = 480, copy_numbers: bool = True) -> tuple[str, dict]:
+    def write(self, prompt: str, max_new_tokens: int = 480, copy_numbers: bool = True,
+              numbers_from: str | None = None) -> tuple[str, dict]:
         """Greedy text after `prompt`, up to and with FORECAST_SLOT (or EOS, or max_new_tokens), with the KV cache;
-        numbers copied from the prompt when copy_numbers. Returns (text, generation counts and timing)."""
+        with copy_numbers every number it writes is one of `numbers_from` (default: the prompt; `explain` passes
+        the sheet's facts, without the instruction line). Returns (text, generation counts and timing)."""
         tok = self.tokenizer
         device = next(self.parameters()).device
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         if copy_numbers and self._number_tokens is None:
             self._number_tokens = number_tokens(tok)
-        processors = LogitsProcessorList([CopyNumbers(tok, prompt, ids.shape[1], self._number_tokens)]
+        source = prompt if numbers_from is None else numbers_from
+        processors = LogitsProcessorList([CopyNumbers(tok, source, ids.shape[1], self._number_tokens)]
                                          if copy_numbers else [])
         t0 = time.perf_counter()
         out = self.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -372,6 +386,8 @@ def train_writer_run(cfg, out: str | Path, forecaster: str | Path, city: CityDat
     samples = writer_samples(city, pairs, prep.t_in, prep.t_out, effects=effects, note_effects=moved)
     writer = Writer.build(cfg.backbone, ex.writer_layers)
     folder = out / WRITER_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.save(folder / "config.yaml")             # what `stllm train --resume` compares a new config with
     fit = train_writer(writer, samples, cfg.train, folder, batch_size=ex.batch_size, steps=ex.steps,
                        minutes=ex.minutes, lr=ex.lora_lr or 2e-3, resume=resume, progress=progress)
     info = {"form": "written", "writer_layers": writer.n_layers, "n_samples": len(samples),
