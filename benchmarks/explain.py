@@ -2,7 +2,7 @@
 
     STLLM_DATA_ROOT=../shared/data python benchmarks/explain.py \
         --runs beijing-pm25=runs/bench/beijing-pm25/stllm nyc-taxi-60min=runs/bench/nyc-taxi-60min/stllm \
-        [--pairs 200] [--generated 12] [--max-new-tokens 320] [--push-accuracy 24]
+        [--pairs 200] [--generated 12] [--max-new-tokens N] [--push-accuracy 24]
 
 For each trained run, over `--pairs` (sensor, time) pairs drawn (seeded) from its test split, channels taken in
 turn: `stllm.explain.explain` in analytic mode, reporting
@@ -167,7 +167,7 @@ def push_accuracies(model, prep, city, effects, n: int, seed: int = 0) -> dict:
     return out
 
 
-def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_tokens: int,
+def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_tokens: int | None,
               n_push: int = 0, notes: str = "", n_note_pairs: int = 0, copy_numbers: bool = True) -> dict:
     from stllm.data.notes import with_notes
     t0 = time.time()
@@ -256,7 +256,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", required=True, metavar="NAME=RUN_DIR")
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--generated", type=int, default=12, help="pairs explained in generated mode")
-    parser.add_argument("--max-new-tokens", type=int, default=480)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="bound on generated tokens (default: explain's, 768 for a writer)")
     parser.add_argument("--no-copy-numbers", action="store_true",
                         help="a writer writes numbers freely (default: only numbers of its data sheet)")
     parser.add_argument("--push-accuracy", type=int, default=0, metavar="N",

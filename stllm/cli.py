@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                    "its own dataset)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw history, forecast and truth")
-    p.add_argument("--max-new-tokens", type=int, help="bound on generated tokens (default: the run's explain.max_new_tokens)")
+    p.add_argument("--max-new-tokens", type=int, help="bound on generated tokens (default: "
+                   "768 for a writer, the run's explain.max_new_tokens for a slot student)")
     p.add_argument("--quantize", choices=["none", "int8", "nf4"], help="load the backbone in 8 or 4 bits (bitsandbytes)")
     add_data_option(p)
 
@@ -299,7 +300,7 @@ def cmd_explain(args) -> int:
     city = _load_data(model, args)
     mode = args.mode or (model.cfg.explain.mode if model.backbone is not None else "analytic")
     result = model.explain(city, args.node, args.at, mode=mode, channel=args.channel or 0,
-                           max_new_tokens=args.max_new_tokens or model.cfg.explain.max_new_tokens)
+                           max_new_tokens=args.max_new_tokens)
     print(json.dumps(result, indent=1, ensure_ascii=False) if args.json else format_explanation(result))
     if args.plot:
         plot_explanation(result, args.plot)

@@ -259,7 +259,9 @@ class ExplainConfig:
                                              # model writes the whole rationale from a data sheet, numbers copied
                                              # from it; stllm.distill.writer) | slots (the student writes the words
                                              # around fact slots the program fills; stllm.distill.student)
-    writer_layers: int = 8                   # written: blocks of the backbone the writer keeps (0 = all)
+    writer_layers: int = 0                   # written: blocks of the backbone the writer keeps (0 = all: on NYC taxi
+                                             # SmolLM2's 30 learned to copy the sheet in ~60 steps, 8 did not in
+                                             # 1,000; docs/explain.md "Written by the model")
     copy_numbers: bool = True                # written: numbers the writer writes are numbers of its data sheet
     mode: str = "analytic"                   # default explanation mode of the run: analytic | generated
     max_new_tokens: int = 320                # bound on generated rationale tokens

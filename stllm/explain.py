@@ -44,11 +44,13 @@ from stllm.distill.teachers import (FACT_SLOT, FORECAST_SLOT, fact_text, format_
                                     opening_segments, render_node_prompt, render_rationale, stage4_slot_names)
 
 MODES = ("analytic", "generated")
+WRITER_MAX_NEW_TOKENS = 768   # a writer's whole rationale: ~360 tokens on NYC taxi, ~450 on Beijing, more with notes
 _SAMPLED_LIST = re.compile(r"\[[^\[\]]*\d[^\[\]]*\]")   # a bracketed list with digits: a forecast the LM wrote
 
 
 def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analytic", channel: str | int = 0,
-            effects: dict | None = None, max_new_tokens: int = 480, writer=None, copy_numbers: bool = True) -> dict:
+            effects: dict | None = None, max_new_tokens: int | None = None, writer=None,
+            copy_numbers: bool = True) -> dict:
     """Forecast and explain node `node` (id, name or position) for the window whose first forecast step is `at`
     (timestamp or step index). `city`: the data, or `model.prepare(city)` to prepare it once across calls;
     `effects`: weather effects (default: estimated from the city's training part, see above).
@@ -91,7 +93,8 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
         segments = [(render_rationale(facts, values, fill=False), True)]
     elif writer is not None:                                          # the writer writes every word
         direction = forecast_direction(facts.last_value, values)
-        text, generation = writer.write(data_sheet(facts, direction), max_new_tokens, copy_numbers,
+        text, generation = writer.write(data_sheet(facts, direction), max_new_tokens or WRITER_MAX_NEW_TOKENS,
+                                        copy_numbers,
                                         numbers_from="\n".join(sheet_lines(facts, direction)))
         segments = [(_SAMPLED_LIST.sub(FORECAST_SLOT, text), False)]
         if FORECAST_SLOT not in text:
@@ -106,7 +109,8 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
         ex = getattr(model.cfg, "explain", None)
         opening = (opening_segments(facts) if ex is not None and ex.enabled and ex.fact_slots
                    and ex.teacher == "analytic" else [])
-        segments, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), max_new_tokens, fill,
+        bound = max_new_tokens or getattr(ex, "max_new_tokens", 256)
+        segments, generation = generate_rationale(model, prep, i, s, render_node_prompt(facts), bound, fill,
                                                   opening, stage4_slot_names(facts) if opening else None)
         generation["form"] = "slots"
         segments = [(t if by_program else _SAMPLED_LIST.sub(FORECAST_SLOT, t), by_program)

@@ -137,10 +137,11 @@ def test_writer_learns_saves_loads_and_resumes(tmp_path, city):
     logged = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3, 4] and all(np.isfinite(r["lm"]) for r in logged)
     writer.save_pretrained(tmp_path / "saved")
-    again = Writer.from_pretrained(tmp_path / "saved")
     ids = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        torch.testing.assert_close(again.lm(input_ids=ids).logits, writer.eval().lm(input_ids=ids).logits)
+    for merge in (False, True):                      # the LoRA as saved, or folded into the weights
+        again = Writer.from_pretrained(tmp_path / "saved", merge=merge)
+        with torch.no_grad():
+            torch.testing.assert_close(again.lm(input_ids=ids).logits, writer.eval().lm(input_ids=ids).logits)
     # two steps, then resumed to four from LAST: the same weights as four at once
     torch.manual_seed(0)
     cut = Writer.build(cfg.backbone, 0)

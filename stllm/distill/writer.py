@@ -223,8 +223,9 @@ class Writer(torch.nn.Module):
         return cls(lm, tokenizer, cfg)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "Writer":
-        """A writer `save_pretrained` wrote (folder: writer.json and adapter/), in eval mode."""
+    def from_pretrained(cls, folder: str | Path, merge: bool = True) -> "Writer":
+        """A writer `save_pretrained` wrote (folder: writer.json and adapter/), in eval mode. merge=True folds the
+        LoRA into the weights (peft's merge_and_unload): the same text, ~12% faster on CPU, no more training."""
         from peft import PeftModel
 
         from stllm.backbone import BackboneConfig, build_base_model
@@ -238,7 +239,7 @@ class Writer(torch.nn.Module):
         with warnings.catch_warnings():      # peft 0.21 calls a transformers method deprecated in 5.x
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             lm = PeftModel.from_pretrained(base, str(folder / ADAPTER))
-        return cls(lm, tokenizer, cfg).eval()
+        return cls(lm.merge_and_unload() if merge else lm, tokenizer, cfg).eval()
 
     def save_pretrained(self, folder: str | Path, extra: dict | None = None) -> None:
         folder = Path(folder)
@@ -380,10 +381,12 @@ def train_writer_run(cfg, out: str | Path, forecaster: str | Path, city: CityDat
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)
     effects = estimate_effects(city, prep.train_end, prep.t_in, prep.t_out) if city.exog is not None else {}
-    pairs = pick_windows(prep, ex.n_samples, cfg.train.seed)
-    moved = (lambda i, s: note_effects(model, prep, i, s, 0)) if getattr(model, "notes", None) is not None else None
-    t0 = time.time()
-    samples = writer_samples(city, pairs, prep.t_in, prep.t_out, effects=effects, note_effects=moved)
+    reads_notes = getattr(model, "notes", None) is not None
+    t0, samples, n_channels = time.time(), [], city.n_channels
+    for c in range(n_channels):                  # every channel its share: a writer explains any of them
+        pairs = pick_windows(prep, -(-ex.n_samples // n_channels), cfg.train.seed + c, channel=c)
+        moved = (lambda i, s, c=c: note_effects(model, prep, i, s, c)) if reads_notes else None
+        samples += writer_samples(city, pairs, prep.t_in, prep.t_out, channel=c, effects=effects, note_effects=moved)
     writer = Writer.build(cfg.backbone, ex.writer_layers)
     folder = out / WRITER_DIR
     folder.mkdir(parents=True, exist_ok=True)
