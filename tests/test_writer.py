@@ -25,7 +25,6 @@ from stllm.distill.writer import (CopyNumbers, Writer, consistent, data_sheet, n
 from stllm.infer import forecast
 from stllm.loop import LAST
 from stllm.model import STLLM
-from stllm.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")

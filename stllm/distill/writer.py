@@ -32,7 +32,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -356,12 +355,11 @@ def train_writer_run(cfg, out: str | Path, forecaster: str | Path, city: CityDat
                      resume: bool = False, progress: bool = True) -> dict:
     """The explain recipe's writer stage (explain.form: written): the run in `out` becomes the forecaster run
     `forecaster` (its files, copied unless it is `out` itself) plus `writer/`, trained on the analytic teacher's
-    rationales of explain.n_samples training windows of the config's dataset (note effects from the forecaster,
-    weather effects from the training part). Returns the forecaster's metrics with an "explain" entry."""
+    rationales of explain.n_samples training windows of the config's dataset, shared among its channels (note
+    effects from the forecaster, weather effects from the training part). Returns the forecaster's metrics with an "explain" entry."""
     import shutil
 
     from stllm.data.fit import load_city
-    from stllm.data.prepared import PreparedCity
     from stllm.distill.facts import estimate_effects
     from stllm.distill.student import pick_windows
     from stllm.explain import note_effects
@@ -387,6 +385,7 @@ def train_writer_run(cfg, out: str | Path, forecaster: str | Path, city: CityDat
         pairs = pick_windows(prep, -(-ex.n_samples // n_channels), cfg.train.seed + c, channel=c)
         moved = (lambda i, s, c=c: note_effects(model, prep, i, s, c)) if reads_notes else None
         samples += writer_samples(city, pairs, prep.t_in, prep.t_out, channel=c, effects=effects, note_effects=moved)
+    samples_s = round(time.time() - t0, 2)
     writer = Writer.build(cfg.backbone, ex.writer_layers)
     folder = out / WRITER_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -394,7 +393,7 @@ def train_writer_run(cfg, out: str | Path, forecaster: str | Path, city: CityDat
     fit = train_writer(writer, samples, cfg.train, folder, batch_size=ex.batch_size, steps=ex.steps,
                        minutes=ex.minutes, lr=ex.lora_lr or 2e-3, resume=resume, progress=progress)
     info = {"form": "written", "writer_layers": writer.n_layers, "n_samples": len(samples),
-            "samples_s": round(time.time() - t0 - fit["wall_s"], 2), **fit}
+            "samples_s": samples_s, **fit}
     writer.save_pretrained(folder, {"training": info})
     metrics = checkpoint.read_json(forecaster / "metrics.json", forecaster) if (forecaster / "metrics.json").is_file() \
         else {}
