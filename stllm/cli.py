@@ -298,7 +298,8 @@ def cmd_explain(args) -> int:
     from stllm.explain import format_explanation, plot_explanation
     model = _load_run(args)
     city = _load_data(model, args)
-    mode = args.mode or (model.cfg.explain.mode if model.backbone is not None else "analytic")
+    mode = args.mode or ("generated" if model.load_writer() is not None       # a run with a writer: its text
+                         else model.cfg.explain.mode if model.backbone is not None else "analytic")
     result = model.explain(city, args.node, args.at, mode=mode, channel=args.channel or 0,
                            max_new_tokens=args.max_new_tokens)
     print(json.dumps(result, indent=1, ensure_ascii=False) if args.json else format_explanation(result))

@@ -341,7 +341,8 @@ class STLLM(nn.Module):
             if folder is None or not (Path(folder) / "writer" / "writer.json").is_file():
                 return None
             from stllm.distill.writer import Writer
-            self.__dict__["_writer"] = Writer.from_pretrained(Path(folder) / "writer")   # not a submodule
+            device = next(self.parameters()).device
+            self.__dict__["_writer"] = Writer.from_pretrained(Path(folder) / "writer").to(device)   # not a submodule
         return self._writer
 
     def to_device(self, device: str | torch.device) -> "STLLM":

@@ -228,7 +228,7 @@ def test_a_planted_wrong_fact_fails_that_claim_alone(written_run, city, monkeypa
 
 def test_cli_explain_json_says_who_wrote_each_claim(written_run, city, capsys):
     at = str(city.timestamps[AT])[:16]
-    assert main(["explain", "--run", str(written_run), "--node", "S01", "--at", at, "--mode", "generated",
+    assert main(["explain", "--run", str(written_run), "--node", "S01", "--at", at,     # generated: the default
                  "--json", "--max-new-tokens", "8"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["generation"]["form"] == "written" and r["generation"]["new_tokens"] <= 8

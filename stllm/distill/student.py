@@ -215,7 +215,8 @@ def train_student(cfg: Config, out_dir: str | Path, resume: bool = False, city: 
                   progress: bool = True) -> dict:
     """The explain recipe. explain.form=written: the forecaster (stage 1 below, or train.init_from), then the writer
     (`stllm.distill.writer.train_writer_run`). explain.form=slots: write rationales with the teacher, fine-tune the
-    student with the joint loss, save the run like `stllm.train.train` does (plus effects.json and rationales/), evaluate on the test split. Returns metrics.
+    student with the joint loss, save the run like `stllm.train.train` does (plus effects.json and rationales/),
+    evaluate on the test split. Returns metrics.
     With explain.rationales (a folder `stllm distill` wrote) the student learns exactly those rows instead.
 
     The student steps through `stllm.loop.Loop` like every training: explain.batch_size samples per batch, each
