@@ -96,7 +96,8 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
         text, generation = writer.write(data_sheet(facts, direction), max_new_tokens or WRITER_MAX_NEW_TOKENS,
                                         copy_numbers,
                                         numbers_from="\n".join(sheet_lines(facts, direction)))
-        segments = [(_SAMPLED_LIST.sub(FORECAST_SLOT, text), False)]
+        text = _SAMPLED_LIST.sub(FORECAST_SLOT, text)
+        segments = [(text, False)]
         if FORECAST_SLOT not in text:
             segments.append((f"\nForecast for the next {horizon_text(facts)} ({facts.unit or 'no unit'}): "
                              f"{FORECAST_SLOT}", True))

@@ -308,22 +308,35 @@ def fit_student(cfg: Config, accelerator, model, optimizer, prep: PreparedCity, 
     when 0) or explain.minutes, logging and checkpointing every step; from LAST on resume. Returns (the trained
     model, unwrapped; its TrainState; the last step's loss parts)."""
     ex = cfg.explain
+
+    def loss_of(raw):
+        def loss(chunk: list[StudentSample]) -> tuple[torch.Tensor, dict]:
+            return joint_loss(raw, prep, chunk, ex.lm_weight, ex.city_weight, cfg.train.loss, cfg.train.mask_zeros)
+        return loss
+    return fit_samples(accelerator, model, optimizer, cfg.train, samples, ex.batch_size, ex.steps, ex.minutes,
+                       loss_of, out, resume, progress)
+
+
+def fit_samples(accelerator, model, optimizer, train, samples: list, batch_size: int, steps: int, minutes: float,
+                loss_of, out: Path, resume: bool, progress: bool) -> tuple[torch.nn.Module, TrainState, dict]:
+    """The loop of the text stages (the slot student, the writer): `samples` in batches of batch_size
+    (`sample_batches`), `steps` optimizer steps (one pass when 0) or `minutes`, train's grad_accum, clipping and
+    mixed precision; every step logged to out/log.jsonl and checkpointed to out's LAST, from which `resume`
+    continues (a larger `steps` or `minutes` goes on). loss_of(unwrapped model) -> the loss of a batch. Returns
+    (the trained model, unwrapped; its TrainState; the last step's loss parts)."""
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
-    per_epoch = math.ceil(math.ceil(len(samples) / ex.batch_size) / cfg.train.grad_accum)   # optimizer steps
-    total = ex.steps or per_epoch
-    budget = dataclasses.replace(cfg.train, max_steps=total, max_minutes=ex.minutes,
-                                 epochs=math.ceil(total / per_epoch))
-
-    def loss(chunk: list[StudentSample]) -> tuple[torch.Tensor, dict]:
-        return joint_loss(raw, prep, chunk, ex.lm_weight, ex.city_weight, cfg.train.loss, cfg.train.mask_zeros)
-    loop = Loop(accelerator, model, optimizer, budget, sample_batches(samples, ex.batch_size, cfg.train.seed), loss,
+    per_epoch = math.ceil(math.ceil(len(samples) / batch_size) / train.grad_accum)   # optimizer steps
+    total = steps or per_epoch
+    budget = dataclasses.replace(train, max_steps=total, max_minutes=minutes, epochs=math.ceil(total / per_epoch))
+    loop = Loop(accelerator, model, optimizer, budget, sample_batches(samples, batch_size, train.seed), loss_of(raw),
                 out=out, progress=progress)
     state = TrainState()
     if resume and (out / LAST).exists():
         state, _ = loop.restore(out / LAST)
-        state.done = state.step >= total          # a larger explain.steps continues it
+        state.done = state.step >= total          # a larger budget continues it
     loop.start(state)
+    out.mkdir(parents=True, exist_ok=True)
     loop.open_log(state.step if resume else -1)
     loop.run(state, every=1)
     loop.close()

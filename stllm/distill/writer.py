@@ -172,6 +172,7 @@ class CopyNumbers(LogitsProcessor):
         self.allowed = numbers_in(source)
         self.prefixes = {a[:k] for a in self.allowed for k in range(1, len(a) + 1)}
         self.numeric, self.dotted = index if index is not None else number_tokens(tokenizer)
+        self.either = {**self.numeric, **self.dotted}      # the tokens that may go on with an open number
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for r in range(input_ids.shape[0]):
@@ -185,12 +186,12 @@ class CopyNumbers(LogitsProcessor):
                 # a stage's number at the start of a line ("4. Factors:") is free; what follows it is not
                 ok = lambda t: consistent(LEADING_NUMBER.sub("", start + t, count=1),  # noqa: E731
                                           self.allowed, self.prefixes)
-                scores[r, [i for i, t in {**self.numeric, **self.dotted}.items() if not ok(t)]] = -math.inf
+                scores[r, [i for i, t in self.either.items() if not ok(t)]] = -math.inf
                 continue
             ok = lambda t: consistent(start + t, self.allowed, self.prefixes)  # noqa: E731
             banned = [i for i, t in self.numeric.items() if not ok(t)]
             if start and not (start.rstrip(".:") in self.allowed):       # unfinished: only what goes on with it
-                keep = [i for i, t in {**self.numeric, **self.dotted}.items() if ok(t)]
+                keep = [i for i, t in self.either.items() if ok(t)]
                 row = torch.full_like(scores[r], -math.inf)
                 row[keep] = scores[r, keep]
                 scores[r] = row
@@ -318,37 +319,21 @@ class Writer(torch.nn.Module):
                       "stopped_by": stopped}
 
 
-def train_writer(writer: Writer, samples: list[WriterSample], train_cfg, out: str | Path | None,
+def train_writer(writer: Writer, samples: list[WriterSample], train_cfg, out: str | Path,
                  batch_size: int = 1, steps: int = 0, minutes: float = 0.0, lr: float = 2e-3,
                  resume: bool = False, progress: bool = True) -> dict:
-    """Fine-tune the writer's LoRA on `samples` through `stllm.loop.Loop`: AdamW at `lr`, `batch_size` samples per
-    micro-batch, train_cfg's grad_accum, clipping and seed; `steps` optimizer steps (0: one pass) or `minutes`;
-    each step logged to out/log.jsonl and checkpointed to out's LAST, so `resume` continues it exactly. Returns
-    {"steps", "wall_s", "stopped_by", "last_loss"}."""
-    from stllm.distill.student import sample_batches
-    from stllm.loop import LAST, Loop, TrainState, make_accelerator
-    accelerator = make_accelerator(train_cfg)
+    """Fine-tune the writer's LoRA on `samples` with AdamW at `lr` through the text stages' loop
+    (`stllm.distill.student.fit_samples`: `batch_size` samples per micro-batch, `steps` optimizer steps (0: one
+    pass) or `minutes`, each step logged to out/log.jsonl and checkpointed to out's LAST, so `resume` continues it
+    exactly). Returns {"steps", "wall_s", "stopped_by", "last_loss"}."""
+    from stllm.distill.student import fit_samples
+    from stllm.loop import make_accelerator
     optimizer = torch.optim.AdamW([p for p in writer.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model, optimizer = accelerator.prepare(writer, optimizer)
-    raw = accelerator.unwrap_model(model)
-    per_epoch = math.ceil(math.ceil(len(samples) / batch_size) / train_cfg.grad_accum)
-    total = steps or per_epoch
-    budget = dataclasses.replace(train_cfg, max_steps=total, max_minutes=minutes, epochs=math.ceil(total / per_epoch))
-    loop = Loop(accelerator, model, optimizer, budget, sample_batches(samples, batch_size, train_cfg.seed),
-                raw.loss, out=out, progress=progress)
-    state = TrainState()
-    if resume and out is not None and (Path(out) / LAST).exists():
-        state, _ = loop.restore(Path(out) / LAST)
-        state.done = state.step >= total
-    loop.start(state)
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        loop.open_log(state.step if resume else -1)
-    loop.run(state, every=1)
-    loop.close()
-    raw.eval()
+    _, state, parts = fit_samples(make_accelerator(train_cfg), writer, optimizer, train_cfg, samples, batch_size,
+                                  steps, minutes, lambda raw: raw.loss, Path(out), resume, progress)
+    writer.eval()
     return {"steps": state.step, "wall_s": round(state.elapsed_s, 2), "stopped_by": state.stopped_by,
-            "last_loss": loop.last_parts.get("lm")}
+            "last_loss": parts.get("lm")}
 
 
 def train_writer_run(cfg, out: str | Path, forecaster: str | Path, city: CityData | None = None,
