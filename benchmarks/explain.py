@@ -18,7 +18,9 @@ turn: `stllm.explain.explain` in analytic mode, reporting
   same head on the same city layout, so the two are equal by construction; the benchmark checks that they are;
 - seconds per explanation (mean and median).
 Then generated mode on the first `--generated` pairs: the run's writer (`<run>/writer`, explain.form: written)
-writes the whole rationale from the data sheet, numbers copied from the sheet unless `--no-copy-numbers`; a run
+writes the whole rationale from the data sheet, numbers copied from the sheet unless `--no-copy-numbers`,
+decoding checked against the analytic text as a draft unless `--no-draft` (`--plain-check N` writes N of them
+again without it and reports whether the texts are the same and the two decoding times side by side); a run
 without a writer has its own language model write around fact slots the program fills (explain.form: slots).
 Greedy, KV cache; the same figures, tokens per second (tokens the model chose) and three sample explanations with
 their claims. Student runs (trained by `stllm train` with an `explain:` section) are measured the
@@ -168,7 +170,8 @@ def push_accuracies(model, prep, city, effects, n: int, seed: int = 0) -> dict:
 
 
 def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_tokens: int | None,
-              n_push: int = 0, notes: str = "", n_note_pairs: int = 0, copy_numbers: bool = True) -> dict:
+              n_push: int = 0, notes: str = "", n_note_pairs: int = 0, copy_numbers: bool = True,
+              draft: bool = True, plain_check: int = 0) -> dict:
     from stllm.data.notes import with_notes
     t0 = time.time()
     model = STLLM.from_pretrained(run_dir)
@@ -212,20 +215,41 @@ def bench_run(name: str, run_dir: str, n_pairs: int, n_generated: int, max_new_t
         print(f"  {name} push accuracy, teacher-forced: {out['push_accuracy_teacher_forced']}", flush=True)
     writer = model.load_writer()
     if writer is not None:
-        out["writer"] = {"layers": writer.n_layers, "copy_numbers": copy_numbers,
+        out["writer"] = {"layers": writer.n_layers, "copy_numbers": copy_numbers, "draft": draft,
                          "training": json.loads((Path(run_dir) / "writer" / "writer.json").read_text()).get("training")}
     if n_generated and (model.backbone is not None or writer is not None):
         results, seconds = [], []
         for s, i, c in pairs[:n_generated]:
             t = time.perf_counter()
             results.append(model.explain(prep, i, s, channel=c, effects=effects, mode="generated",
-                                         max_new_tokens=max_new_tokens, copy_numbers=copy_numbers))
+                                         max_new_tokens=max_new_tokens, copy_numbers=copy_numbers, draft=draft))
             seconds.append(time.perf_counter() - t)
             print(f"  {name} generated {len(results)}/{n_generated}: {results[-1]['generation']}", flush=True)
         out["generated"] = summarise(results, seconds)
+        if writer is not None and draft and plain_check:
+            out["generated"]["plain_check"] = plain_versus_drafted(model, prep, effects, pairs[:plain_check],
+                                                                   results, max_new_tokens, copy_numbers)
         out["generated"]["examples"] = [{k: r[k] for k in ("node_name", "at", "explanation", "claims")}
                                         for r in results[:3]]
     return out
+
+
+def plain_versus_drafted(model, prep, effects, pairs, drafted: list[dict], max_new_tokens, copy_numbers) -> dict:
+    """The same pairs written again one token per pass (no draft): whether each text is the drafted one, and the
+    writer's decoding seconds of both, side by side (median and the median of per-pair ratios)."""
+    same, plain_s, drafted_s = [], [], []
+    for (s, i, c), d in zip(pairs, drafted):
+        r = model.explain(prep, i, s, channel=c, effects=effects, mode="generated", max_new_tokens=max_new_tokens,
+                          copy_numbers=copy_numbers, draft=False)
+        same.append(r["explanation"] == d["explanation"])
+        plain_s.append(r["generation"]["seconds"])
+        drafted_s.append(d["generation"]["seconds"])
+        print(f"  plain {len(same)}/{len(pairs)}: same text {same[-1]}, {plain_s[-1]:.1f} s vs {drafted_s[-1]:.1f} s",
+              flush=True)
+    return {"n": len(same), "same_text": sum(same), "decode_s_median_plain": float(np.median(plain_s)),
+            "decode_s_median_drafted": float(np.median(drafted_s)),
+            "speedup_median": float(np.median([p / max(d, 1e-9) for p, d in zip(plain_s, drafted_s)])),
+            "different": [d["explanation"] for d, ok in zip(drafted, same) if not ok][:2]}
 
 
 def table(results: dict) -> str:
@@ -260,6 +284,10 @@ def main() -> None:
                         help="bound on generated tokens (default: explain's, 768 for a writer)")
     parser.add_argument("--no-copy-numbers", action="store_true",
                         help="a writer writes numbers freely (default: only numbers of its data sheet)")
+    parser.add_argument("--no-draft", action="store_true",
+                        help="a writer decodes one token per pass (default: checks the analytic text as a draft)")
+    parser.add_argument("--plain-check", type=int, default=0, metavar="N",
+                        help="write the first N generated pairs again without the draft: same text? how much slower?")
     parser.add_argument("--push-accuracy", type=int, default=0, metavar="N",
                         help="teacher-forced push accuracy on N training and N test pairs (student runs)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "explain.json"))
@@ -276,7 +304,8 @@ def main() -> None:
         key, run_dir = item.split("=", 1)
         print(f"== {key}: {run_dir}", flush=True)
         results[key] = bench_run(key, run_dir, args.pairs, args.generated, args.max_new_tokens, args.push_accuracy,
-                                 args.notes, args.note_pairs, copy_numbers=not args.no_copy_numbers)
+                                 args.notes, args.note_pairs, copy_numbers=not args.no_copy_numbers,
+                                 draft=not args.no_draft, plain_check=args.plain_check)
         results["_machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                "platform": platform.platform(), "note": args.note}
         path.parent.mkdir(parents=True, exist_ok=True)

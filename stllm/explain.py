@@ -50,10 +50,11 @@ _SAMPLED_LIST = re.compile(r"\[[^\[\]]*\d[^\[\]]*\]")   # a bracketed list with 
 
 def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analytic", channel: str | int = 0,
             effects: dict | None = None, max_new_tokens: int | None = None, writer=None,
-            copy_numbers: bool = True) -> dict:
+            copy_numbers: bool | None = None, draft: bool | None = None) -> dict:
     """Forecast and explain node `node` (id, name or position) for the window whose first forecast step is `at`
     (timestamp or step index). `city`: the data, or `model.prepare(city)` to prepare it once across calls;
-    `effects`: weather effects (default: estimated from the city's training part, see above).
+    `effects`: weather effects (default: estimated from the city's training part, see above). A run's writer
+    writes with `copy_numbers` and `draft` (`Writer.write`; None: the run's explain.copy_numbers / explain.draft).
 
     Returns a JSON-ready dict: mode, dataset, node, node_name, channel, unit, at, timestamps [t_out], forecast
     [t_out] (original scale), truth [t_out] (None where unknown), history_timestamps / history [t_in], explanation,
@@ -93,9 +94,12 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
         segments = [(render_rationale(facts, values, fill=False), True)]
     elif writer is not None:                                          # the writer writes every word
         direction = forecast_direction(facts.last_value, values)
+        ex = getattr(model.cfg, "explain", None)
+        copy_numbers = getattr(ex, "copy_numbers", True) if copy_numbers is None else copy_numbers
+        draft = getattr(ex, "draft", True) if draft is None else draft
         text, generation = writer.write(data_sheet(facts, direction), max_new_tokens or WRITER_MAX_NEW_TOKENS,
-                                        copy_numbers,
-                                        numbers_from="\n".join(sheet_lines(facts, direction)))
+                                        copy_numbers, numbers_from="\n".join(sheet_lines(facts, direction)),
+                                        draft=render_rationale(facts, values, fill=False) if draft else None)
         text = _SAMPLED_LIST.sub(FORECAST_SLOT, text)
         segments = [(text, False)]
         if FORECAST_SLOT not in text:

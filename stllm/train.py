@@ -32,7 +32,8 @@ from stllm.model import STLLM, WEIGHTS, run_weights
 # early stopping's), and settings of this machine (threads, the converted-backbone cache) that change neither
 # what the run trains, on which data, nor the shapes it builds.
 RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps", "train.max_minutes", "train.patience", "train.num_threads",
-                     "backbone.cache_dir", "train.test_sources", "explain.steps", "explain.minutes")
+                     "backbone.cache_dir", "train.test_sources", "explain.steps", "explain.minutes",
+                     "explain.copy_numbers", "explain.draft")
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "mae") -> torch.Tensor:

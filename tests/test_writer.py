@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import LogitsProcessorList
 
 from stllm.backbone import BackboneConfig, build_tiny_tokenizer
 from stllm.cli import main
@@ -20,7 +21,8 @@ from stllm.data.synthetic import make_city
 from stllm.distill import FORECAST_SLOT
 from stllm.distill.facts import compute_facts, forecast_direction, future_facts
 from stllm.distill.teachers import render_rationale
-from stllm.distill.writer import (CopyNumbers, Writer, consistent, data_sheet, numbers_in, train_writer,
+from stllm.distill.writer import (CopyNumbers, Draft, NoRepeats, Writer, consistent, data_sheet,
+                                  draft_position, drafted_greedy, numbers_in, sentences, train_writer,
                                   writer_samples)
 from stllm.infer import forecast
 from stllm.loop import LAST
@@ -119,6 +121,114 @@ def test_decoding_with_copy_numbers_writes_only_the_prompts_numbers(seed, number
     assert finished and all(n in allowed for n in finished), (text, allowed)
 
 
+def test_no_repeats_rules_out_only_the_token_that_would_repeat_a_sentence_or_a_long_run():
+    tok = build_tiny_tokenizer()
+    prompt = tok("Facts.\nExplanation:", add_special_tokens=False)["input_ids"]
+    guard = NoRepeats(tok, len(prompt), longest=8)
+    period = tok(".", add_special_tokens=False)["input_ids"]
+    assert len(period) == 1
+
+    def ruled_out(ids: list[int]) -> set[int]:
+        scores = guard(torch.tensor([prompt + ids]), torch.zeros(1, len(tok)))
+        return set(torch.nonzero(scores[0] < 0).flatten().tolist())
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    assert sentences("It is 1.0 at 03:00. It is 2.0; it is") == ["It is 1.0 at 03:00.", "It is 2.0;"]
+    assert ruled_out(ids(" It is 1.0 at 03:00. The latest is 5.0. It is 1.0 at 03:00")) == set(guard.enders["."])
+    assert ruled_out(ids(" It is 1.0 at 03:00. It is 1.0 at 04:00")) == set()        # another sentence
+    assert ruled_out(ids(" It is 1.0 at 03:00. It is 1")) == set()                    # "1." may be "1.0"
+    run = list(range(100, 110))                     # ten tokens, then their first seven again: the eighth is out
+    assert ruled_out(run + run[:7]) == {run[7]} and ruled_out(run + run[:6]) == set()
+    copying = NoRepeats(tok, len(run), longest=8)   # the sheet holds the run: copying it once is no repeat
+    assert not (copying(torch.tensor([run + run[:7]]), torch.zeros(1, len(tok))) < 0).any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, notes", [("beijing-air", None), ("nyc-taxi", "NYC_Events/events_nyc_2019_2020.csv")])
+def test_teachers_rationales_on_real_data_never_repeat_a_sentence_and_copy_every_number(data_root, name, notes):
+    """What the writer learns to write from real data passes its decoding rules: no sentence and no run of 32
+    tokens twice (NoRepeats), every number one of its sheet's (CopyNumbers); 60 training windows per channel."""
+    from stllm.data import load
+    from stllm.data.notes import with_notes
+    from stllm.data.prepared import PreparedCity
+    from stllm.distill.student import pick_windows
+    from stllm.backbone import build_base_model
+    city = with_notes(load(name, root=data_root), str(data_root / notes) if notes else None)
+    cfg = load_config(TINY)
+    _, tok = build_base_model(BackboneConfig(name="smollm2-135m", n_layers=1))     # SmolLM2's tokens
+    prep = PreparedCity(city, cfg.data, cfg.encoder)
+    for c in range(city.n_channels):
+        for x in writer_samples(city, pick_windows(prep, 60, seed=c, channel=c), prep.t_in, prep.t_out, channel=c):
+            said = sentences(x.target + " ")
+            assert len(said) == len(set(said)), [s for s in said if said.count(s) > 1]
+            ids = tok(x.target, add_special_tokens=False)["input_ids"]
+            runs = [tuple(ids[j:j + 32]) for j in range(len(ids) - 31)]
+            assert len(runs) == len(set(runs))
+            assert numbers_in(x.target) <= numbers_in(x.prompt), numbers_in(x.target) - numbers_in(x.prompt)
+
+
+# ------------------------------------------------------------------------------------------ drafted decoding
+
+
+def test_draft_position_goes_on_after_the_written_tail():
+    draft = [1, 2, 3, 4, 1, 2, 5, 6]
+    assert draft_position(draft, [], 0) == 0                              # nothing written: from the start
+    assert draft_position(draft, [9, 3, 4], 0) == 4                      # the longest tail found: [3, 4]
+    assert draft_position(draft, [1, 2], 0) == 2 and draft_position(draft, [1, 2], 5) == 6   # nearest ahead
+    assert draft_position(draft, [7, 2, 5], 0) == 7
+    assert draft_position(draft, [7, 8], 3) is None                      # the last token is nowhere in it
+
+
+@pytest.fixture(scope="module")
+def tiny_writer():
+    """A tiny LLaMA writer whose LoRA is random (not zero), so its greedy text is its own and varied."""
+    torch.manual_seed(3)
+    writer = Writer.build(BackboneConfig(name="tiny-llama", n_layers=None), 0).eval()
+    with torch.no_grad():
+        for name, p in writer.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return writer
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_drafted_decoding_writes_the_same_tokens_as_plain_greedy(tiny_writer, data):
+    """Whatever the draft (the text itself, with tokens changed, dropped or added, another text, none), drafted
+    decoding writes exactly the tokens one-token-at-a-time greedy decoding writes, numbers copied or not; a draft
+    equal to the text takes a pass per 32 tokens, not a pass per token."""
+    tok, lm = tiny_writer.tokenizer, tiny_writer.lm
+    prompt = tok("Trend: down, change -12.5, from 40.0 to 27.5.\nLatest: 27.5 at 08:00.\nExplanation:",
+                 add_special_tokens=False, return_tensors="pt")["input_ids"]
+    copy = data.draw(st.booleans(), label="copy_numbers")
+    processors = LogitsProcessorList([CopyNumbers(tok, tok.decode(prompt[0]), prompt.shape[1])] if copy else [])
+    common = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=60, do_sample=False,
+                  logits_processor=processors, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        plain = lm.generate(**common)
+    ids = plain[0, prompt.shape[1]:].tolist()
+    edits = data.draw(st.lists(st.tuples(st.sampled_from(["change", "drop", "add"]), st.integers(0, 10**6),
+                                         st.integers(0, len(tok) - 1)), max_size=6), label="edits")
+    draft_ids = list(ids)
+    for kind, where, token in edits:
+        k = where % (len(draft_ids) + 1)
+        if kind == "add" or not draft_ids:
+            draft_ids.insert(k, token)
+        elif kind == "change":
+            draft_ids[min(k, len(draft_ids) - 1)] = token
+        else:
+            del draft_ids[min(k, len(draft_ids) - 1)]
+    other = data.draw(st.sampled_from([None, "", "1. Question: What will it be, and why?"]), label="other text")
+    draft = Draft(draft_ids if other is None else tok(other, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        drafted = lm.generate(**common, custom_generate=drafted_greedy, draft=draft)
+    assert drafted.tolist() == plain.tolist()
+    if not edits and other is None:
+        assert draft.passes <= -(-len(ids) // 32) + 1 and draft.accepted >= len(ids) - draft.passes
+
+
 # ----------------------------------------------------------------------------------------------- the model
 
 
@@ -181,6 +291,9 @@ def test_recipe_writes_a_run_whose_writer_explains(written_run, city):
     model = STLLM.from_pretrained(out)
     r = model.explain(city, 1, AT, mode="generated", max_new_tokens=24)
     assert r["generation"]["form"] == "written" and r["generation"]["new_tokens"] <= 24
+    assert r["generation"]["drafted"] and r["generation"]["draft_passes"] >= 1      # explain.draft: on by default
+    plain = model.explain(city, 1, AT, mode="generated", max_new_tokens=24, draft=False)
+    assert not plain["generation"]["drafted"] and plain["explanation"] == r["explanation"]
     _, pred, _ = next(forecast(model, model.prepare(city), np.array([AT])))
     np.testing.assert_allclose(r["forecast"], pred[0, :, 1, 0], rtol=1e-6)
     assert r["numbers_consistent"] is True            # the head's numbers, written by the program
