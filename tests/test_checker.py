@@ -186,6 +186,8 @@ def test_forecast_numbers_other_than_the_heads_are_flagged(synth):
     ("It is Monday evening.", "calendar", "weekday", True),
     ("The forecast is for a Saturday.", "calendar", "weekday", False),
     ("The recent drop in PM2.5 should continue.", "trend", "direction", True),
+    ("The downward trend means PM2.5 is expected to fall.", "trend", "direction", True),
+    ("The upward trend means PM2.5 is expected to rise.", "trend", "direction", False),
     ("The rise in pressure helps.", "weather", "pressure.direction", True),
     ("A 2 m/s rise in wind speed usually lowers PM2.5 by about 20.", "effect", "wind_speed", True),
     ("A 2 m/s rise in wind speed usually lowers PM2.5 by about 5.", "effect", "wind_speed", False),

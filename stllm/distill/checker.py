@@ -7,7 +7,8 @@ forecast numbers are tested against the forecast given (the regression head's nu
 
 Claim kinds (Claim.kind, with Claim.quantity naming what is tested):
   trend               the node's change over the history window: direction | change | percent | from | to | level
-                      ("PM2.5 rose by 12.3 (+41%), from 30.2 to 42.5", "fell 20%", "held steady", "the recent rise")
+                      ("PM2.5 rose by 12.3 (+41%), from 30.2 to 42.5", "fell 20%", "held steady", "the recent rise",
+                      "the downward trend")
   last_value          "the latest reading is 42.5"
   vs_yesterday,       the last observed value against the same hour one day / one week earlier:
   vs_last_week        relation | diff | percent | reference ("10.1 higher than at the same hour yesterday (32.4)")
@@ -128,6 +129,8 @@ _WEEKDAY = re.compile(r"\b(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sun
 _DAYTYPE = re.compile(r"(?:\b(?:a|the|this)\s+|\()(?P<t>weekend|weekday)\b", re.I)
 _RECENT = re.compile(r"\brecent\s+(?P<noun>rise|increase|climb|jump|upturn|fall|drop|decline|decrease|dip|downturn)"
                      r"\b(?!\s+(?:in|of|at)\b)", re.I)
+_TREND = re.compile(r"\b(?P<adj>upward|downward|rising|falling|increasing|decreasing|declining)\s+trend\b"
+                    r"(?!\s+(?:in|of)\b)", re.I)             # "the downward trend means ...": the series' own
 _NOUN_UP = {"rise", "increase", "climb", "jump", "upturn"}
 _ADJ_UP = {"rising", "increasing", "climbing", "growing", "strengthening", "warming"}
 _ADJ = re.compile(r"\b(?P<adj>rising|increasing|climbing|growing|strengthening|warming|falling|dropping|decreasing|"
@@ -594,8 +597,9 @@ class _Context:
 
     def nouns(self, off: int, clause: str) -> None:
         tr = self.truth.trend
-        for m in _RECENT.finditer(clause):
-            d = "up" if m.group("noun").lower() in _NOUN_UP else "down"
+        for m in [*_RECENT.finditer(clause), *_TREND.finditer(clause)]:
+            word = (m.group("noun") if "noun" in m.groupdict() else m.group("adj")).lower()
+            d = "up" if word in _NOUN_UP | _ADJ_UP | {"upward"} else "down"
             self.add("trend", "direction", off, m.span(), d, None if tr is None else tr.direction,
                      None if tr is None else _direction_holds(d, tr.change, tr.direction == "flat"))
         noun = re.compile(r"\b(?P<noun>rise|increase|climb|jump|upturn|fall|drop|decline|decrease|dip|downturn)\s+"
