@@ -227,9 +227,9 @@ def sentence_enders(tokenizer) -> dict[str, list[int]]:
 class NoRepeats(LogitsProcessor):
     """Decoding in which the writer repeats neither a sentence nor a run of `longest` tokens of its own text: the
     token that would finish a sentence equal to one already written (its "." or ";"), or that would end the
-    second copy of a `longest`-token run, is ruled out. The teacher's rationales do neither (tested on real data:
-    the longest run they repeat is 24 tokens), and a writer that starts a loop ("It is 1.0 at 03:00. It is 1.0
-    at 03:00. ...", or the same with commas) has to write something else instead of looping to the token bound.
+    second copy of a `longest`-token run, is ruled out. The teacher's rationales do neither (tested on real data),
+    and a writer that starts a loop ("It is 1.0 at 03:00. It is 1.0 at 03:00. ...", or the same with commas) has
+    to write something else instead of looping to the token bound.
     Only the written text counts: copying a long line of the sheet is not a repeat."""
 
     def __init__(self, tokenizer, prompt_len: int, enders: dict[str, list[int]] | None = None, longest: int = 32):
