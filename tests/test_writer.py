@@ -294,6 +294,9 @@ def test_recipe_writes_a_run_whose_writer_explains(written_run, city):
     assert r["generation"]["drafted"] and r["generation"]["draft_passes"] >= 1      # explain.draft: on by default
     plain = model.explain(city, 1, AT, mode="generated", max_new_tokens=24, draft=False)
     assert not plain["generation"]["drafted"] and plain["explanation"] == r["explanation"]
+    model.cfg.explain.draft, model.cfg.explain.copy_numbers = False, False   # the run's config, when not passed
+    free = model.explain(city, 1, AT, mode="generated", max_new_tokens=24)["generation"]
+    assert not free["drafted"] and not free["copy_numbers"]
     _, pred, _ = next(forecast(model, model.prepare(city), np.array([AT])))
     np.testing.assert_allclose(r["forecast"], pred[0, :, 1, 0], rtol=1e-6)
     assert r["numbers_consistent"] is True            # the head's numbers, written by the program
