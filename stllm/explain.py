@@ -89,12 +89,11 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
     moved = note_effects(model, prep, i, s, c)
     facts = compute_facts(city, i, s, t_in=t_in, t_out=t_out, effects=effects, channel=c, note_effects=moved)
 
-    generation = None
+    generation, ex = None, getattr(model.cfg, "explain", None)
     if mode == "analytic":                                            # the head's direction, the slot kept
         segments = [(render_rationale(facts, values, fill=False), True)]
     elif writer is not None:                                          # the writer writes every word
         direction = forecast_direction(facts.last_value, values)
-        ex = getattr(model.cfg, "explain", None)
         copy_numbers = getattr(ex, "copy_numbers", True) if copy_numbers is None else copy_numbers
         draft = getattr(ex, "draft", True) if draft is None else draft
         text, generation = writer.write(data_sheet(facts, direction), max_new_tokens or WRITER_MAX_NEW_TOKENS,
@@ -111,7 +110,6 @@ def explain(model, city: CityData | PreparedCity, node, at, mode: str = "analyti
         def fill(name: str, written: str) -> str | None:
             return fact_text(facts, name, direction, written)
 
-        ex = getattr(model.cfg, "explain", None)
         opening = (opening_segments(facts) if ex is not None and ex.enabled and ex.fact_slots
                    and ex.teacher == "analytic" else [])
         bound = max_new_tokens or getattr(ex, "max_new_tokens", 256)

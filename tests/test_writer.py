@@ -21,8 +21,8 @@ from stllm.data.synthetic import make_city
 from stllm.distill import FORECAST_SLOT
 from stllm.distill.facts import compute_facts, forecast_direction, future_facts
 from stllm.distill.teachers import render_rationale
-from stllm.distill.writer import (CopyNumbers, Draft, NoRepeats, Writer, consistent, data_sheet,
-                                  draft_position, drafted_greedy, numbers_in, sentences, train_writer,
+from stllm.distill.writer import (SENTENCE_END, CopyNumbers, Draft, NoRepeats, Writer, consistent, data_sheet,
+                                  draft_position, drafted_greedy, numbers_in, train_writer,
                                   writer_samples)
 from stllm.infer import forecast
 from stllm.loop import LAST
@@ -54,6 +54,11 @@ def _windows(city, n=12):
 
 
 # ------------------------------------------------------------------------------------------------ the sheet
+
+
+def sentences(text: str) -> list[str]:
+    """The finished sentences of `text` as NoRepeats splits them (each up to its "." or ";"), stripped."""
+    return [p.strip() for p in SENTENCE_END.split(text)[:-1] if p.strip()]
 
 
 def test_every_number_of_the_teachers_rationale_is_in_the_sheet(city):

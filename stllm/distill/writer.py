@@ -13,7 +13,8 @@ the program puts the regression head's numbers there (`stllm.explain`).
 Numbers are copied, not computed (`explain.copy_numbers`, default on): while the writer writes a number, the
 decoding lets it pick only digits that continue a number of its prompt (`CopyNumbers`, a transformers
 LogitsProcessor). Which number goes where, and every word around it, stays the model's choice, so a number put in
-the wrong place is a failed claim like any other. It never writes a sentence twice (`NoRepeats`).
+the wrong place is a failed claim like any other. It repeats neither a sentence nor a long run of its own text
+(`NoRepeats`).
 
 Decoding is greedy and checked against a draft (`explain.draft`, default on; `drafted_greedy`): the analytic
 teacher's text for the same facts, 32 tokens read per forward pass, each kept only while it is the writer's own
@@ -207,11 +208,6 @@ class CopyNumbers(LogitsProcessor):
 
 
 SENTENCE_END = re.compile(r"(?<=[.;])\s+|\n")     # a sentence (or clause) ends at "." or ";" before a space
-
-
-def sentences(text: str) -> list[str]:
-    """The finished sentences of `text` (each up to its "." or ";"), stripped; the unfinished rest is left out."""
-    return [p.strip() for p in SENTENCE_END.split(text)[:-1] if p.strip()]
 
 
 def sentence_enders(tokenizer) -> dict[str, list[int]]:
